@@ -1,0 +1,5 @@
+import sys
+
+from xswinir.cli import main
+
+sys.exit(main())

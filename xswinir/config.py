@@ -1,0 +1,521 @@
+"""Typed configuration: the one source of truth for the CLI, Ray Train and Ray Tune.
+
+A run is described by one :class:`Config`. It is built from the dataclass defaults, then an optional YAML
+file, then ``--set section.field=value`` overrides, and validated before any work starts. The resolved
+config travels to Ray Train workers as a plain dict (``to_dict``/``from_dict``), Ray Tune applies its
+samples with the same :func:`apply_overrides` the CLI uses, and every checkpoint stores it, so a model can
+be rebuilt from its checkpoint alone.
+
+Sections with a ``preset`` field (``model``, ``degradation``) start from the named preset; the other keys
+given beside it override the preset's values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from xswinir.errors import UserError
+
+PixelLoss = Literal["l1", "l2", "charbonnier"]
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value, key or combination that cannot work; raised before any work starts."""
+
+
+@dataclass
+class ModelConfig:
+    """SwinIR architecture, with the argument names of the original implementation."""
+
+    preset: str | None = None
+    upscale: int = 2  # 1 for denoising and JPEG artifact removal
+    in_chans: int = 3
+    img_size: int = 64  # the training patch size; only recorded, any input size works
+    window_size: int = 8
+    img_range: float = 1.0
+    depths: tuple[int, ...] = (6, 6, 6, 6)
+    embed_dim: int = 60
+    num_heads: tuple[int, ...] = (6, 6, 6, 6)
+    mlp_ratio: float = 2.0
+    upsampler: Literal["pixelshuffle", "pixelshuffledirect", "nearest+conv", ""] = "pixelshuffledirect"
+    resi_connection: Literal["1conv", "3conv"] = "1conv"
+
+    def __post_init__(self) -> None:
+        if len(self.depths) != len(self.num_heads):
+            raise ConfigError(f"model.depths {self.depths} and model.num_heads {self.num_heads} differ in length")
+        if any(self.embed_dim % h for h in self.num_heads):
+            raise ConfigError(f"model.embed_dim={self.embed_dim} is not divisible by every num_heads {self.num_heads}")
+        if self.in_chans not in (1, 3):
+            raise ConfigError(f"model.in_chans must be 1 or 3, got {self.in_chans}")
+        if self.window_size < 1 or self.upscale < 1:
+            raise ConfigError("model.window_size and model.upscale must be positive")
+        if self.upsampler == "" and self.upscale != 1:
+            raise ConfigError(f"model.upscale={self.upscale} needs an upsampler; '' is only for upscale=1")
+        if self.upsampler == "pixelshuffle" and self.upscale not in (2, 3, 4, 8, 16):
+            raise ConfigError(f"upsampler 'pixelshuffle' supports upscale 2, 3 or a power of 2, got {self.upscale}")
+        if self.upsampler == "nearest+conv" and self.upscale != 4:
+            raise ConfigError(f"upsampler 'nearest+conv' supports upscale 4 only, got {self.upscale}")
+
+
+def _classical(scale: int) -> ModelConfig:
+    return ModelConfig(
+        preset=f"swinir-m-x{scale}", upscale=scale, img_size=48, depths=(6,) * 6, embed_dim=180,
+        num_heads=(6,) * 6, upsampler="pixelshuffle",
+    )
+
+
+def _lightweight(scale: int) -> ModelConfig:
+    return ModelConfig(preset=f"swinir-s-x{scale}", upscale=scale)
+
+
+def _restoration(name: str, in_chans: int, window_size: int, img_size: int, img_range: float) -> ModelConfig:
+    return ModelConfig(
+        preset=name, upscale=1, in_chans=in_chans, img_size=img_size, window_size=window_size,
+        img_range=img_range, depths=(6,) * 6, embed_dim=180, num_heads=(6,) * 6, upsampler="",
+    )
+
+
+# The published SwinIR configurations (main_test_swinir.py of the official repository), plus a tiny one
+# for demos and tests.
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    **{f"swinir-s-x{s}": _lightweight(s) for s in (2, 3, 4)},
+    **{f"swinir-m-x{s}": _classical(s) for s in (2, 3, 4, 8)},
+    "swinir-real-m-x4": dataclasses.replace(_classical(4), preset="swinir-real-m-x4", img_size=64,
+                                            upsampler="nearest+conv"),
+    "swinir-real-l-x4": ModelConfig(preset="swinir-real-l-x4", upscale=4, img_size=64, depths=(6,) * 9,
+                                    embed_dim=240, num_heads=(8,) * 9, upsampler="nearest+conv",
+                                    resi_connection="3conv"),
+    "swinir-dn-gray": _restoration("swinir-dn-gray", 1, 8, 128, 1.0),
+    "swinir-dn-color": _restoration("swinir-dn-color", 3, 8, 128, 1.0),
+    "swinir-jpeg-gray": _restoration("swinir-jpeg-gray", 1, 7, 126, 255.0),
+    "swinir-jpeg-color": _restoration("swinir-jpeg-color", 3, 7, 126, 255.0),
+    "tiny-x2": ModelConfig(preset="tiny-x2", upscale=2, img_size=32, window_size=4, depths=(2, 2), embed_dim=24,
+                           num_heads=(2, 2)),
+}
+
+
+@dataclass
+class DataConfig:
+    """Where training and validation images come from and how training patches are cut.
+
+    A source is an image folder, Parquet shards written by ``xswinir pack`` (a local path or any URI that
+    pyarrow and Ray Data read, such as ``s3://``), or ``skimage:NAME,NAME,...`` for images that ship inside
+    the scikit-image wheel (``skimage:train`` and ``skimage:val`` name two disjoint default sets).
+    """
+
+    train: str = "skimage:train"
+    val: str = "skimage:val"
+    gt_size: int = 64  # HR training patch; the LR patch is gt_size // scale
+    use_flip: bool = True
+    use_rot: bool = True
+    small_images: Literal["skip", "pad"] = "skip"  # images smaller than the patch or search region
+    loader_workers: int = 2
+    val_max_images: int | None = None
+    val_tile: int | None = None  # LR tile size for validation inference; None: whole images
+
+
+@dataclass
+class DegradationConfig:
+    """Random degradations drawn per sample on the device: gt -> lq.
+
+    Ranges are ``(low, high)`` and sampled uniformly per sample; a ``*_prob`` is the chance that a sample
+    gets that operation. Noise sigmas are on the 0-255 scale.
+    """
+
+    preset: str | None = None
+    blur_prob: float = 1.0
+    blur_kernel_size: int = 21
+    blur_sigma: tuple[float, float] = (0.2, 3.0)
+    blur_anisotropic_prob: float = 0.5
+    motion_blur_prob: float = 0.0
+    motion_kernel_size: int = 9
+    resize: Literal["bicubic", "bilinear", "area", "matlab"] = "bicubic"
+    noise_prob: float = 1.0
+    noise_sigma: tuple[float, float] = (1.0, 25.0)
+    noise_gray_prob: float = 0.4
+    poisson_prob: float = 0.0
+    poisson_scale: tuple[float, float] = (0.05, 3.0)
+    jpeg_prob: float = 0.0
+    jpeg_quality: tuple[float, float] = (30.0, 95.0)
+    second_order_prob: float = 0.0  # Real-ESRGAN style: a second blur -> resize -> noise -> JPEG round
+    second_blur_sigma: tuple[float, float] = (0.2, 1.5)
+    second_resize_range: tuple[float, float] = (0.3, 1.2)
+    second_noise_sigma: tuple[float, float] = (1.0, 25.0)
+    second_jpeg_quality: tuple[float, float] = (30.0, 95.0)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_prob") and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"degradation.{f.name} must lie in [0, 1], got {value}")
+            if isinstance(value, tuple) and len(value) == 2 and value[0] > value[1]:
+                raise ConfigError(f"degradation.{f.name} must be (low, high) with low <= high, got {value}")
+        if self.blur_kernel_size % 2 == 0 or self.motion_kernel_size % 2 == 0:
+            raise ConfigError("degradation kernel sizes must be odd")
+
+
+DEGRADATION_PRESETS: dict[str, DegradationConfig] = {
+    # Classical SR: the benchmarks' MATLAB bicubic down-sampling and nothing else.
+    "bicubic": DegradationConfig(preset="bicubic", blur_prob=0.0, resize="matlab", noise_prob=0.0),
+    # The XSwinIR target: blurry and noisy inputs.
+    "blur-noise": DegradationConfig(preset="blur-noise"),
+    # Second-order degradations in the manner of Real-ESRGAN.
+    "realistic": DegradationConfig(
+        preset="realistic", motion_blur_prob=0.2, poisson_prob=0.3, jpeg_prob=0.8, second_order_prob=0.8,
+    ),
+}
+
+
+@dataclass
+class ClassifierConfig:
+    """Features and training of the linear texture classifier (``xswinir texture train``)."""
+
+    path: str | None = None  # a trained classifier; None: train one from data.train (cached by its settings)
+    scales: tuple[int, ...] = (1, 2, 4)  # filter-bank scales, in pixels
+    num_orientations: int = 4
+    num_pairs: int = 8192  # training pairs, half positive
+    holdout_fraction: float = 0.2
+    steps: int = 300
+    lr: float = 0.1
+    weight_decay: float = 1e-3
+    seed: int = 0
+
+
+@dataclass
+class TextureConfig:
+    """The texture search behind the loss's second term: which windows X are candidates for a target tile."""
+
+    patch_size: int = 16  # the classifier's patch size p; targets are split into p x p tiles
+    stride: int = 4  # between candidate windows
+    top_k: int = 5
+    min_score: float = 0.5  # candidates scoring below this are not used
+    max_iou: float = 0.1  # candidates overlapping the tile's own position more than this are excluded
+    ridge: float = 1e-3  # Tikhonov regularisation of the least-squares solve, relative to ||X||^2
+    region_size: int | None = 128  # HR search region around each patch; None: the whole HR image
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+    def __post_init__(self) -> None:
+        if self.patch_size < 4 or self.stride < 1 or self.top_k < 1:
+            raise ConfigError("texture.patch_size must be >= 4, texture.stride and texture.top_k >= 1")
+        if not 0.0 <= self.max_iou < 1.0:
+            raise ConfigError(f"texture.max_iou must lie in [0, 1), got {self.max_iou}")
+
+
+@dataclass
+class LossConfig:
+    """``L = pixel(sr, gt) + texture_weight * texture_dist(sr, X c*)``."""
+
+    pixel: PixelLoss = "l1"
+    texture_weight: float = 0.0  # lambda; 0 gives exactly the SwinIR loss and never loads the classifier
+    texture_dist: PixelLoss = "l1"
+    charbonnier_eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.texture_weight < 0:
+            raise ConfigError(f"loss.texture_weight must be >= 0, got {self.texture_weight}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation; step counts are optimizer steps, batch_size is the total over all workers."""
+
+    total_steps: int = 500_000
+    batch_size: int = 64
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    scheduler: Literal["multistep", "cosine"] = "multistep"
+    milestones: tuple[int, ...] = (250_000, 400_000, 450_000, 475_000)
+    gamma: float = 0.5
+    warmup_steps: int = 0
+    min_lr: float = 1e-7  # floor of the cosine schedule
+    grad_clip: float | None = None  # max gradient norm; None: no clipping
+    ema_decay: float = 0.999
+    bf16: bool = True  # autocast on CUDA only; CPU runs stay in float32
+    seed: int = 0
+    log_every: int = 100
+    val_every: int = 5000  # validation, checkpoint and ray.train.report happen together
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1 or self.batch_size < 1 or self.val_every < 1 or self.log_every < 1:
+            raise ConfigError("train.total_steps, batch_size, val_every and log_every must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if list(self.milestones) != sorted(self.milestones):
+            raise ConfigError(f"train.milestones must be increasing, got {self.milestones}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must lie in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class RunConfig:
+    """Where and how the run executes on Ray."""
+
+    name: str = "xswinir"
+    storage: str = "runs"  # local folder or URI (s3://, gs://); local paths are made absolute
+    address: str | None = None  # None: start a local single-node Ray; "auto" or ray://... joins a cluster
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0  # worker-group restarts from the latest checkpoint before the run fails
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"run.num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"run.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass
+class Config:
+    """A whole run. Cross-section rules are checked here."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    degradation: DegradationConfig = field(default_factory=lambda: DEGRADATION_PRESETS["blur-noise"])
+    texture: TextureConfig = field(default_factory=TextureConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        scale = self.model.upscale
+        if self.data.gt_size % scale:
+            raise ConfigError(f"data.gt_size={self.data.gt_size} is not a multiple of model.upscale={scale}")
+        if self.train.batch_size % self.run.num_workers:
+            raise ConfigError(
+                f"train.batch_size={self.train.batch_size} (the total) does not split evenly over "
+                f"run.num_workers={self.run.num_workers}"
+            )
+        if self.loss.texture_weight > 0:
+            p = self.texture.patch_size
+            if self.data.gt_size % p:
+                raise ConfigError(f"data.gt_size={self.data.gt_size} is not a multiple of texture.patch_size={p}")
+            region = self.texture.region_size
+            if region is not None and region < self.data.gt_size:
+                raise ConfigError(f"texture.region_size={region} is smaller than data.gt_size={self.data.gt_size}")
+
+    @property
+    def scale(self) -> int:
+        return self.model.upscale
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        return _build(cls, data, "")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_PRESETS: dict[type, dict[str, Any]] = {ModelConfig: MODEL_PRESETS, DegradationConfig: DEGRADATION_PRESETS}
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Checks ``value`` against the annotation ``tp``; converts lists to tuples and ints to floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where} may not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} does not fit {_type_name(tp)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where} must have {len(args)} items, got {list(value)}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if value is None:
+        raise ConfigError(f"{where} may not be null")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    hint = difflib.get_close_matches(key, names, n=1)
+    suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; known keys: {', '.join(names)}"
+    return ConfigError(f"unknown config key '{where + '.' if where else ''}{key}'{suggestion}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'the config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise _unknown_key(cls, key, where)
+    base: dict[str, Any] = {}
+    preset_name = data.get("preset")
+    if cls in _PRESETS and preset_name is not None:
+        presets = _PRESETS[cls]
+        if preset_name not in presets:
+            raise ConfigError(f"{where}.preset '{preset_name}' is unknown; choose one of {sorted(presets)}")
+        base = {f: getattr(presets[preset_name], f) for f in fields}
+    kwargs = {}
+    for name in fields:
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], f"{where}.{name}" if where else name)
+        elif name in base:
+            kwargs[name] = base[name]
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"{where or 'config'}: {err}") from err
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Splits ``"a.b=value"`` into (["a", "b"], value), the value parsed as YAML (``1e-4``, ``[1, 2]``, ``null``)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({err})") from err
+    # YAML reads 1e-4 as a string (YAML 1.1 wants a dot); numbers are what people mean.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            pass
+    return path, value
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str]) -> Config:
+    """Returns a new, validated config with dotted-key overrides applied.
+
+    Args:
+        cfg: the config to start from; it is not changed.
+        overrides: ``{"loss.texture_weight": 0.1}`` (Ray Tune samples) or ``["loss.texture_weight=0.1"]``
+            (the CLI's ``--set``). Setting a section's ``preset`` first resets that section to the preset.
+    """
+    if isinstance(overrides, dict):
+        items = [(key.split("."), value) for key, value in overrides.items()]
+    else:
+        items = [parse_override(text) for text in overrides]
+    data = cfg.to_dict()
+    # Presets first, so that `--set model.preset=swinir-m-x4 --set model.depths=[6,6]` means what it says.
+    items.sort(key=lambda item: item[0][-1] != "preset")
+    for path, value in items:
+        node: Any = data
+        for depth, part in enumerate(path[:-1]):
+            if not isinstance(node, dict) or part not in node:
+                raise _unknown_key(_section_class(path[:depth]), part, ".".join(path[:depth]))
+            node = node[part]
+        leaf = path[-1]
+        if not isinstance(node, dict) or leaf not in node:
+            raise _unknown_key(_section_class(path[:-1]), leaf, ".".join(path[:-1]))
+        section = _section_class(path[:-1])
+        if leaf == "preset" and section in _PRESETS and value is not None:
+            # The section restarts from the new preset; later overrides then apply on top of it.
+            if value not in _PRESETS[section]:
+                raise ConfigError(f"{'.'.join(path)} '{value}' is unknown; choose one of {sorted(_PRESETS[section])}")
+            node.clear()
+            node.update(_to_plain(_PRESETS[section][value]))
+        node[leaf] = value
+    return Config.from_dict(data)
+
+
+def _section_class(path: list[str]) -> type:
+    cls: type = Config
+    for part in path:
+        cls = typing.get_type_hints(cls)[part]
+    return cls
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- ``section.key=value`` overrides, validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        try:
+            cfg = Config.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from err
+    return apply_overrides(cfg, overrides or [])
+
+
+def config_fields(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the config, for help texts and for checking search spaces."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(config_fields(hints[f.name], key + "."))
+        else:
+            keys.append(key)
+    return keys
