@@ -267,6 +267,8 @@ class RunConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 0  # worker-group restarts from the latest checkpoint before the run fails
     keep_checkpoints: int = 2
+    log_dir: str | None = None  # metrics.jsonl, TensorBoard, curves; None: <storage>/<name>/logs (local storage)
+    progress: bool = True  # a progress bar on the driver for local runs
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -490,13 +492,26 @@ def _section_class(path: list[str]) -> type:
     return cls
 
 
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A YAML path as given, or the name of a config shipped with the package (``demo``, ``swinir_s_x2``)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    packaged = PACKAGED_CONFIGS / f"{path.stem if path.suffix in ('.yaml', '.yml') else path.name}.yaml"
+    if packaged.is_file() and len(path.parts) == 1:
+        return packaged
+    shipped = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+    raise ConfigError(f"config '{name_or_path}' is neither a file nor a shipped config ({', '.join(shipped)})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- ``section.key=value`` overrides, validated."""
+    """Defaults <- YAML file (a path or a shipped config's name) <- ``section.key=value`` overrides, validated."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = resolve_config_path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
