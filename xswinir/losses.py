@@ -1,0 +1,367 @@
+"""The training loss: SwinIR's pixel loss plus the explainable texture term.
+
+``L = pixel(sr, gt) + texture_weight * texture_dist(sr, X c*)``
+
+For every ``p x p`` tile of ``gt`` (``p`` is the texture classifier's patch size), a linear texture
+classifier scores every ``p x p`` window of a search region around ``gt`` against the tile; the ``K`` best
+windows that score at least ``min_score`` and do not overlap the tile's own position (IoU above
+``max_iou``) form the columns of ``X``. ``c* = argmin_c ||X c - gt||^2`` (ridge-regularised) projects the
+tile onto their span, and ``X c*`` is what the restored tile is pulled towards: a target made only of
+*other* places of the image with the same texture, which is what the explanation pictures show.
+
+Everything is batched over images, tiles and candidates: one feature pass over the region, one broadcast
+classifier call, one gather of the chosen windows and one batched ``K x K`` solve. The search runs without
+gradients; only ``sr`` receives them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xswinir.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from xswinir.config import PixelLoss
+
+Dist = Literal["l1", "l2", "charbonnier"]
+
+
+class _Features(Protocol):
+    def window_features(self, images: Tensor, patch_size: int, stride: int) -> Tensor: ...
+
+
+class TextureScorer(Protocol):
+    """What the search needs of :class:`xswinir.texture.TextureClassifier` (and what a test double provides)."""
+
+    patch_size: int
+    features: _Features
+
+    def pair_logits(self, fa: Tensor, fb: Tensor) -> Tensor: ...
+
+
+@dataclass
+class TextureMatch:
+    """The result of :func:`texture_search` for a batch; ``T = th * tw`` tiles in row-major order.
+
+    Attributes:
+        target: (B, C, H, W) ``X c*`` assembled from the tiles; zero where ``mask`` is False.
+        mask: (B, 1, H, W) bool, pixels whose tile has at least one chosen window (pixels beyond the last
+            whole tile are False).
+        boxes: (B, T, K, 4) long, chosen windows as top, left, bottom, right (exclusive) in region pixels.
+        coefs: (B, T, K) float32 least-squares coefficients ``c*``; 0 for entries that are not ``valid``.
+        scores: (B, T, K) classifier probability that the window shows the tile's texture.
+        valid: (B, T, K) bool, the entry passed ``min_score`` (and was a candidate at all).
+        tile_boxes: (B, T, 4) long, each tile's own box in region pixels.
+        tiles: (th, tw), the tile grid of ``gt``.
+    """
+
+    target: Tensor
+    mask: Tensor
+    boxes: Tensor
+    coefs: Tensor
+    scores: Tensor
+    valid: Tensor
+    tile_boxes: Tensor
+    tiles: tuple[int, int]
+
+
+def _window_grid(size: int, patch_size: int, stride: int) -> int:
+    return (size - patch_size) // stride + 1
+
+
+def candidate_mask(
+    tile_top_left: Tensor, region_hw: tuple[int, int], patch_size: int, stride: int, max_iou: float,
+    region_valid: Tensor | None = None,
+) -> Tensor:
+    """Which region windows may stand in for which tile.
+
+    Args:
+        tile_top_left: (B, T, 2) long, each tile's top/left in region pixels.
+        region_hw: the region's (height, width).
+        patch_size: window and tile side ``p``.
+        stride: step between windows.
+        max_iou: windows whose IoU with the tile's own box exceeds this are excluded.
+        region_valid: optional (B, 1, R, R') bool; windows touching a False pixel are excluded.
+
+    Returns:
+        (B, T, N) bool with ``N = nh * nw`` windows in row-major order.
+    """
+    nh = _window_grid(region_hw[0], patch_size, stride)
+    nw = _window_grid(region_hw[1], patch_size, stride)
+    device = tile_top_left.device
+    tops = torch.arange(nh, device=device) * stride
+    lefts = torch.arange(nw, device=device) * stride
+    # Two p x p boxes overlap (p - |dy|)+ by (p - |dx|)+ pixels; separable, so (B, T, nh) x (B, T, nw).
+    over_h = (patch_size - (tops - tile_top_left[..., :1]).abs()).clamp_min(0)
+    over_w = (patch_size - (lefts - tile_top_left[..., 1:]).abs()).clamp_min(0)
+    inter = (over_h[..., :, None] * over_w[..., None, :]).flatten(-2).float()  # (B, T, N)
+    iou = inter / (2 * patch_size**2 - inter)
+    allowed = iou <= max_iou
+    if region_valid is not None:
+        touches_invalid = F.max_pool2d((~region_valid).float(), patch_size, stride) > 0  # (B, 1, nh, nw)
+        allowed = allowed & ~touches_invalid.flatten(1)[:, None, :]
+    return allowed
+
+
+def _tiles(x: Tensor, patch_size: int) -> Tensor:
+    """(B, C, H, W) -> (B, T, C*p*p), whole tiles only, row-major."""
+    B, C, H, W = x.shape
+    th, tw = H // patch_size, W // patch_size
+    x = x[:, :, : th * patch_size, : tw * patch_size].reshape(B, C, th, patch_size, tw, patch_size)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, th * tw, C * patch_size * patch_size)
+
+
+def _untile(tiles: Tensor, channels: int, patch_size: int, th: int, tw: int, size: tuple[int, int]) -> Tensor:
+    """(B, T, C*p*p) -> (B, C, H, W), zero beyond the whole tiles."""
+    B = tiles.shape[0]
+    x = tiles.reshape(B, th, tw, channels, patch_size, patch_size).permute(0, 3, 1, 4, 2, 5)
+    x = x.reshape(B, channels, th * patch_size, tw * patch_size)
+    return F.pad(x, (0, size[1] - tw * patch_size, 0, size[0] - th * patch_size))
+
+
+def solve_coefficients(X: Tensor, y: Tensor, valid: Tensor, ridge: float) -> Tensor:
+    """Batched ridge least squares ``argmin_c ||X c - y||^2 + ridge * tr(X^T X) / K * ||c||^2``.
+
+    Columns that are not valid are ignored (their coefficient is 0). The normal equations are ``K x K``,
+    solved in float64 without forming an inverse; the ridge, scaled by the columns' mean energy, keeps flat
+    or identical windows finite, and a tiny absolute term keeps all-black windows solvable.
+
+    Args:
+        X: (..., D, K) the candidate windows as columns.
+        y: (..., D) the targets.
+        valid: (..., K) bool.
+        ridge: relative Tikhonov weight; 0 gives the plain least-squares solution when X has full rank.
+
+    Returns:
+        (..., K) float32 coefficients.
+    """
+    K = X.shape[-1]
+    Xd = X.double() * valid[..., None, :]
+    gram = Xd.transpose(-1, -2) @ Xd  # (..., K, K)
+    rhs = (Xd.transpose(-1, -2) @ y.double()[..., None]).squeeze(-1)  # (..., K)
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)  # (..., 1)
+    # An ignored column is all zero: a 1 on its diagonal gives it coefficient 0 without touching the rest.
+    diag = ridge * trace / K + 1e-10 + (~valid).double()
+    gram = gram + torch.diag_embed(diag)
+    coefs = torch.linalg.solve(gram, rhs)
+    return (coefs * valid).float()
+
+
+@torch.no_grad()
+def texture_search(
+    classifier: TextureScorer,
+    gt: Tensor,
+    region: Tensor | None = None,
+    gt_offset: Tensor | None = None,
+    region_valid: Tensor | None = None,
+    *,
+    stride: int = 4,
+    top_k: int = 5,
+    min_score: float = 0.5,
+    max_iou: float = 0.1,
+    ridge: float = 1e-3,
+) -> TextureMatch:
+    """Finds, for every tile of ``gt``, the K most similar windows of ``region`` and projects the tile on them.
+
+    Args:
+        classifier: the texture classifier; its ``patch_size`` is the tile size ``p``.
+        gt: (B, C, H, W) targets in [0, 1]; only whole ``p x p`` tiles are explained.
+        region: (B, C, R, R') search regions containing ``gt``; None: ``gt`` itself.
+        gt_offset: (B, 2) long, top/left of ``gt`` inside ``region``; None: zeros.
+        region_valid: (B, 1, R, R') bool, False on padding; windows touching it are not candidates.
+        stride: step between candidate windows, in region pixels.
+        top_k: K, the most windows per tile.
+        min_score: candidates with a classifier probability below this are not used.
+        max_iou: candidates overlapping the tile's own box more than this are excluded.
+        ridge: relative Tikhonov weight of the least-squares solve.
+
+    Returns:
+        The :class:`TextureMatch`; no tensor in it requires grad.
+    """
+    p = classifier.patch_size
+    if region is None:
+        region, gt_offset = gt, None
+    B, C, H, W = gt.shape
+    R, R2 = region.shape[-2:]
+    if H < p or W < p or R < p or R2 < p:
+        raise ValueError(f"gt {tuple(gt.shape)} and region {tuple(region.shape)} must be at least {p} px")
+    if gt_offset is None:
+        gt_offset = torch.zeros(B, 2, dtype=torch.long, device=gt.device)
+    device_type = gt.device.type
+    with torch.autocast(device_type, enabled=False):
+        gt, region = gt.float(), region.float()
+        th, tw = H // p, W // p
+        T = th * tw
+
+        # One feature pass each: the region's windows and gt's tiles (windows at stride p).
+        region_feats = classifier.features.window_features(region, p, stride)  # (B, F, nh, nw)
+        nw = region_feats.shape[-1]
+        region_feats = region_feats.flatten(2).transpose(1, 2)  # (B, N, F)
+        tile_feats = classifier.features.window_features(gt, p, p)[:, :, :th, :tw]
+        tile_feats = tile_feats.flatten(2).transpose(1, 2)  # (B, T, F)
+        logits = classifier.pair_logits(tile_feats[:, :, None, :], region_feats[:, None, :, :])  # (B, T, N)
+
+        grid = torch.arange(T, device=gt.device)
+        tile_tl = torch.stack((grid // tw, grid % tw), dim=-1) * p  # (T, 2)
+        tile_tl = tile_tl[None] + gt_offset.to(gt.device, torch.long)[:, None, :]  # (B, T, 2) in region px
+        allowed = candidate_mask(tile_tl, (R, R2), p, stride, max_iou, region_valid)
+        logits = logits.float().masked_fill(~allowed, float("-inf"))
+
+        # Thresholding on logits avoids a sigmoid over all B*T*N pairs; logit(min_score) is the same cut.
+        N = logits.shape[-1]
+        k = min(top_k, N)
+        top_logits, top_idx = logits.topk(k, dim=-1)  # (B, T, k), sorted best first
+        if k < top_k:
+            top_logits = F.pad(top_logits, (0, top_k - k), value=float("-inf"))
+            top_idx = F.pad(top_idx, (0, top_k - k))
+        cut = math.log(min_score / (1 - min_score)) if 0 < min_score < 1 else (-math.inf if min_score <= 0 else math.inf)
+        valid = torch.isfinite(top_logits) & (top_logits >= cut)
+        scores = torch.sigmoid(top_logits)
+
+        # Gather the chosen windows' pixels by flat index: (B, T, K, p, p) positions in the region.
+        tops = (top_idx // nw) * stride
+        lefts = (top_idx % nw) * stride
+        offs = torch.arange(p, device=gt.device)
+        flat = (tops[..., None, None] + offs[:, None]) * R2 + lefts[..., None, None] + offs
+        pixels = region.flatten(2).gather(2, flat.reshape(B, 1, -1).expand(B, C, -1))
+        X = pixels.reshape(B, C, T, top_k, p, p).permute(0, 2, 1, 4, 5, 3).reshape(B, T, C * p * p, top_k)
+
+        coefs = solve_coefficients(X, _tiles(gt, p), valid, ridge)
+        target_tiles = (X @ coefs[..., None]).squeeze(-1)  # (B, T, C*p*p)
+        target = _untile(target_tiles, C, p, th, tw, (H, W))
+        tile_ok = valid.any(-1).float().reshape(B, 1, th, tw)
+        mask = F.pad(tile_ok.repeat_interleave(p, 2).repeat_interleave(p, 3), (0, W - tw * p, 0, H - th * p)) > 0
+
+    boxes = torch.stack((tops, lefts, tops + p, lefts + p), dim=-1)
+    tile_boxes = torch.cat((tile_tl, tile_tl + p), dim=-1)
+    return TextureMatch(target, mask, boxes, coefs, scores, valid, tile_boxes, (th, tw))
+
+
+def distance(x: Tensor, y: Tensor, kind: Dist, eps: float = 1e-3) -> Tensor:
+    """Element-wise distance, not reduced: ``|x - y|``, ``(x - y)^2`` or ``sqrt((x - y)^2 + eps^2)``."""
+    diff = x - y
+    if kind == "l1":
+        return diff.abs()
+    if kind == "l2":
+        return diff.square()
+    if kind == "charbonnier":
+        return (diff.square() + eps * eps).sqrt()
+    raise ValueError(f"unknown distance {kind!r}; choose l1, l2 or charbonnier")
+
+
+class CombinedLoss(nn.Module):
+    """``pixel(sr, gt) + texture_weight * texture_dist(sr, X c*)`` with the statistics of the search.
+
+    Args:
+        classifier: the frozen texture classifier; may be None when ``texture_weight`` is 0.
+        pixel: the pixel loss (SwinIR: l1), a mean over all elements.
+        texture_weight: lambda; 0 skips the search and gives exactly the pixel loss.
+        texture_dist: the distance between ``sr`` and ``X c*``, a mean over the pixels of explained tiles.
+        charbonnier_eps: epsilon of the Charbonnier distance.
+        stride, top_k, min_score, max_iou, ridge: see :func:`texture_search`.
+    """
+
+    def __init__(
+        self,
+        classifier: nn.Module | None,
+        pixel: PixelLoss = "l1",
+        texture_weight: float = 0.0,
+        texture_dist: PixelLoss = "l1",
+        charbonnier_eps: float = 1e-3,
+        stride: int = 4,
+        top_k: int = 5,
+        min_score: float = 0.5,
+        max_iou: float = 0.1,
+        ridge: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        if texture_weight > 0 and classifier is None:
+            raise ConfigError("loss.texture_weight > 0 needs a texture classifier")
+        self.classifier = classifier
+        if classifier is not None:
+            # Frozen: the search is a fixed measurement, never something the optimiser may bend.
+            classifier.requires_grad_(False).eval()
+        self.pixel = pixel
+        self.texture_weight = texture_weight
+        self.texture_dist = texture_dist
+        self.charbonnier_eps = charbonnier_eps
+        self.stride, self.top_k, self.min_score, self.max_iou, self.ridge = stride, top_k, min_score, max_iou, ridge
+
+    def train(self, mode: bool = True) -> CombinedLoss:
+        super().train(mode)
+        if self.classifier is not None:
+            self.classifier.eval()  # the classifier stays in eval mode whatever the trainer does
+        return self
+
+    def search(self, gt: Tensor, region: Tensor | None = None, gt_offset: Tensor | None = None,
+               region_valid: Tensor | None = None) -> TextureMatch:
+        """:func:`texture_search` with this loss's settings."""
+        if self.classifier is None:
+            raise ConfigError("the texture search needs a texture classifier")
+        return texture_search(
+            self.classifier, gt, region, gt_offset, region_valid, stride=self.stride, top_k=self.top_k,
+            min_score=self.min_score, max_iou=self.max_iou, ridge=self.ridge,
+        )
+
+    def forward(self, sr: Tensor, gt: Tensor, region: Tensor | None = None, gt_offset: Tensor | None = None,
+                region_valid: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Computes the loss.
+
+        Args:
+            sr: (B, C, H, W) the model's output.
+            gt: (B, C, H, W) ground truth in [0, 1].
+            region: (B, C, R, R') the HR search region containing ``gt``; None: ``gt`` itself.
+            gt_offset: (B, 2) long, top/left of ``gt`` inside ``region``.
+            region_valid: (B, 1, R, R') bool, False on padded pixels.
+
+        Returns:
+            ``(total, parts)``: the 0-dim loss, and 0-dim detached tensors (no host sync) ``pixel``,
+            ``texture``, ``texture_score`` (mean probability of the used windows), ``texture_underfilled``
+            (fraction of tiles with fewer than K windows above ``min_score``), ``coef_mean``, ``coef_abs_max``.
+        """
+        pixel = distance(sr, gt, self.pixel, self.charbonnier_eps).mean()
+        zero = pixel.detach().new_zeros(())
+        if self.texture_weight == 0:
+            parts = {"pixel": pixel.detach(), "texture": zero, "texture_score": zero, "texture_underfilled": zero,
+                     "coef_mean": zero, "coef_abs_max": zero}
+            return pixel, parts
+        match = self.search(gt, region, gt_offset, region_valid)
+        mask = match.mask.to(sr.dtype)
+        d = distance(sr, match.target, self.texture_dist, self.charbonnier_eps) * mask
+        # Mean over the pixels of explained tiles; a batch with none contributes 0, not NaN.
+        texture = d.sum() / (mask.sum() * sr.shape[1]).clamp_min(1)
+        total = pixel + self.texture_weight * texture
+        used = match.valid.float()
+        n_used = used.sum().clamp_min(1)
+        parts = {
+            "pixel": pixel.detach(),
+            "texture": texture.detach(),
+            "texture_score": (match.scores * used).sum() / n_used,
+            "texture_underfilled": (match.valid.sum(-1) < self.top_k).float().mean(),
+            "coef_mean": (match.coefs * used).sum() / n_used,
+            "coef_abs_max": match.coefs.abs().amax(),
+        }
+        return total, parts
+
+
+def build_loss(cfg: Config, classifier: nn.Module | None) -> CombinedLoss:
+    """The loss of a run: ``cfg.loss`` and ``cfg.texture``; ``classifier`` may be None when lambda is 0."""
+    if classifier is not None and cfg.loss.texture_weight > 0:
+        p = getattr(classifier, "patch_size", None)
+        if p != cfg.texture.patch_size:
+            raise ConfigError(
+                f"the texture classifier was trained on {p} px patches but texture.patch_size is "
+                f"{cfg.texture.patch_size}; retrain it or set texture.patch_size={p}"
+            )
+    t = cfg.texture
+    return CombinedLoss(
+        classifier, pixel=cfg.loss.pixel, texture_weight=cfg.loss.texture_weight,
+        texture_dist=cfg.loss.texture_dist, charbonnier_eps=cfg.loss.charbonnier_eps, stride=t.stride,
+        top_k=t.top_k, min_score=t.min_score, max_iou=t.max_iou, ridge=t.ridge,
+    )
