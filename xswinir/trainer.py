@@ -311,8 +311,6 @@ def init_ray(run: RunConfig) -> None:
     if ray.is_initialized():
         return
     env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    if FAILURE_ENV in os.environ:
-        env[FAILURE_ENV] = os.environ[FAILURE_ENV]
     try:
         if run.address is None:
             ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
@@ -374,6 +372,8 @@ def build_trainer(cfg: Config, callbacks: list | None = None, classifier: dict[s
             # A worker group that can never be scheduled must fail, not retry forever (Ray's default).
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures, controller_failure_limit=3),
             callbacks=callbacks,
+            worker_runtime_env={"env_vars": {FAILURE_ENV: os.environ[FAILURE_ENV]}} if FAILURE_ENV in os.environ
+            else None,
         ),
         datasets=datasets,
     )

@@ -1,0 +1,21 @@
+"""A real local Ray instance for the integration tests, started once on 127.0.0.1 and stopped at the end."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # The controller polls workers every 2 s by default; reports in these short runs would wait on it.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # More logical CPUs than cores: two 1-CPU workers plus Ray's own tasks must fit on a 2-core machine.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,125 @@
+"""The trainer on real Ray Train: two workers with the texture term, recovery from a worker failure,
+resume after a killed driver, and the CLI's refusal of bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from xswinir.cli import main
+from xswinir.config import load_config
+from xswinir.metrics import VAL_PSNR_BICUBIC_Y, VAL_PSNR_Y
+from xswinir.training_log import METRICS_FILE, read_metrics
+
+pytestmark = pytest.mark.integration
+
+TINY = [
+    "model.depths=[1]", "model.num_heads=[2]", "model.embed_dim=12", "model.window_size=4",
+    "data.gt_size=32", "data.loader_workers=0", "data.val=skimage:coins", "texture.patch_size=16",
+    "texture.region_size=64", "texture.classifier.num_pairs=512", "texture.classifier.steps=50",
+    "train.batch_size=4", "train.log_every=2", "run.progress=false",
+]
+
+
+def tiny_config(tmp_path: Path, *extra: str):
+    return load_config("demo", [*TINY, f"run.storage={tmp_path / 'runs'}", f"run.log_dir={tmp_path / 'logs'}",
+                                *extra])
+
+
+def checkpoint_steps(result) -> list[int]:
+    return [json.loads(json.dumps(m))["step"] for _, m in result.best_checkpoints]
+
+
+def test_two_workers_train_with_texture_term(ray_local, tmp_path):
+    from xswinir.trainer import EMA_FILE, fit
+
+    cfg = tiny_config(tmp_path, "run.num_workers=2", "train.total_steps=4", "train.val_every=2",
+                      "loss.texture_weight=0.1")
+    result = fit(cfg)
+    assert result.metrics["step"] == 4
+    assert result.metrics[VAL_PSNR_Y] > 10 and result.metrics[VAL_PSNR_BICUBIC_Y] > 10
+    with result.checkpoint.as_directory() as directory:
+        files = {p.name for p in Path(directory).iterdir()}
+    assert {EMA_FILE, "model.safetensors", "train_state.pt", "config.yaml", "classifier"} <= files
+    rows = read_metrics(tmp_path / "logs" / METRICS_FILE)
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4]
+    assert all(r["train/loss_texture"] > 0 for r in train_rows)
+    assert (tmp_path / "logs" / "training_curves.png").stat().st_size > 0
+
+
+def test_worker_failure_is_survived_and_resumes_from_checkpoint(ray_local, tmp_path, monkeypatch):
+    from xswinir.trainer import FAILURE_ENV, fit
+
+    monkeypatch.setenv(FAILURE_ENV, "5")
+    cfg = tiny_config(tmp_path, "run.num_workers=2", "train.total_steps=6", "train.val_every=2",
+                      "run.max_failures=1", "loss.texture_weight=0")
+    result = fit(cfg)
+    assert result.error is None
+    assert result.metrics["step"] == 6
+    assert (tmp_path / "logs" / ".failure_injected").exists()
+    rows = [r for r in read_metrics(tmp_path / "logs" / METRICS_FILE) if "train/loss" in r]
+    # Steps 5 was lost with the failure and redone from the step-4 checkpoint: no gap, no duplicate.
+    assert [r["step"] for r in rows] == [2, 4, 6]
+
+
+def test_refuses_to_overwrite_an_existing_run(ray_local, tmp_path):
+    from xswinir.errors import UserError
+    from xswinir.trainer import fit
+
+    cfg = tiny_config(tmp_path, "train.total_steps=2", "train.val_every=2", "loss.texture_weight=0")
+    fit(cfg)
+    with pytest.raises(UserError, match="--resume"):
+        fit(cfg)
+
+
+def _train_cmd(tmp_path: Path, *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "xswinir", "train", "--config", "demo"]
+    for item in (*TINY, f"run.storage={tmp_path / 'runs'}", f"run.log_dir={tmp_path / 'logs'}",
+                 "train.total_steps=8", "train.val_every=2", "loss.texture_weight=0", *extra):
+        args += ["--set", item]
+    return args
+
+
+def test_killed_driver_resumes_with_resume_flag(tmp_path):
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    # Its own process group, so that killing it takes down the local Ray it started, as a crash would.
+    proc = subprocess.Popen(_train_cmd(tmp_path), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "logs" / METRICS_FILE
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if any("val/psnr_y" in r and r["step"] >= 4 for r in read_metrics(metrics)):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)
+    killed_at = max(r["step"] for r in read_metrics(metrics))
+    assert killed_at < 8
+
+    done = subprocess.run(_train_cmd(tmp_path) + ["--resume"], env=env, capture_output=True, text=True,
+                          timeout=300, start_new_session=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "step: 8" in done.stdout
+    steps = [r["step"] for r in read_metrics(metrics) if "train/loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 8  # continuous, no duplicates after the resume
+
+
+def test_cli_refuses_bad_configs_before_starting(tmp_path, capsys):
+    assert main(["train", "--config", "demo", "--set", "train.lrr=1"]) == 2
+    assert "did you mean 'lr'" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  upsampler: magic\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "model.upsampler must be one of" in capsys.readouterr().err
+    assert main(["train", "--config", "demo", "--num-workers", "3"]) == 2  # batch 8 does not split over 3
+    assert "split evenly" in capsys.readouterr().err
