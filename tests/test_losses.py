@@ -61,7 +61,7 @@ def test_projection_is_exact_when_gt_lies_in_the_span(generator):
                            ridge=0.0)
     assert match.valid.sum().item() == 2
     chosen = {tuple(box.tolist()): c.item() for box, c, v in zip(match.boxes[0, 0], match.coefs[0, 0],
-                                                               match.valid[0, 0]) if v}
+                                                               match.valid[0, 0], strict=True) if v}
     assert chosen.keys() == {(0, 0, 8, 8), (0, 24, 8, 32)}
     assert chosen[(0, 0, 8, 8)] == pytest.approx(0.5, abs=1e-4)
     assert chosen[(0, 24, 8, 32)] == pytest.approx(0.3, abs=1e-4)
@@ -151,7 +151,7 @@ def test_shapes_for_every_patch_size(generator, p, size):
     # Each chosen box really holds the pixels that went into X: rebuild one tile's X c* by hand.
     b, t = 1, T - 1
     cols = [region[b, :, y0:y1, x0:x1] for y0, x0, y1, x1 in match.boxes[b, t].tolist()]
-    by_hand = sum(c * w for c, w in zip(cols, match.coefs[b, t].tolist()))
+    by_hand = sum(c * w for c, w in zip(cols, match.coefs[b, t].tolist(), strict=True))
     ty, tx = divmod(t, size // p)
     torch.testing.assert_close(match.target[b, :, ty * p:(ty + 1) * p, tx * p:(tx + 1) * p], by_hand,
                                atol=1e-5, rtol=1e-5)

@@ -220,7 +220,7 @@ def texture_search(
         if k < top_k:
             top_logits = F.pad(top_logits, (0, top_k - k), value=float("-inf"))
             top_idx = F.pad(top_idx, (0, top_k - k))
-        cut = math.log(min_score / (1 - min_score)) if 0 < min_score < 1 else (-math.inf if min_score <= 0 else math.inf)
+        cut = -math.inf if min_score <= 0 else math.inf if min_score >= 1 else math.log(min_score / (1 - min_score))
         valid = torch.isfinite(top_logits) & (top_logits >= cut)
         scores = torch.sigmoid(top_logits)
 
