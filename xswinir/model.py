@@ -1,0 +1,766 @@
+"""SwinIR: image restoration with shifted-window transformers, plus checkpoint loading and saving.
+
+Paper: Liang et al., "SwinIR: Image Restoration Using Swin Transformer", ICCVW 2021,
+https://arxiv.org/abs/2108.10257. This is an independent implementation with the module and parameter
+names of the official code (github.com/JingyunLiang/SwinIR, ``models/network_swinir.py``), so that its
+published checkpoints load as they are and give the same outputs.
+
+What differs from the official code, all without changing a result:
+
+* attention runs through ``F.scaled_dot_product_attention`` with the relative position bias (plus the
+  shifted-window mask) as its float ``attn_mask``;
+* the token order of the (shifted) windows is one cached index, so cyclic shift + window partition is a
+  single gather, and its reverse another one; norms and linear layers run before/after that gather,
+  where they act on tokens in any order;
+* the relative position index and the shifted-window masks are built once per (input size, device,
+  dtype) and cached on the model, not stored as buffers: any input size works and checkpoints carry none;
+* features stay channels-last ``(B, H, W, C)`` through the body, and the convolutions of each residual
+  group see them as a channels-last ``NCHW`` view, so there is no transpose copy around them;
+* inputs whose size is not a multiple of the window are reflect-padded and the output cropped back.
+
+Layout: helpers -> attention -> block -> residual group -> upsamplers -> ``SwinIR`` -> ``build_swinir``
+-> checkpoint I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xswinir.config import MODEL_PRESETS, ModelConfig
+from xswinir.errors import UserError
+
+Upsampler = Literal["pixelshuffle", "pixelshuffledirect", "nearest+conv", ""]
+ResiConnection = Literal["1conv", "3conv"]
+
+# Buffers of the official code that we rebuild instead of loading: they depend on the input size only.
+REBUILT_BUFFERS = ("attn_mask", "relative_position_index")
+_RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean, as the official code subtracts it
+_MASK_VALUE = -100.0  # the official code's value for "other region" in shifted windows (not -inf)
+_NUM_FEAT = 64  # channels of the reconstruction convs of the classical and real-world upsamplers
+
+
+class CheckpointMismatchError(UserError):
+    """A state dict that does not fit the model built from the given config."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint file that is missing, unreadable or carries no usable config."""
+
+
+def relative_position_index(window_size: int, device: torch.device | None = None) -> Tensor:
+    """Index into a ``((2w-1)^2, heads)`` bias table for every pair of tokens of a ``w x w`` window.
+
+    Returns:
+        ``(w*w, w*w)`` int64; entry ``(i, j)`` encodes the offset of token ``j`` relative to token ``i``.
+    """
+    coords = torch.stack(torch.meshgrid(torch.arange(window_size, device=device),
+                                        torch.arange(window_size, device=device), indexing="ij")).flatten(1)
+    offset = coords[:, :, None] - coords[:, None, :] + (window_size - 1)  # (2, N, N), in [0, 2w-2]
+    return offset[0] * (2 * window_size - 1) + offset[1]
+
+
+def window_order(height: int, width: int, window_size: int, shift: int, device: torch.device) -> Tensor:
+    """Token indices that cyclically shift a ``(H, W)`` grid by ``-shift`` and list it window by window.
+
+    ``tokens[:, index]`` equals ``window_partition(torch.roll(x, (-shift, -shift)))`` of the official code,
+    flattened to ``(nW * w * w)`` tokens.
+
+    Returns:
+        ``(H*W,)`` int64.
+    """
+    rows = (torch.arange(height, device=device) + shift) % height
+    cols = (torch.arange(width, device=device) + shift) % width
+    grid = rows[:, None] * width + cols[None, :]  # (H, W): source token of each shifted position
+    nh, nw = height // window_size, width // window_size
+    return grid.view(nh, window_size, nw, window_size).permute(0, 2, 1, 3).reshape(-1)
+
+
+def shifted_window_mask(height: int, width: int, window_size: int, shift: int, device: torch.device) -> Tensor:
+    """Additive mask that stops tokens from attending across the seams that the cyclic shift creates.
+
+    Returns:
+        ``(nW, 1, N, N)`` float32 with ``N = w*w``: 0 within a region, -100 across regions.
+    """
+    region = torch.zeros(height, width, device=device)
+    bounds = (slice(0, -window_size), slice(-window_size, -shift), slice(-shift, None))
+    for i, h in enumerate(bounds):
+        for j, w in enumerate(bounds):
+            region[h, w] = 3 * i + j
+    windows = region.flatten()[window_order(height, width, window_size, 0, device)].view(-1, window_size**2)
+    differ = windows[:, None, :] != windows[:, :, None]  # (nW, N, N)
+    return torch.where(differ, _MASK_VALUE, 0.0).unsqueeze(1)
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """``x[:, index]`` whose backward is the inverse gather, not a scatter-add: ``index`` is a permutation."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse, index)
+        return x.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        inverse, _ = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+@dataclasses.dataclass
+class WindowContext:
+    """Everything about the window layout of one input size that all blocks share; built once, cached.
+
+    Attributes:
+        height, width: the (padded) token grid.
+        window_size, shift: of the shifted blocks; plain blocks use shift 0.
+        rel_index: ``(N*N,)`` gather index into the bias tables.
+        order, inverse: ``(H*W,)`` window order of the plain blocks and its inverse permutation.
+        shift_order, shift_inverse: the same for the shifted blocks (``None`` when shift is 0).
+        shift_mask: ``(nW, 1, N, N)`` in the compute dtype, or ``None`` when shift is 0.
+    """
+
+    height: int
+    width: int
+    window_size: int
+    shift: int
+    rel_index: Tensor
+    order: Tensor
+    inverse: Tensor
+    shift_order: Tensor | None
+    shift_inverse: Tensor | None
+    shift_mask: Tensor | None
+
+    @property
+    def num_windows(self) -> int:
+        return (self.height // self.window_size) * (self.width // self.window_size)
+
+
+def build_window_context(height: int, width: int, window_size: int, shift: int, device: torch.device,
+                         dtype: torch.dtype) -> WindowContext:
+    """Builds the shared index tensors and mask for a ``(height, width)`` token grid (multiples of the window)."""
+    order = window_order(height, width, window_size, 0, device)
+    shift_order = window_order(height, width, window_size, shift, device) if shift else None
+    return WindowContext(
+        height=height, width=width, window_size=window_size, shift=shift,
+        rel_index=relative_position_index(window_size, device).flatten(),
+        order=order, inverse=torch.argsort(order),
+        shift_order=shift_order, shift_inverse=torch.argsort(shift_order) if shift else None,
+        shift_mask=shifted_window_mask(height, width, window_size, shift, device).to(dtype) if shift else None,
+    )
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a whole residual branch per sample with probability ``p`` while training."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Mlp(nn.Module):
+    """Token-wise two-layer MLP with GELU."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows, with a learned relative position bias.
+
+    Args:
+        dim: channels C.
+        window_size: side w of the square window.
+        num_heads: heads; ``dim`` must be divisible by it.
+    """
+
+    def __init__(self, dim: int, window_size: int, num_heads: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.window_size = window_size
+        self.num_heads = num_heads
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, qkv: Tensor, rel_index: Tensor, num_windows: int, mask: Tensor | None) -> Tensor:
+        """Attention over windows whose q, k, v projections are already computed.
+
+        Args:
+            qkv: ``(B, nW*N, 3C)``, tokens in window order (``N = w*w``).
+            rel_index: ``(N*N,)`` gather index into the bias table.
+            num_windows: nW per image.
+            mask: ``(nW, 1, N, N)`` additive shifted-window mask, or ``None``.
+
+        Returns:
+            ``(B, nW*N, C)`` in the same window order, before the output projection.
+        """
+        batch = qkv.shape[0]
+        n = self.window_size**2
+        heads, head_dim = self.num_heads, self.dim // self.num_heads
+        # (3, B, nW, heads, N, d): strided views, SDPA reads them without a copy.
+        q, k, v = qkv.view(batch, num_windows, n, 3, heads, head_dim).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        bias = self.relative_position_bias_table[rel_index].view(n, n, heads).permute(2, 0, 1)  # (heads, N, N)
+        bias = bias.to(q.dtype)  # autocast gives bf16 q while the table stays float32
+        attn_mask = bias if mask is None else bias + mask  # (heads, N, N) or (nW, heads, N, N)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nW, heads, N, d)
+        return x.transpose(2, 3).reshape(batch, num_windows * n, self.dim)
+
+
+class SwinTransformerBlock(nn.Module):
+    """Pre-norm transformer block on (optionally cyclically shifted) windows.
+
+    Args:
+        dim: channels C.
+        num_heads: attention heads.
+        window_size: side w of the window.
+        shifted: whether this block attends in windows shifted by ``w // 2``.
+        mlp_ratio: hidden width of the MLP relative to ``dim``.
+        drop_path: stochastic depth rate of both residual branches (training only).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, shifted: bool, mlp_ratio: float,
+                 drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.shifted = shifted
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window_size, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, ctx: WindowContext) -> Tensor:
+        """Args: x ``(B, H*W, C)`` tokens in raster order; returns the same shape."""
+        shifted = self.shifted and ctx.shift > 0
+        order, inverse = (ctx.shift_order, ctx.shift_inverse) if shifted else (ctx.order, ctx.inverse)
+        # LayerNorm and the qkv projection act per token, so they run before the window gather: one gather
+        # of 3C channels replaces the official roll + partition copies.
+        qkv = _PermuteTokens.apply(self.attn.qkv(self.norm1(x)), order, inverse)  # (B, nW*N, 3C)
+        y = self.attn(qkv, ctx.rel_index, ctx.num_windows, ctx.shift_mask if shifted else None)
+        y = _PermuteTokens.apply(y, inverse, order)  # back to raster order
+        x = x + self.drop_path(self.attn.proj(y))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class _BlockGroup(nn.Module):
+    """The blocks of one residual group; a module of its own only for the official parameter names."""
+
+    def __init__(self, blocks: list[SwinTransformerBlock]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+
+def _conv_block(dim: int, resi_connection: ResiConnection) -> nn.Module:
+    """The convolution closing a residual group (and the body): one 3x3, or a cheaper 3x3-1x1-3x3 bottleneck."""
+    if resi_connection == "1conv":
+        return nn.Conv2d(dim, dim, 3, 1, 1)
+    if resi_connection == "3conv":
+        return nn.Sequential(
+            nn.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(dim // 4, dim, 3, 1, 1),
+        )
+    raise ValueError(f"resi_connection must be '1conv' or '3conv', got {resi_connection!r}")
+
+
+def _tokens_to_image(x: Tensor, height: int, width: int) -> Tensor:
+    """``(B, H*W, C)`` -> ``(B, C, H, W)`` as a channels-last view, no copy."""
+    return x.view(x.shape[0], height, width, x.shape[2]).permute(0, 3, 1, 2)
+
+
+def _image_to_tokens(x: Tensor) -> Tensor:
+    """``(B, C, H, W)`` -> ``(B, H*W, C)``; free when ``x`` is channels-last."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+
+class RSTB(nn.Module):
+    """Residual Swin Transformer Block: alternating plain/shifted blocks, a conv, and a long skip.
+
+    Args:
+        dim: channels C.
+        depth: number of transformer blocks.
+        num_heads: attention heads.
+        window_size: window side w.
+        shift: shift of the odd blocks (0 disables shifting).
+        mlp_ratio: MLP width relative to ``dim``.
+        drop_path: per-block stochastic depth rates, ``depth`` of them.
+        resi_connection: ``"1conv"`` or ``"3conv"``.
+    """
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, shift: int, mlp_ratio: float,
+                 drop_path: list[float], resi_connection: ResiConnection) -> None:
+        super().__init__()
+        self.residual_group = _BlockGroup([
+            SwinTransformerBlock(dim, num_heads, window_size, shifted=bool(i % 2) and shift > 0,
+                                 mlp_ratio=mlp_ratio, drop_path=drop_path[i])
+            for i in range(depth)
+        ])
+        self.conv = _conv_block(dim, resi_connection)
+
+    def forward(self, x: Tensor, ctx: WindowContext) -> Tensor:
+        """Args: x ``(B, H*W, C)``; returns the same shape."""
+        y = x
+        for block in self.residual_group.blocks:
+            y = block(y, ctx)
+        return _image_to_tokens(self.conv(_tokens_to_image(y, ctx.height, ctx.width))) + x
+
+
+class PatchEmbed(nn.Module):
+    """``(B, C, H, W)`` image features -> ``(B, H*W, C)`` tokens, layer-normed (patch size 1)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(_image_to_tokens(x))
+
+
+class Upsample(nn.Sequential):
+    """Conv + PixelShuffle steps for scales 2^n and 3 (classical SR)."""
+
+    def __init__(self, scale: int, num_feat: int) -> None:
+        layers: list[nn.Module] = []
+        if scale & (scale - 1) == 0:
+            for _ in range(int(math.log2(scale))):
+                layers += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]
+        elif scale == 3:
+            layers += [nn.Conv2d(num_feat, 9 * num_feat, 3, 1, 1), nn.PixelShuffle(3)]
+        else:
+            raise ValueError(f"upsampler 'pixelshuffle' supports scales 2^n and 3, got {scale}")
+        super().__init__(*layers)
+
+
+class UpsampleOneStep(nn.Sequential):
+    """One conv straight to ``scale^2 * out_chans`` channels + PixelShuffle (lightweight SR)."""
+
+    def __init__(self, scale: int, num_feat: int, out_chans: int) -> None:
+        super().__init__(nn.Conv2d(num_feat, scale**2 * out_chans, 3, 1, 1), nn.PixelShuffle(scale))
+
+
+class SwinIR(nn.Module):
+    """SwinIR for super-resolution (``upscale`` 2-8) and restoration (``upscale=1``, ``upsampler=""``).
+
+    Args:
+        upscale: output/input size ratio.
+        in_chans: 1 (gray) or 3 (RGB); the output has as many.
+        img_size: the training patch size (LR). Only used, as in the official code, to shrink the window
+            (and disable shifting) when ``img_size <= window_size``; any input size works.
+        window_size: attention window side.
+        img_range: pixel range the body sees: 1.0, or 255.0 for the JPEG models.
+        depths: transformer blocks per residual group.
+        embed_dim: feature channels.
+        num_heads: attention heads per residual group.
+        mlp_ratio: MLP width relative to ``embed_dim``.
+        upsampler: ``"pixelshuffle"`` (classical), ``"pixelshuffledirect"`` (lightweight), ``"nearest+conv"``
+            (real-world, x4), or ``""`` (upscale 1).
+        resi_connection: ``"1conv"`` or ``"3conv"``.
+        drop_path_rate: stochastic depth, rising linearly to this over the blocks; 0.1 as in the official code.
+    """
+
+    def __init__(self, upscale: int = 2, in_chans: int = 3, img_size: int = 64, window_size: int = 8,
+                 img_range: float = 1.0, depths: tuple[int, ...] = (6, 6, 6, 6), embed_dim: int = 60,
+                 num_heads: tuple[int, ...] = (6, 6, 6, 6), mlp_ratio: float = 2.0,
+                 upsampler: Upsampler = "pixelshuffledirect", resi_connection: ResiConnection = "1conv",
+                 drop_path_rate: float = 0.1) -> None:
+        super().__init__()
+        if upsampler not in ("pixelshuffle", "pixelshuffledirect", "nearest+conv", ""):
+            raise ValueError(f"unknown upsampler {upsampler!r}")
+        if upsampler == "" and upscale != 1:
+            raise ValueError(f"upscale={upscale} needs an upsampler; '' is for upscale=1 only")
+        if upsampler == "nearest+conv" and upscale not in (2, 4):
+            raise ValueError(f"upsampler 'nearest+conv' supports upscale 2 or 4, got {upscale}")
+        self.upscale = upscale
+        self.in_chans = in_chans
+        self.img_range = img_range
+        self.upsampler = upsampler
+        # The official blocks shrink the window to the training size and stop shifting when it does not fit.
+        self.window_size = min(window_size, img_size)
+        self.shift = 0 if img_size <= window_size else self.window_size // 2
+        mean = _RGB_MEAN if in_chans == 3 else (0.0,) * in_chans
+        self.register_buffer("mean", torch.tensor(mean).view(1, in_chans, 1, 1), persistent=False)
+        self._contexts: dict[tuple[int, int, torch.device, torch.dtype], WindowContext] = {}
+
+        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
+        self.patch_embed = PatchEmbed(embed_dim)
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        starts = [sum(depths[:i]) for i in range(len(depths))]
+        self.layers = nn.ModuleList([
+            RSTB(embed_dim, depth, heads, self.window_size, self.shift, mlp_ratio, rates[start:start + depth],
+                 resi_connection)
+            for depth, heads, start in zip(depths, num_heads, starts, strict=True)
+        ])
+        self.norm = nn.LayerNorm(embed_dim)
+        self.conv_after_body = _conv_block(embed_dim, resi_connection)
+
+        if upsampler == "pixelshuffle":
+            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, _NUM_FEAT, 3, 1, 1),
+                                                      nn.LeakyReLU(inplace=True))
+            self.upsample: nn.Module = Upsample(upscale, _NUM_FEAT)
+            self.conv_last = nn.Conv2d(_NUM_FEAT, in_chans, 3, 1, 1)
+        elif upsampler == "pixelshuffledirect":
+            self.upsample = UpsampleOneStep(upscale, embed_dim, in_chans)
+        elif upsampler == "nearest+conv":
+            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, _NUM_FEAT, 3, 1, 1),
+                                                      nn.LeakyReLU(inplace=True))
+            self.conv_up1 = nn.Conv2d(_NUM_FEAT, _NUM_FEAT, 3, 1, 1)
+            if upscale == 4:
+                self.conv_up2 = nn.Conv2d(_NUM_FEAT, _NUM_FEAT, 3, 1, 1)
+            self.conv_hr = nn.Conv2d(_NUM_FEAT, _NUM_FEAT, 3, 1, 1)
+            self.conv_last = nn.Conv2d(_NUM_FEAT, in_chans, 3, 1, 1)
+            self.lrelu = nn.LeakyReLU(0.2, inplace=True)
+        else:
+            self.conv_last = nn.Conv2d(embed_dim, in_chans, 3, 1, 1)
+        self.apply(_init_weights)
+
+    def window_context(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> WindowContext:
+        """The cached window layout of a padded ``(height, width)`` input; built on first use."""
+        key = (height, width, device, dtype)
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = build_window_context(height, width, self.window_size, self.shift, device, dtype)
+            self._contexts[key] = ctx
+        return ctx
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SwinIR:
+        self._contexts.clear()  # .to(device/dtype) leaves cached index tensors on the old device
+        return super()._apply(fn, recurse)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Deep features: ``(B, C, H, W)`` -> ``(B, C, H, W)`` (channels-last memory), H and W multiples of w."""
+        height, width = x.shape[-2:]
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        ctx = self.window_context(height, width, x.device, dtype)
+        tokens = self.patch_embed(x)
+        for layer in self.layers:
+            tokens = layer(tokens, ctx)
+        return _tokens_to_image(self.norm(tokens), height, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Restores or upscales a batch.
+
+        Args:
+            x: ``(B, in_chans, H, W)`` in [0, 1], any H and W.
+
+        Returns:
+            ``(B, in_chans, H * upscale, W * upscale)``, roughly in [0, 1] (not clamped).
+        """
+        height, width = x.shape[-2:]
+        x = pad_to_multiple(x, self.window_size)
+        x = (x - self.mean) * self.img_range
+        if self.upsampler == "":
+            first = self.conv_first(x)
+            x = x + self.conv_last(self.conv_after_body(self.forward_features(first)) + first)
+        else:
+            x = self.conv_first(x)
+            x = self.conv_after_body(self.forward_features(x)) + x
+            if self.upsampler == "pixelshuffle":
+                x = self.conv_last(self.upsample(self.conv_before_upsample(x)))
+            elif self.upsampler == "pixelshuffledirect":
+                x = self.upsample(x)
+            else:
+                x = self.conv_before_upsample(x)
+                x = self.lrelu(self.conv_up1(F.interpolate(x, scale_factor=2, mode="nearest")))
+                if self.upscale == 4:
+                    x = self.lrelu(self.conv_up2(F.interpolate(x, scale_factor=2, mode="nearest")))
+                x = self.conv_last(self.lrelu(self.conv_hr(x)))
+        x = x / self.img_range + self.mean
+        return x[:, :, : height * self.upscale, : width * self.upscale]
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Reflect-pads the bottom and right of ``(B, C, H, W)`` up to multiples of ``multiple``.
+
+    As the official test code does. Reflection needs the pad to be smaller than the side, so inputs smaller
+    than that are reflected in several steps (and a 1-pixel side is replicated) instead of failing.
+    """
+    height, width = x.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    while pad_h or pad_w:
+        step_h = min(pad_h, x.shape[-2] - 1)
+        step_w = min(pad_w, x.shape[-1] - 1)
+        if (pad_h and step_h == 0) or (pad_w and step_w == 0):
+            return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        x = F.pad(x, (0, step_w, 0, step_h), mode="reflect")
+        pad_h, pad_w = pad_h - step_h, pad_w - step_w
+    return x
+
+
+def swinir_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """The ``SwinIR`` constructor arguments of a config (the official keyword names)."""
+    fields = ("upscale", "in_chans", "img_size", "window_size", "img_range", "depths", "embed_dim", "num_heads",
+              "mlp_ratio", "upsampler", "resi_connection")
+    kwargs = {name: getattr(cfg, name) for name in fields}
+    if hasattr(cfg, "drop_path_rate"):
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    return kwargs
+
+
+def build_swinir(cfg: ModelConfig) -> SwinIR:
+    """The model a :class:`ModelConfig` describes (the only function that reads the config)."""
+    return SwinIR(**swinir_kwargs(cfg))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters, counted as the official code does (SwinIR-S x2: 910,152)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def infer_model_config(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Architecture fields that can be read off a SwinIR state dict's shapes (best effort, for hints).
+
+    ``img_size`` and ``img_range`` leave no trace in the weights and are not returned.
+    """
+    found: dict[str, Any] = {}
+    if "conv_first.weight" in state_dict:
+        found["embed_dim"], found["in_chans"] = state_dict["conv_first.weight"].shape[:2]
+    blocks: dict[int, set[int]] = {}
+    heads: dict[int, int] = {}
+    for key, value in state_dict.items():
+        match = re.match(r"layers\.(\d+)\.residual_group\.blocks\.(\d+)\.", key)
+        if match:
+            layer, block = int(match[1]), int(match[2])
+            blocks.setdefault(layer, set()).add(block)
+            if key.endswith("attn.relative_position_bias_table"):
+                heads[layer] = value.shape[1]
+                found["window_size"] = (math.isqrt(value.shape[0]) + 1) // 2
+            if key.endswith("mlp.fc1.weight") and "embed_dim" in found:
+                found["mlp_ratio"] = value.shape[0] / found["embed_dim"]
+    if blocks:
+        found["depths"] = tuple(max(blocks[i]) + 1 for i in sorted(blocks))
+        found["num_heads"] = tuple(heads.get(i, 0) for i in sorted(blocks))
+    found["resi_connection"] = "3conv" if "conv_after_body.0.weight" in state_dict else "1conv"
+    if "conv_up1.weight" in state_dict:
+        found["upsampler"] = "nearest+conv"
+        found["upscale"] = 4 if "conv_up2.weight" in state_dict else 2
+    elif "conv_before_upsample.0.weight" in state_dict:
+        found["upsampler"] = "pixelshuffle"
+        convs = [v for k, v in state_dict.items() if re.fullmatch(r"upsample\.\d+\.weight", k)]
+        if len(convs) == 1 and convs[0].shape[0] == 9 * convs[0].shape[1]:
+            found["upscale"] = 3
+        elif convs:
+            found["upscale"] = 2 ** len(convs)
+    elif "upsample.0.weight" in state_dict:
+        found["upsampler"] = "pixelshuffledirect"
+        out_chans = found.get("in_chans", 3)
+        found["upscale"] = math.isqrt(state_dict["upsample.0.weight"].shape[0] // out_chans)
+    elif "conv_last.weight" in state_dict:
+        found["upsampler"], found["upscale"] = "", 1
+    return found
+
+
+_ARCH_FIELDS = ("upscale", "in_chans", "window_size", "depths", "embed_dim", "num_heads", "mlp_ratio", "upsampler",
+                "resi_connection")
+
+
+def matching_presets(found: Mapping[str, Any]) -> list[str]:
+    """Presets whose architecture agrees with every field of ``found`` (from :func:`infer_model_config`)."""
+    return [name for name, cfg in MODEL_PRESETS.items()
+            if all(getattr(cfg, f) == found[f] for f in _ARCH_FIELDS if f in found)]
+
+
+def _describe(found: Mapping[str, Any]) -> str:
+    parts = []
+    if "depths" in found:
+        parts.append(f"{len(found['depths'])} stages of depths {list(found['depths'])}")
+    if "embed_dim" in found:
+        parts.append(f"embed_dim {found['embed_dim']}")
+    if "upsampler" in found:
+        parts.append(f"upsampler {found['upsampler']!r} x{found.get('upscale', '?')}")
+    if "window_size" in found:
+        parts.append(f"window {found['window_size']}")
+    return ", ".join(parts)
+
+
+def _strip_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Drops the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes and the rebuilt buffers."""
+    clean = {}
+    for key, value in state_dict.items():
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        if key.rsplit(".", 1)[-1] not in REBUILT_BUFFERS:
+            clean[key] = value
+    return clean
+
+
+def _listing(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
+
+
+def load_state_dict_strict(model: SwinIR, state_dict: Mapping[str, Tensor], source: str = "the checkpoint") -> None:
+    """Loads weights that must fit exactly, apart from the buffers SwinIR rebuilds.
+
+    Args:
+        model: the model to fill.
+        state_dict: official or our own layout; ``module.``/``_orig_mod.`` prefixes are accepted.
+        source: how to name the checkpoint in the error message.
+
+    Raises:
+        CheckpointMismatchError: on missing or unexpected keys or shape mismatches; the message lists a few of
+            each with counts and, where the shapes tell, which preset the checkpoint looks like.
+    """
+    state_dict = _strip_prefixes(state_dict)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                   if k in state_dict and state_dict[k].shape != v.shape]
+    if not (missing or unexpected or wrong_shape):
+        model.load_state_dict(state_dict, strict=True)
+        return
+    lines = [f"{source} does not fit the model:"]
+    if missing:
+        lines.append(f"  missing keys: {_listing(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys: {_listing(unexpected)}")
+    if wrong_shape:
+        lines.append(f"  shape mismatches (checkpoint vs model): {_listing(wrong_shape, 3)}")
+    found = infer_model_config(state_dict)
+    have = infer_model_config(expected)
+    if found:
+        lines.append(f"  the checkpoint has {_describe(found)}; the model has {_describe(have)}")
+        presets = matching_presets(found)
+        if presets:
+            lines.append(f"  it looks like preset {' or '.join(presets)}")
+        if found.get("upscale") != have.get("upscale") and "upscale" in found:
+            lines.append(f"  scale mismatch: the checkpoint upscales x{found['upscale']}, the model "
+                         f"x{have.get('upscale')}")
+    raise CheckpointMismatchError("\n".join(lines))
+
+
+def _config_to_json(cfg: ModelConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg))
+
+
+def _config_from_json(text: str, source: str) -> ModelConfig:
+    try:
+        data = json.loads(text)
+        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return ModelConfig(**data)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{source}: the model config in its metadata is not usable ({err})") from err
+
+
+def save_weights(model: nn.Module, cfg: ModelConfig, path: str | Path) -> None:
+    """Writes the weights as safetensors with ``cfg`` as JSON in the metadata (key ``model_config``).
+
+    Rebuilt buffers are left out, and a DDP/compile wrapper is looked through.
+    """
+    from safetensors.torch import save_file
+
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in _strip_prefixes(model.state_dict()).items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"model_config": _config_to_json(cfg), "format": "xswinir"})
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], ModelConfig | None]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from err
+    text = metadata.get("model_config")
+    return tensors, _config_from_json(text, str(path)) if text else None
+
+
+def _read_pth(path: Path, prefer_ema: bool) -> dict[str, Tensor]:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types for a garbled file
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a {type(data).__name__}, not a state dict")
+    keys = ("params_ema", "params") if prefer_ema else ("params", "params_ema")
+    for key in (*keys, "state_dict", "model"):
+        if isinstance(data.get(key), dict):
+            return data[key]
+    if not all(isinstance(v, Tensor) for v in data.values()):
+        raise CheckpointError(f"{path} has no state dict under 'params'/'params_ema' and is not a bare one "
+                              f"(top-level keys: {sorted(data)[:8]})")
+    return data
+
+
+def load_model(path: str | Path, preset: str | None = None, prefer_ema: bool = True,
+               model_cfg: ModelConfig | None = None) -> tuple[SwinIR, ModelConfig]:
+    """Builds a SwinIR from a checkpoint, in eval mode on the CPU.
+
+    Args:
+        path: a published/official ``.pth`` (state dict under ``params_ema``/``params``, or bare); a
+            ``.safetensors`` written by :func:`save_weights`; or a training checkpoint directory holding
+            ``model_ema.safetensors`` and/or ``model.safetensors``.
+        preset: a name in ``MODEL_PRESETS``; needed for a ``.pth``, overrides the stored config otherwise.
+        prefer_ema: take the EMA weights when the checkpoint has both.
+        model_cfg: an explicit architecture; wins over ``preset`` and the stored config.
+
+    Returns:
+        The model and the config it was built from.
+
+    Raises:
+        CheckpointError: a missing, unreadable or config-less file.
+        CheckpointMismatchError: weights that do not fit the chosen architecture.
+    """
+    path = Path(path)
+    if preset is not None and preset not in MODEL_PRESETS:
+        raise CheckpointError(f"unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
+    if path.is_dir():
+        names = ("model_ema.safetensors", "model.safetensors") if prefer_ema else ("model.safetensors",
+                                                                                    "model_ema.safetensors")
+        files = [path / n for n in names if (path / n).is_file()]
+        if not files:
+            raise CheckpointError(f"{path} is a directory without model_ema.safetensors or model.safetensors")
+        path = files[0]
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    stored = None
+    if path.suffix == ".safetensors":
+        state_dict, stored = _read_safetensors(path)
+    else:
+        state_dict = _read_pth(path, prefer_ema)
+    cfg = model_cfg or (MODEL_PRESETS[preset] if preset else stored)
+    if cfg is None:
+        found = infer_model_config(_strip_prefixes(state_dict))
+        presets = matching_presets(found)
+        hint = f"; its shapes fit preset {' or '.join(presets)}" if presets else f" ({_describe(found)})"
+        raise CheckpointError(f"{path} carries no model config: pass a preset or a model config{hint}")
+    model = build_swinir(cfg)
+    load_state_dict_strict(model, state_dict, source=str(path))
+    return model.eval(), cfg
