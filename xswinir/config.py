@@ -47,6 +47,7 @@ class ModelConfig:
     mlp_ratio: float = 2.0
     upsampler: Literal["pixelshuffle", "pixelshuffledirect", "nearest+conv", ""] = "pixelshuffledirect"
     resi_connection: Literal["1conv", "3conv"] = "1conv"
+    drop_path_rate: float = 0.1  # stochastic depth while training, as the official SwinIR; no effect at inference
 
     def __post_init__(self) -> None:
         if len(self.depths) != len(self.num_heads):
@@ -182,11 +183,25 @@ class ClassifierConfig:
     scales: tuple[int, ...] = (1, 2, 4)  # filter-bank scales, in pixels
     num_orientations: int = 4
     num_pairs: int = 8192  # training pairs, half positive
+    hard_negative_fraction: float = 0.5  # of the negatives: far-apart windows of one image, not two images
+    hard_negative_quantile: float = 0.5  # such a pair must differ more than this quantile of positive pairs
     holdout_fraction: float = 0.2
     steps: int = 300
     lr: float = 0.1
     weight_decay: float = 1e-3
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ConfigError(f"texture.classifier.holdout_fraction must lie in (0, 1), got {self.holdout_fraction}")
+        for name in ("hard_negative_fraction", "hard_negative_quantile"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"texture.classifier.{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.num_pairs < 16 or self.steps < 1 or self.num_orientations < 1 or not self.scales:
+            raise ConfigError("texture.classifier needs num_pairs >= 16, steps >= 1, num_orientations >= 1 and "
+                              "at least one scale")
+        if any(s < 1 for s in self.scales) or self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("texture.classifier.scales must be positive, lr > 0 and weight_decay >= 0")
 
 
 @dataclass
