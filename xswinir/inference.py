@@ -11,26 +11,29 @@ edges are not shared edges: tiles there keep full weight, since the untiled run 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from xswinir.resize import imresize
 
 
-def _starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Tile start positions covering ``length`` with tiles of ``tile`` pixels, evenly spread.
+def _spans(length: int, tile: int, overlap: int, window: int) -> list[tuple[int, int]]:
+    """``(start, size)`` of the tiles covering ``length`` pixels along one axis.
 
-    Consecutive tiles overlap by at least ``overlap``; the first starts at 0 and the last ends at
-    ``length``.
+    Starts are multiples of ``window`` so that every tile partitions the image into the same attention
+    windows as the untiled run; the last tile ends at ``length`` and may be shorter than ``tile`` (the model
+    pads it as it pads the whole image). Consecutive tiles overlap by at least ``overlap``.
     """
     if tile >= length:
-        return [0]
-    count = max(2, math.ceil((length - overlap) / (tile - overlap)))
-    # An integer stride no larger than tile - overlap, so that no overlap shrinks below ``overlap``.
-    stride = math.ceil((length - tile) / (count - 1))
-    return sorted({min(i * stride, length - tile) for i in range(count)})
+        return [(0, length)]
+    stride = max(window, (tile - overlap) // window * window)
+    spans = []
+    start = 0
+    while start + tile < length:
+        spans.append((start, tile))
+        start += stride
+    spans.append((start, length - start))
+    return spans
 
 
 def _profile(size: int, scale: int, overlap: int, inner_left: bool, inner_right: bool,
@@ -53,22 +56,21 @@ def _restore_tiled(model: nn.Module, lq: torch.Tensor, tile: int | None, overlap
         return model(lq)
     window = int(getattr(model, "window_size", 1))
     tile = max(window, tile // window * window)  # multiples of the window avoid the model's own padding
-    overlap = min(overlap, tile // 2)  # neighbouring blend ramps then never cross
-    tile_h, tile_w = min(tile, h), min(tile, w)
-    starts_y, starts_x = _starts(h, tile_h, overlap), _starts(w, tile_w, overlap)
+    overlap = max(0, min(overlap, tile // 2, tile - window))  # a tile must advance by at least a window
+    spans_y, spans_x = _spans(h, tile, overlap, window), _spans(w, tile, overlap, window)
     out = weight_sum = None
     scale = 0
-    for iy, y0 in enumerate(starts_y):
-        for ix, x0 in enumerate(starts_x):
-            patch = model(lq[..., y0:y0 + tile_h, x0:x0 + tile_w])
+    for iy, (y0, size_y) in enumerate(spans_y):
+        for ix, (x0, size_x) in enumerate(spans_x):
+            patch = model(lq[..., y0:y0 + size_y, x0:x0 + size_x])
             if out is None:
-                scale = patch.shape[-1] // tile_w
+                scale = patch.shape[-1] // size_x
                 out = lq.new_zeros(b, patch.shape[1], h * scale, w * scale, dtype=patch.dtype)
                 weight_sum = lq.new_zeros(1, 1, h * scale, w * scale, dtype=patch.dtype)
-            wy = _profile(tile_h, scale, overlap, iy > 0, iy < len(starts_y) - 1, patch.device, patch.dtype)
-            wx = _profile(tile_w, scale, overlap, ix > 0, ix < len(starts_x) - 1, patch.device, patch.dtype)
-            weight = wy[:, None] * wx[None, :]  # (tile_h * s, tile_w * s)
-            ys, xs = slice(y0 * scale, (y0 + tile_h) * scale), slice(x0 * scale, (x0 + tile_w) * scale)
+            wy = _profile(size_y, scale, overlap, iy > 0, iy < len(spans_y) - 1, patch.device, patch.dtype)
+            wx = _profile(size_x, scale, overlap, ix > 0, ix < len(spans_x) - 1, patch.device, patch.dtype)
+            weight = wy[:, None] * wx[None, :]  # (size_y * s, size_x * s)
+            ys, xs = slice(y0 * scale, (y0 + size_y) * scale), slice(x0 * scale, (x0 + size_x) * scale)
             out[..., ys, xs] += patch * weight
             weight_sum[..., ys, xs] += weight
     return out / weight_sum
