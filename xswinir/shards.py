@@ -220,7 +220,7 @@ def read_shards(source: str | Path) -> ray.data.Dataset:
 
     fs, files = shard_files(source)
     paths = files if "://" not in str(source) else [f"{str(source).split('://')[0]}://{f}" for f in files]
-    return ray.data.read_parquet(paths, columns=SCHEMA.names)
+    return ray.data.read_parquet(paths)  # every column of SCHEMA
 
 
 def batches_from_ray_shard(
