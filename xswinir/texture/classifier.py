@@ -1,0 +1,235 @@
+"""A linear "same texture?" classifier on pairs of named texture features; saving, loading and plotting it.
+
+For two windows a and b with standardised features ``za``, ``zb`` (F each) the classifier is a logistic
+regression on the symmetric pair encoding ``[|za - zb|, za * zb]``::
+
+    logit(a, b) = bias + sum_f w_diff[f] * |za_f - zb_f| + w_prod[f] * za_f * zb_f
+
+so it has ``2F + 1`` weights (85 with the default 42 features), each tied to a named feature: a negative
+``w_diff[f]`` says "a difference in feature f speaks against the same texture", a positive ``w_prod[f]`` says
+"both windows being high (or both low) in f speaks for it". Swapping a and b gives the same logit exactly.
+
+A saved classifier is a folder with ``classifier.safetensors`` (weights and the feature standardisation) and
+``classifier.json`` (feature settings and names, patch size and the training report).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from xswinir.errors import UserError
+from xswinir.texture.features import TextureFeatures
+
+FORMAT = "xswinir-texture-classifier"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "classifier.safetensors"
+META_FILE = "classifier.json"
+
+
+class TextureClassifierError(UserError, ValueError):
+    """A texture classifier folder that is missing, unreadable or does not fit this version."""
+
+
+class TextureClassifier(nn.Module):
+    """P(same texture) for two ``patch_size`` windows, linear in their standardised named features.
+
+    Args:
+        patch_size: the window side p the classifier was trained for.
+        scales: filter-bank scales of :class:`TextureFeatures`.
+        num_orientations: filter orientations of :class:`TextureFeatures`.
+        lbp_threshold: LBP threshold of :class:`TextureFeatures`.
+    """
+
+    def __init__(self, patch_size: int = 16, scales: tuple[int, ...] = (1, 2, 4), num_orientations: int = 4,
+                 lbp_threshold: float = 0.01) -> None:
+        super().__init__()
+        self.patch_size = int(patch_size)
+        self.features = TextureFeatures(scales, num_orientations, lbp_threshold)
+        if self.patch_size < self.features.min_size:
+            raise ValueError(f"patch_size={patch_size} is smaller than the largest filter "
+                             f"({self.features.min_size} px for scales={tuple(scales)})")
+        num = self.features.num_features
+        self.weight_diff = nn.Parameter(torch.zeros(num))
+        self.weight_prod = nn.Parameter(torch.zeros(num))
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.register_buffer("feature_mean", torch.zeros(num))
+        self.register_buffer("feature_std", torch.ones(num))
+        self.report: dict[str, Any] = {}  # the training report, saved beside the weights
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self.features.feature_names
+
+    def standardize(self, f: Tensor) -> Tensor:
+        """Raw features (..., F) -> standardised features (..., F) with the stored training mean and std."""
+        return (f - self.feature_mean.to(f.dtype)) / self.feature_std.to(f.dtype)
+
+    def pair_logits(self, fa: Tensor, fb: Tensor) -> Tensor:
+        """Logit of "same texture" for pairs of *raw* feature vectors (as ``features`` returns them).
+
+        Standardisation happens inside, so do not call :meth:`standardize` first.
+
+        Args:
+            fa: (..., F) raw features of the first windows.
+            fb: (..., F) raw features of the second windows; broadcasts against ``fa``.
+
+        Returns:
+            (...) logits; symmetric in ``fa`` and ``fb``.
+        """
+        za, zb = self.standardize(fa), self.standardize(fb)
+        w_diff, w_prod = self.weight_diff.to(za.dtype), self.weight_prod.to(za.dtype)
+        return (za - zb).abs() @ w_diff + (za * zb) @ w_prod + self.bias.to(za.dtype)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        """P(same texture) of pairs of patches.
+
+        Args:
+            a: (N, C, p, p) patches in [0, 1].
+            b: (N, C, p, p) patches in [0, 1].
+
+        Returns:
+            (N,) probabilities.
+        """
+        return torch.sigmoid(self.pair_logits(self.features(a), self.features(b)))
+
+    def similarity_map(self, patch: Tensor, image: Tensor, stride: int) -> Tensor:
+        """P(same texture as ``patch``) of every window of ``image``.
+
+        Args:
+            patch: (C, p, p) in [0, 1].
+            image: (C, H, W) in [0, 1], at least p x p.
+            stride: step between the windows of ``image``.
+
+        Returns:
+            (nh, nw) probabilities; entry (i, j) is for the window at ``(i * stride, j * stride)``.
+        """
+        p = patch.shape[-1]
+        fa = self.features(patch[None])  # (1, F)
+        fb = self.features.window_features(image[None], p, stride)[0].permute(1, 2, 0)  # (nh, nw, F)
+        return torch.sigmoid(self.pair_logits(fa[0], fb))
+
+    def weight_table(self) -> list[tuple[str, float]]:
+        """The weights by name: ``("<feature>|diff|", w)`` and ``("<feature>*prod", w)`` for each feature, in order."""
+        rows = []
+        for name, wd, wp in zip(self.feature_names, self.weight_diff.tolist(), self.weight_prod.tolist(), strict=True):
+            rows += [(f"{name}|diff|", wd), (f"{name}*prod", wp)]
+        return rows
+
+    def feature_settings(self) -> dict[str, Any]:
+        return {
+            "patch_size": self.patch_size, "scales": list(self.features.scales),
+            "num_orientations": self.features.num_orientations, "lbp_threshold": self.features.lbp_threshold,
+        }
+
+
+def save_texture_classifier(clf: TextureClassifier, path: str | Path) -> Path:
+    """Writes ``classifier.safetensors`` and ``classifier.json`` into the folder ``path`` (created).
+
+    Returns:
+        The folder.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().float().cpu().contiguous()
+               for name, t in (*clf.named_parameters(), *clf.named_buffers())
+               if name in ("weight_diff", "weight_prod", "bias", "feature_mean", "feature_std")}
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, **clf.feature_settings(),
+            "feature_names": clf.feature_names, "bias": float(clf.bias.detach()), "report": clf.report}
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def load_texture_classifier(path: str | Path) -> TextureClassifier:
+    """Loads a saved classifier (its folder, or a file inside it), frozen and in eval mode.
+
+    Raises:
+        TextureClassifierError: the folder or a file is missing, unreadable, or from another feature set.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(path).expanduser()
+    if folder.is_file():
+        folder = folder.parent
+    meta_file, weights_file = folder / META_FILE, folder / WEIGHTS_FILE
+    for file in (meta_file, weights_file):
+        if not file.is_file():
+            raise TextureClassifierError(f"{file} does not exist; is {path} a folder written by "
+                                         "`xswinir texture train`?")
+    try:
+        meta = json.loads(meta_file.read_text())
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"'format' is not '{FORMAT}'")
+        if meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"version {meta.get('version')!r}; this xswinir reads version {FORMAT_VERSION}")
+        clf = TextureClassifier(int(meta["patch_size"]), tuple(int(s) for s in meta["scales"]),
+                                int(meta["num_orientations"]), float(meta["lbp_threshold"]))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise TextureClassifierError(f"{meta_file} is not a valid texture classifier description ({err})") from err
+    if meta.get("feature_names") != clf.feature_names:
+        raise TextureClassifierError(f"{meta_file} lists other features than this xswinir computes; retrain it "
+                                     "with `xswinir texture train`")
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise TextureClassifierError(f"{weights_file} cannot be read ({err})") from err
+    expected = {name: t.shape for name, t in clf.state_dict().items()}
+    if set(tensors) != set(expected) or any(tensors[n].shape != s for n, s in expected.items()):
+        got = {n: tuple(t.shape) for n, t in tensors.items()}
+        want = {n: tuple(s) for n, s in expected.items()}
+        raise TextureClassifierError(f"{weights_file} holds tensors {got}, expected {want}")
+    if not all(torch.isfinite(t).all() for t in tensors.values()):
+        raise TextureClassifierError(f"{weights_file} holds non-finite values")
+    clf.load_state_dict(tensors)
+    clf.report = meta.get("report") or {}
+    clf.requires_grad_(False)
+    return clf.eval()
+
+
+def plot_classifier_weights(clf: TextureClassifier, path_or_axes: Any, top: int | None = None) -> Any:
+    """Horizontal bar chart of the weights by feature name: per feature a |diff| bar and a product bar.
+
+    Args:
+        clf: the classifier.
+        path_or_axes: a file to write (PNG, ...) or a matplotlib ``Axes`` to draw into.
+        top: only the ``top`` features with the largest total absolute weight; None: all.
+
+    Returns:
+        The written path, or the Axes drawn into.
+    """
+    names = clf.feature_names
+    wd, wp = clf.weight_diff.detach().cpu(), clf.weight_prod.detach().cpu()
+    order = list(range(len(names)))
+    if top is not None:
+        order = sorted(torch.argsort(wd.abs() + wp.abs(), descending=True)[:top].tolist())
+    y = torch.arange(len(order), dtype=torch.float32)
+    if isinstance(path_or_axes, (str, Path)):
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
+
+        fig = Figure(figsize=(7, 1.0 + 0.24 * len(order)))
+        ax = fig.subplots()
+    else:
+        fig, ax = None, path_or_axes
+    ax.barh(y - 0.2, wd[order], height=0.4, color="tab:red", label="|a - b| (difference)")
+    ax.barh(y + 0.2, wp[order], height=0.4, color="tab:blue", label="a * b (product)")
+    ax.set_yticks(y, [names[i] for i in order], fontsize=7)
+    ax.invert_yaxis()  # the first feature on top
+    ax.axvline(0.0, color="black", linewidth=0.6)
+    ax.set_xlabel("weight on standardised feature (logit of same texture)")
+    ax.set_title(f"texture classifier, p={clf.patch_size}, bias={float(clf.bias.detach()):.2f}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    if fig is None:
+        return ax
+    path = Path(path_or_axes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path

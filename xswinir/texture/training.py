@@ -1,0 +1,320 @@
+"""Training the linear texture classifier from HR images: pairs, features once, a full-batch logistic fit.
+
+Pairs (``cfg.num_pairs``, half positive), all drawn from one seeded ``torch.Generator``:
+
+* positive: a window and a second window of the same image shifted by up to ``p / 2`` in each direction
+  (they overlap, so they show the same local texture, but not the same pixels);
+* negative, across images: windows of two different images;
+* negative, same image ("hard"): windows of one image at least ``2p`` apart, kept only if their features
+  differ more than the ``cfg.hard_negative_quantile`` quantile of the positive pairs' feature distances.
+  A whole image can be one texture (sky, grass, a brick wall); far windows that are as alike as neighbours
+  are not labelled "different" at all, instead of being labelled wrongly. ``cfg.hard_negative_fraction`` of
+  the negatives are of this kind (fewer when not enough qualify; windows of other images fill up).
+
+The second window of *every* pair, negatives included, gets a random flip / 90-degree rotation and a small
+brightness (+-0.05) and contrast (x0.9..1.1) change, so that "was augmented" is no cue for the label and the
+classifier learns to ignore those changes.
+
+The features of all windows are computed once; a full-batch L-BFGS (``cfg.steps`` iterations, initial step
+``cfg.lr``) then fits the ``2F + 1`` weights with an L2 penalty ``cfg.weight_decay`` on the feature
+weights. A held-out share of the pairs (``cfg.holdout_fraction``) gives the reported accuracy and ROC AUC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from xswinir.config import ClassifierConfig, Config, ConfigError
+from xswinir.errors import UserError
+from xswinir.texture.classifier import (
+    META_FILE,
+    WEIGHTS_FILE,
+    TextureClassifier,
+    save_texture_classifier,
+)
+
+log = logging.getLogger(__name__)
+
+BRIGHTNESS_JITTER = 0.05  # +- added to the second window, on the [0, 1] scale
+CONTRAST_JITTER = 0.1  # the second window's contrast about its mean is scaled by 1 +- this
+FEATURE_CHUNK = 2048  # windows per feature batch: bounds memory at about 60 MB for p = 16
+
+
+def _uniform(n: int, high: Tensor, generator: torch.Generator) -> Tensor:
+    """Integers in [0, high) for each of n draws; ``high`` (n,) may differ per draw."""
+    return (torch.rand(n, generator=generator, dtype=torch.float64) * high).long().clamp_max(high - 1)
+
+
+def _crop(images: list[Tensor], index: Tensor, ys: Tensor, xs: Tensor, p: int) -> Tensor:
+    """(N, 3, p, p) windows ``images[index[n]][:, ys[n]:ys[n]+p, xs[n]:xs[n]+p]``; one gather per image."""
+    out = torch.empty(len(index), 3, p, p)
+    offsets = torch.arange(p)
+    for i, image in enumerate(images):
+        sel = (index == i).nonzero().flatten()
+        if len(sel) == 0:
+            continue
+        rows = (ys[sel, None] + offsets)[:, :, None]  # (n, p, 1)
+        cols = (xs[sel, None] + offsets)[:, None, :]  # (n, 1, p)
+        out[sel] = image[:, rows, cols].permute(1, 0, 2, 3)
+    return out
+
+
+def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Random dihedral transform, brightness and contrast per window of x (N, 3, p, p), in [0, 1]."""
+    n = len(x)
+    k = torch.randint(0, 4, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    brightness = (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * BRIGHTNESS_JITTER
+    contrast = 1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * CONTRAST_JITTER
+    out = x.clone()
+    for turns in range(1, 4):  # four batched cases, not a loop over windows
+        sel = k == turns
+        out[sel] = torch.rot90(x[sel], turns, dims=(-2, -1))
+    out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return ((out - mean) * contrast + mean + brightness).clamp(0.0, 1.0)
+
+
+def _features(clf: TextureClassifier, windows: Tensor, progress: bool) -> Tensor:
+    from tqdm import tqdm
+
+    chunks = windows.split(FEATURE_CHUNK)
+    with torch.no_grad():
+        return torch.cat([clf.features(c) for c in tqdm(chunks, desc="texture features", disable=not progress,
+                                                           leave=False)])
+
+
+def roc_auc(scores: Tensor, labels: Tensor) -> float:
+    """Area under the ROC curve by ranking (Mann-Whitney U), ties counted as half.
+
+    Args:
+        scores: (N,) any real scores, higher meaning "positive".
+        labels: (N,) 0/1 or bool.
+
+    Returns:
+        AUC in [0, 1]; NaN if one class is absent.
+    """
+    labels = labels.bool()
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    values, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)
+    # A group of tied scores occupies ranks (end - count + 1 .. end); each member gets their average.
+    ends = counts.cumsum(0).double()
+    ranks = (ends - (counts.double() - 1) / 2)[inverse]
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def _sample_pairs(images: list[Tensor], p: int, cfg: ClassifierConfig, clf: TextureClassifier,
+                  generator: torch.Generator, progress: bool) -> tuple[Tensor, Tensor, Tensor, dict[str, int]]:
+    """Draws the pairs and computes their features: fa, fb (N, F), labels (N,) and counts by kind."""
+    sizes = torch.tensor([img.shape[-2:] for img in images])  # (I, 2) as (H, W)
+    num_images = len(images)
+    n_pos = cfg.num_pairs // 2
+    n_neg = cfg.num_pairs - n_pos
+    n_hard = round(n_neg * cfg.hard_negative_fraction) if num_images > 1 else n_neg
+    span = sizes - p + 1  # window positions per axis
+
+    def positions(index: Tensor) -> tuple[Tensor, Tensor]:
+        return _uniform(len(index), span[index, 0], generator), _uniform(len(index), span[index, 1], generator)
+
+    # Positives: a window and a neighbour shifted by up to p/2 (clamped to the image).
+    pos_img = torch.randint(0, num_images, (n_pos,), generator=generator)
+    ya, xa = positions(pos_img)
+    shift = torch.randint(-(p // 2), p // 2 + 1, (2, n_pos), generator=generator)
+    yb = (ya + shift[0]).clamp(min=0).minimum(span[pos_img, 0] - 1)
+    xb = (xa + shift[1]).clamp(min=0).minimum(span[pos_img, 1] - 1)
+    pairs = [(pos_img, ya, xa, pos_img, yb, xb)]
+
+    # Same-image candidates at least 2p apart (Chebyshev), from images big enough; 4x the need, filtered later.
+    eligible = ((span - 1).amax(1) >= 2 * p).nonzero().flatten()
+    if len(eligible) and n_hard:
+        cand = eligible[torch.randint(0, len(eligible), (4 * n_hard,), generator=generator)]
+        ya, xa = positions(cand)
+        yb, xb = positions(cand)
+        far = torch.maximum((ya - yb).abs(), (xa - xb).abs()) >= 2 * p
+        pairs.append((cand[far], ya[far], xa[far], cand[far], yb[far], xb[far]))
+    else:
+        pairs.append(tuple(torch.zeros(0, dtype=torch.long) for _ in range(6)))
+    n_hard_cand = len(pairs[1][0])
+
+    # Across images: enough to fill up whatever the hard negatives leave.
+    n_cross = n_neg if num_images > 1 else 0
+    img_a = torch.randint(0, num_images, (n_cross,), generator=generator)
+    img_b = (img_a + torch.randint(1, max(num_images, 2), (n_cross,), generator=generator)) % num_images
+    pairs.append((img_a, *positions(img_a), img_b, *positions(img_b)))
+
+    index_a, ya, xa, index_b, yb, xb = (torch.cat(parts) for parts in zip(*pairs, strict=True))
+    windows_a = _crop(images, index_a, ya, xa, p)
+    windows_b = _augment(_crop(images, index_b, yb, xb, p), generator)
+    fa = _features(clf, windows_a, progress)
+    fb = _features(clf, windows_b, progress)
+
+    # Keep the hard candidates that differ more than the chosen quantile of positive pairs.
+    both = torch.cat([fa, fb])
+    z = (both - both.mean(0)) / both.std(0).clamp_min(1e-6)
+    dist = (z[: len(fa)] - z[len(fa):]).norm(dim=1)
+    hard = torch.arange(n_pos, n_pos + n_hard_cand)
+    if n_hard_cand:
+        threshold = torch.quantile(dist[:n_pos], cfg.hard_negative_quantile)
+        hard = hard[dist[hard] > threshold][:n_hard]
+    cross = torch.arange(n_pos + n_hard_cand, len(fa))[: n_neg - len(hard)]
+    keep = torch.cat([torch.arange(n_pos), hard, cross])
+    labels = torch.cat([torch.ones(n_pos), torch.zeros(len(hard) + len(cross))])
+    counts = {"positive": n_pos, "negative_same_image": len(hard), "negative_other_image": len(cross)}
+    return fa[keep], fb[keep], labels, counts
+
+
+def _fit(clf: TextureClassifier, fa: Tensor, fb: Tensor, labels: Tensor, cfg: ClassifierConfig,
+         progress: bool) -> None:
+    """Full-batch L-BFGS on the logistic loss + ``weight_decay / 2 * ||w||^2`` (bias not penalised)."""
+    from tqdm import tqdm
+
+    optimizer = torch.optim.LBFGS(
+        [clf.weight_diff, clf.weight_prod, clf.bias], lr=cfg.lr, max_iter=cfg.steps, history_size=20,
+        line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12,
+    )
+    bar = tqdm(desc="fitting", total=cfg.steps, disable=not progress, leave=False)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(clf.pair_logits(fa, fb), labels)
+        loss = loss + 0.5 * cfg.weight_decay * (clf.weight_diff.square().sum() + clf.weight_prod.square().sum())
+        loss.backward()
+        bar.update(1)
+        return loss
+
+    optimizer.step(closure)
+    bar.close()
+
+
+def _scores(clf: TextureClassifier, fa: Tensor, fb: Tensor, labels: Tensor) -> tuple[float, float]:
+    with torch.no_grad():
+        logits = clf.pair_logits(fa, fb)
+    accuracy = float(((logits > 0).float() == labels).float().mean())
+    return accuracy, roc_auc(logits, labels)
+
+
+def train_texture_classifier(images: list[Tensor], patch_size: int, cfg: ClassifierConfig,
+                             progress: bool = True) -> tuple[TextureClassifier, dict[str, Any]]:
+    """Trains a texture classifier on windows of ``images``; deterministic for a fixed ``cfg.seed``.
+
+    Args:
+        images: HR images, each (C, H, W) with C in {1, 3}, values in [0, 1]; at least p x p.
+        patch_size: window side p.
+        cfg: pair counts, feature settings and optimiser settings.
+        progress: show progress bars.
+
+    Returns:
+        The trained classifier (trainable, train mode off) and a report: held-out ``accuracy`` and
+        ``roc_auc``, the same on the training pairs, pair counts by kind, and ``seconds``.
+
+    Raises:
+        ConfigError: ``patch_size`` is smaller than the largest filter, or no image is big enough.
+    """
+    start = time.perf_counter()
+    try:
+        clf = TextureClassifier(patch_size, cfg.scales, cfg.num_orientations)
+    except ValueError as err:
+        raise ConfigError(f"texture classifier: {err}") from err
+    usable = [img.float().expand(3, -1, -1) if img.shape[0] == 1 else img.float()
+              for img in images if min(img.shape[-2:]) >= patch_size]
+    if not usable:
+        raise ConfigError(f"texture classifier: none of the {len(images)} images is at least {patch_size} px")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    log.info("texture classifier: %d pairs of %d px windows from %d images, %d features", cfg.num_pairs,
+             patch_size, len(usable), clf.features.num_features)
+    fa, fb, labels, counts = _sample_pairs(usable, patch_size, cfg, clf, generator, progress)
+
+    order = torch.randperm(len(labels), generator=generator)
+    n_holdout = max(1, round(len(labels) * cfg.holdout_fraction))
+    test, train = order[:n_holdout], order[n_holdout:]
+    train_features = torch.cat([fa[train], fb[train]])
+    clf.feature_mean.copy_(train_features.mean(0))
+    # Constant features (colour of gray data) get std 1: they then contribute nothing, instead of inf.
+    std = train_features.std(0)
+    clf.feature_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+    _fit(clf, fa[train], fb[train], labels[train], cfg, progress)
+
+    accuracy, auc = _scores(clf, fa[test], fb[test], labels[test])
+    train_accuracy, train_auc = _scores(clf, fa[train], fb[train], labels[train])
+    report = {
+        "accuracy": accuracy, "roc_auc": auc, "train_accuracy": train_accuracy, "train_roc_auc": train_auc,
+        "num_train_pairs": len(train), "num_holdout_pairs": len(test), **{f"num_{k}": v for k, v in counts.items()},
+        "num_images": len(usable), "patch_size": patch_size, "num_features": clf.features.num_features,
+        "num_parameters": sum(t.numel() for t in clf.parameters()), "seconds": time.perf_counter() - start,
+    }
+    clf.report = report
+    log.info("texture classifier: held-out accuracy %.3f, ROC AUC %.3f (%.1f s)", accuracy, auc, report["seconds"])
+    return clf.eval(), report
+
+
+def _source_key(source: str) -> list[list[Any]]:
+    """What identifies the training images: names and sizes of the files a source resolves to."""
+    from xswinir.images import resolve_image_files
+
+    try:
+        files = resolve_image_files(source)
+    except FileNotFoundError as err:
+        raise UserError(f"texture classifier training images: {err}") from err
+    return [[str(f), f.stat().st_size] for f in files]
+
+
+def load_training_images(source: str) -> list[Tensor]:
+    """The images of a source (folder, file or ``skimage:...``) as (3, H, W) tensors in [0, 1]."""
+    from xswinir.images import read_image, resolve_image_files
+
+    try:
+        files = resolve_image_files(source)
+    except FileNotFoundError as err:
+        raise UserError(f"texture classifier training images: {err}") from err
+    return [read_image(f, channels=3) for f in files]
+
+
+def ensure_texture_classifier(cfg: Config, cache_dir: str | Path) -> Path:
+    """The folder of the texture classifier a run uses, trained and cached on first use.
+
+    ``cfg.texture.classifier.path`` when it is set. Otherwise a classifier trained on ``cfg.data.train`` at
+    ``cfg.texture.patch_size``, cached under ``cache_dir/<hash of the settings and the image files>/`` and
+    reused when present. Concurrent callers (Ray Tune trials) are safe: each trains into a private folder
+    and renames it into place; the first rename wins.
+
+    Raises:
+        UserError: the given path holds no classifier, or the training images cannot be found.
+    """
+    ccfg = cfg.texture.classifier
+    if ccfg.path is not None:
+        path = Path(ccfg.path).expanduser()
+        if not (path / META_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+            raise UserError(f"texture.classifier.path={ccfg.path} holds no {META_FILE} and {WEIGHTS_FILE}")
+        return path
+    settings = {k: v for k, v in cfg.to_dict()["texture"]["classifier"].items() if k != "path"}
+    key = {"classifier": settings, "patch_size": cfg.texture.patch_size, "source": cfg.data.train,
+           "files": _source_key(cfg.data.train), "format": 1}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    target = Path(cache_dir).expanduser() / digest
+    if (target / META_FILE).is_file() and (target / WEIGHTS_FILE).is_file():
+        log.info("texture classifier: reusing %s", target)
+        return target
+    clf, _ = train_texture_classifier(load_training_images(cfg.data.train), cfg.texture.patch_size, ccfg)
+    private = target.parent / f".{digest}.{os.getpid()}.tmp"
+    save_texture_classifier(clf, private)
+    (private / "key.json").write_text(json.dumps(key, indent=2) + "\n")
+    try:
+        private.rename(target)
+    except OSError:  # another process got there first; its classifier is the same
+        shutil.rmtree(private, ignore_errors=True)
+    log.info("texture classifier: cached in %s", target)
+    return target
