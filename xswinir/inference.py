@@ -137,3 +137,22 @@ def bicubic_upscale(lq: torch.Tensor, scale: int) -> torch.Tensor:
         ``(..., H * scale, W * scale)`` in [0, 1].
     """
     return imresize(lq, scale, round_intermediate=True)
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """The device a user asked for: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; None or ``"auto"`` picks CUDA if any.
+
+    Raises:
+        UserError: CUDA was asked for but is not available.
+    """
+    from xswinir.errors import UserError
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"unknown device {name!r} ({err})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+    return device
