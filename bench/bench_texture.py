@@ -5,8 +5,9 @@ loss) against ``texture_weight = 0.1`` (search + least squares + texture distanc
 most 15 % to the step.
 
 (b) The search for one 16 px tile in a 128 x 128 region (64 x 64 with --quick) at stride 4 (841 windows):
-:func:`texture_search` (one feature pass, one broadcast classifier call, one batched solve) against the way the original research
-code did it: one classifier call per window in a Python loop, then the least squares by explicit inverse.
+:func:`texture_search` (one feature pass, one broadcast classifier call, one batched solve) against the way
+the original research code did it: one classifier call per window in a Python loop, then the least squares
+by explicit inverse.
 
 The classifier has the real feature set; its weights are fixed synthetic values (the timing does not depend
 on what it learned), its standardisation is fitted to the benchmark's own windows.

@@ -185,7 +185,8 @@ def texture_search(
         The :class:`TextureMatch`; no tensor in it requires grad.
     """
     p = classifier.patch_size
-    if region is None:
+    search_gt = region is None
+    if search_gt:
         region, gt_offset = gt, None
     B, C, H, W = gt.shape
     R, R2 = region.shape[-2:]
@@ -202,8 +203,12 @@ def texture_search(
         # One feature pass each: the region's windows and gt's tiles (windows at stride p).
         region_feats = classifier.features.window_features(region, p, stride)  # (B, F, nh, nw)
         nw = region_feats.shape[-1]
+        if search_gt and p % stride == 0:
+            step = p // stride  # the tiles are among the region's windows: no second pass
+            tile_feats = region_feats[:, :, ::step, ::step][:, :, :th, :tw]
+        else:
+            tile_feats = classifier.features.window_features(gt, p, p)[:, :, :th, :tw]
         region_feats = region_feats.flatten(2).transpose(1, 2)  # (B, N, F)
-        tile_feats = classifier.features.window_features(gt, p, p)[:, :, :th, :tw]
         tile_feats = tile_feats.flatten(2).transpose(1, 2)  # (B, T, F)
         logits = classifier.pair_logits(tile_feats[:, :, None, :], region_feats[:, None, :, :])  # (B, T, N)
 
