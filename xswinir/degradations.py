@@ -43,7 +43,8 @@ def _uniform(generator: torch.Generator, n: int, bounds: tuple[float, float], de
 
 
 def _chance(generator: torch.Generator, n: int, prob: float, device: torch.device) -> Tensor:
-    # Always draw, even for prob 0 or 1, so that changing one probability does not shift the other draws.
+    # Always drawn, even for prob 1, so that changing a probability within (0, 1] changes which samples get
+    # the op but not the random stream (an op with prob 0 skips its noise images, which does shift it).
     return torch.rand(n, generator=generator, device=device) < prob
 
 
