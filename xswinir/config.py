@@ -184,7 +184,7 @@ class ClassifierConfig:
     num_orientations: int = 4
     num_pairs: int = 8192  # training pairs, half positive
     hard_negative_fraction: float = 0.5  # of the negatives: far-apart windows of one image, not two images
-    hard_negative_quantile: float = 0.5  # such a pair must differ more than this quantile of positive pairs
+    hard_negative_quantile: float = 0.9  # such a pair must differ more than this quantile of positive pairs
     holdout_fraction: float = 0.2
     steps: int = 300
     lr: float = 0.1
