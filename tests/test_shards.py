@@ -129,10 +129,16 @@ def ray_local():
     import os
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    started = not ray.is_initialized()  # another test module may hold a local Ray already: reuse it
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    context = ray.data.DataContext.get_current()
+    preserve_order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
     yield ray
-    ray.shutdown()
+    context.execution_options.preserve_order = preserve_order
+    if started:
+        ray.shutdown()
 
 
 @pytest.mark.integration
