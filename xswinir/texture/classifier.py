@@ -210,7 +210,7 @@ def plot_classifier_weights(clf: TextureClassifier, path_or_axes: Any, top: int 
     order = list(range(len(names)))
     if top is not None:
         order = sorted(torch.argsort(wd.abs() + wp.abs(), descending=True)[:top].tolist())
-    y = torch.arange(len(order), dtype=torch.float32)
+    y = torch.arange(len(order), dtype=torch.float32).numpy()
     if isinstance(path_or_axes, (str, Path)):
         from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
@@ -218,10 +218,10 @@ def plot_classifier_weights(clf: TextureClassifier, path_or_axes: Any, top: int 
         ax = fig.subplots()
     else:
         fig, ax = None, path_or_axes
-    ax.barh(y - 0.2, wd[order], height=0.4, color="tab:red", label="|a - b| (difference)")
-    ax.barh(y + 0.2, wp[order], height=0.4, color="tab:blue", label="a * b (product)")
+    ax.barh(y - 0.2, wd[order].numpy(), height=0.4, color="tab:red", label="|a - b| (difference)")
+    ax.barh(y + 0.2, wp[order].numpy(), height=0.4, color="tab:blue", label="a * b (product)")
     ax.set_yticks(y, [names[i] for i in order], fontsize=7)
-    ax.invert_yaxis()  # the first feature on top
+    ax.set_ylim(len(order) - 0.5, -0.5)  # the first feature on top, no empty margin
     ax.axvline(0.0, color="black", linewidth=0.6)
     ax.set_xlabel("weight on standardised feature (logit of same texture)")
     ax.set_title(f"texture classifier, p={clf.patch_size}, bias={float(clf.bias.detach()):.2f}", fontsize=9)

@@ -1,0 +1,221 @@
+"""TextureClassifier, its training, saving/loading, the cache and the `xswinir texture` command."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from xswinir.cli import main
+from xswinir.config import ClassifierConfig, Config, apply_overrides
+from xswinir.errors import UserError
+from xswinir.images import write_image
+from xswinir.texture import (
+    TextureClassifier,
+    TextureClassifierError,
+    ensure_texture_classifier,
+    load_texture_classifier,
+    plot_classifier_weights,
+    roc_auc,
+    save_texture_classifier,
+    train_texture_classifier,
+)
+
+P = 16
+TINY = ClassifierConfig(num_pairs=384, steps=60, seed=0)
+
+
+def _stripes(size: int, period: float, generator: torch.Generator) -> torch.Tensor:
+    """Diagonal colour stripes with a little noise, (3, size, size)."""
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    wave = 0.5 + 0.35 * torch.sin(2 * math.pi * (x + y) / period)
+    noise = 0.02 * torch.randn(size, size, generator=generator)
+    return torch.stack([wave + noise, 0.6 * wave, 0.3 + 0.0 * wave]).clamp(0, 1)
+
+
+def _noise(size: int, generator: torch.Generator) -> torch.Tensor:
+    """Gray fine-grained uniform noise, (3, size, size)."""
+    return torch.rand(1, size, size, generator=generator).expand(3, -1, -1).clone()
+
+
+@pytest.fixture(scope="module")
+def textures() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [_stripes(72, 7.0, generator), _noise(72, generator)]
+
+
+@pytest.fixture(scope="module")
+def trained(textures) -> tuple[TextureClassifier, dict]:
+    return train_texture_classifier(textures, P, TINY, progress=False)
+
+
+def test_separates_stripes_from_noise(trained, textures):
+    clf, report = trained
+    assert report["accuracy"] > 0.9 and report["roc_auc"] > 0.95
+    assert report["num_holdout_pairs"] == round(TINY.num_pairs * TINY.holdout_fraction)
+    assert report["num_parameters"] == 2 * len(clf.feature_names) + 1
+    # Fresh windows: same texture scores high, different textures low.
+    stripes, noise = textures
+    a, b = stripes[:, 5:5 + P, 9:9 + P], stripes[:, 40:40 + P, 30:30 + P]
+    c = noise[:, 20:20 + P, 11:11 + P]
+    with torch.no_grad():
+        same, different = clf(torch.stack([a, c]), torch.stack([b, noise[:, 50:50 + P, 50:50 + P]]))
+        cross = clf(a[None], c[None])
+    assert same > 0.5 and different > 0.5 and cross < 0.5
+
+
+def test_pair_scores_are_symmetric(trained, generator):
+    clf, _ = trained
+    a, b = torch.rand(2, 6, 3, P, P, generator=generator)
+    with torch.no_grad():
+        assert torch.equal(clf(a, b), clf(b, a))
+    fa, fb = torch.randn(2, 4, 5, len(clf.feature_names), generator=generator)
+    assert torch.equal(clf.pair_logits(fa, fb), clf.pair_logits(fb, fa))
+    assert clf.pair_logits(fa, fb).shape == (4, 5)
+
+
+def test_similarity_map_matches_forward_on_windows(trained, textures):
+    clf, _ = trained
+    image = textures[0][:, :40, :36]
+    patch = textures[1][:, :P, :P]
+    stride = 4
+    with torch.no_grad():
+        scores = clf.similarity_map(patch, image, stride)
+        nh, nw = (40 - P) // stride + 1, (36 - P) // stride + 1
+        assert scores.shape == (nh, nw)
+        windows = torch.stack([image[:, i * stride:i * stride + P, j * stride:j * stride + P]
+                               for i in range(nh) for j in range(nw)])
+        expected = clf(patch.expand(len(windows), -1, -1, -1), windows).view(nh, nw)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_training_is_deterministic_for_a_seed(textures):
+    small = dataclasses.replace(TINY, num_pairs=96, steps=20)
+    clf, report = train_texture_classifier(textures, P, small, progress=False)
+    again, report_again = train_texture_classifier(textures, P, small, progress=False)
+    assert torch.equal(clf.weight_diff, again.weight_diff) and torch.equal(clf.weight_prod, again.weight_prod)
+    assert torch.equal(clf.feature_mean, again.feature_mean)
+    assert report["roc_auc"] == report_again["roc_auc"]
+    other, _ = train_texture_classifier(textures, P, dataclasses.replace(small, seed=1), progress=False)
+    assert not torch.equal(clf.weight_diff, other.weight_diff)
+
+
+def test_weight_table_names_every_weight(trained):
+    clf, _ = trained
+    table = clf.weight_table()
+    assert len(table) == 2 * len(clf.feature_names)
+    assert table[0] == (f"{clf.feature_names[0]}|diff|", pytest.approx(clf.weight_diff[0].item()))
+    assert table[1] == (f"{clf.feature_names[0]}*prod", pytest.approx(clf.weight_prod[0].item()))
+
+
+def test_save_load_round_trip_gives_identical_scores(trained, tmp_path, generator):
+    clf, report = trained
+    folder = save_texture_classifier(clf, tmp_path / "clf")
+    assert sorted(p.name for p in folder.iterdir()) == ["classifier.json", "classifier.safetensors"]
+    loaded = load_texture_classifier(folder)
+    a, b = torch.rand(2, 5, 3, P, P, generator=generator)
+    with torch.no_grad():
+        assert torch.equal(loaded(a, b), clf(a, b))
+    assert loaded.feature_names == clf.feature_names and loaded.patch_size == P
+    assert loaded.report["roc_auc"] == report["roc_auc"]
+    assert load_texture_classifier(folder / "classifier.json").patch_size == P  # a file inside works too
+
+
+def test_loaded_classifier_is_frozen_and_passes_gradients_to_inputs_only(trained, tmp_path, generator):
+    loaded = load_texture_classifier(save_texture_classifier(trained[0], tmp_path / "clf"))
+    assert not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+    sr = torch.rand(2, 3, 32, 32, generator=generator, requires_grad=True)
+    gt = torch.rand(2, 3, 32, 32, generator=generator)
+    f_sr = loaded.features.window_features(sr, P, 8).permute(0, 2, 3, 1)  # (2, 3, 3, F)
+    f_gt = loaded.features.window_features(gt, P, 8).permute(0, 2, 3, 1)
+    loaded.pair_logits(f_sr, f_gt).sum().backward()
+    assert sr.grad is not None and torch.isfinite(sr.grad).all() and sr.grad.abs().sum() > 0
+    assert all(p.grad is None for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("damage", ["weights", "json", "names", "missing"])
+def test_loading_a_damaged_classifier_raises_a_user_error(trained, tmp_path, damage):
+    folder = save_texture_classifier(trained[0], tmp_path / "clf")
+    if damage == "weights":
+        (folder / "classifier.safetensors").write_bytes(b"\x00garbage" * 10)
+    elif damage == "json":
+        (folder / "classifier.json").write_text("{not json")
+    elif damage == "names":
+        meta = json.loads((folder / "classifier.json").read_text())
+        meta["feature_names"] = meta["feature_names"][:-1]
+        (folder / "classifier.json").write_text(json.dumps(meta))
+    else:
+        (folder / "classifier.safetensors").unlink()
+    with pytest.raises(TextureClassifierError) as info:
+        load_texture_classifier(folder)
+    assert isinstance(info.value, UserError)
+
+
+def test_roc_auc_matches_pairwise_counting(generator):
+    scores = torch.randint(0, 6, (60,), generator=generator).float()  # many ties
+    labels = torch.rand(60, generator=generator) < 0.4
+    pos, neg = scores[labels], scores[~labels]
+    expected = ((pos[:, None] > neg[None]).float() + 0.5 * (pos[:, None] == neg[None]).float()).mean()
+    assert roc_auc(scores, labels) == pytest.approx(expected.item())
+    assert roc_auc(torch.tensor([0.1, 0.9]), torch.tensor([0, 1])) == 1.0
+    assert math.isnan(roc_auc(torch.tensor([0.1, 0.9]), torch.tensor([1, 1])))
+
+
+def test_plot_writes_a_file_and_draws_into_axes(trained, tmp_path):
+    from matplotlib.figure import Figure
+
+    clf, _ = trained
+    path = plot_classifier_weights(clf, tmp_path / "w.png")
+    assert path.is_file() and path.stat().st_size > 1000
+    ax = Figure().subplots()
+    assert plot_classifier_weights(clf, ax, top=5) is ax
+    assert len(ax.get_yticklabels()) == 5
+
+
+def test_ensure_trains_once_then_reuses_the_cache(textures, tmp_path):
+    images = tmp_path / "images"
+    for i, image in enumerate(textures):
+        write_image(images / f"{i}.png", image)
+    cfg = apply_overrides(Config(), {"data.train": str(images), "texture.classifier.num_pairs": 64,
+                                     "texture.classifier.steps": 10})
+    folder = ensure_texture_classifier(cfg, tmp_path / "cache")
+    assert load_texture_classifier(folder).patch_size == cfg.texture.patch_size
+    stamp = (folder / "classifier.safetensors").stat().st_mtime_ns
+    assert ensure_texture_classifier(cfg, tmp_path / "cache") == folder
+    assert (folder / "classifier.safetensors").stat().st_mtime_ns == stamp
+    other = ensure_texture_classifier(apply_overrides(cfg, {"texture.classifier.seed": 3}), tmp_path / "cache")
+    assert other != folder and other.parent == folder.parent
+    given = apply_overrides(cfg, {"texture.classifier.path": str(folder)})
+    assert ensure_texture_classifier(given, tmp_path / "unused") == folder
+    with pytest.raises(UserError):
+        ensure_texture_classifier(apply_overrides(cfg, {"texture.classifier.path": str(tmp_path)}), tmp_path)
+
+
+def test_cli_train_then_show(textures, tmp_path, capsys):
+    images = tmp_path / "images"
+    for i, image in enumerate(textures):
+        write_image(images / f"{i}.png", image)
+    out = tmp_path / "clf"
+    rc = main(["texture", "train", "--images", str(images), "--out", str(out), "--no-progress",
+               "--set", "texture.classifier.num_pairs=64", "--set", "texture.classifier.steps=10"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "held-out accuracy" in printed and "ROC AUC" in printed
+    assert {p.name for p in out.iterdir()} == {"classifier.json", "classifier.safetensors", "weights.png"}
+    assert main(["texture", "show", str(out), "--out", str(tmp_path / "plot.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "grad_energy_s1_o0_mean|diff|" in printed and (tmp_path / "plot.png").is_file()
+    (out / "classifier.json").write_text("garbage")
+    assert main(["texture", "show", str(out)]) == 2
+
+
+@pytest.mark.slow
+def test_skimage_train_reaches_a_sensible_auc():
+    from xswinir.texture.training import load_training_images
+
+    clf, report = train_texture_classifier(load_training_images("skimage:train"), 16, ClassifierConfig(),
+                                           progress=False)
+    assert report["roc_auc"] > 0.9 and report["accuracy"] > 0.8
