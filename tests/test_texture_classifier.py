@@ -77,6 +77,19 @@ def test_pair_scores_are_symmetric(trained, generator):
     assert clf.pair_logits(fa, fb).shape == (4, 5)
 
 
+def test_all_pairs_pattern_equals_the_broadcast(trained, generator):
+    clf, _ = trained
+    tiles = torch.randn(2, 5, 1, len(clf.feature_names), generator=generator)  # (B, T, 1, F)
+    windows = torch.randn(2, 1, 30, len(clf.feature_names), generator=generator)  # (B, 1, N, F)
+    expected = clf.pair_logits(tiles, windows)  # grad enabled: the plain broadcast
+    with torch.no_grad():
+        fast = clf.pair_logits(tiles, windows)
+        swapped = clf.pair_logits(windows.transpose(1, 2), tiles.transpose(1, 2))  # (B, N, 1, F) x (B, 1, T, F)
+    assert fast.shape == expected.shape == (2, 5, 30)
+    torch.testing.assert_close(fast, expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(swapped, expected.transpose(1, 2), atol=1e-4, rtol=1e-5)
+
+
 def test_similarity_map_matches_forward_on_windows(trained, textures):
     clf, _ = trained
     image = textures[0][:, :40, :36]

@@ -79,11 +79,30 @@ class TextureClassifier(nn.Module):
             fb: (..., F) raw features of the second windows; broadcasts against ``fa``.
 
         Returns:
-            (...) logits; symmetric in ``fa`` and ``fb``.
+            (...) logits; symmetric in ``fa`` and ``fb``. The all-pairs pattern of the texture search,
+            (..., T, 1, F) x (..., 1, N, F) -> (..., T, N), runs without a (..., T, N, F) intermediate when
+            no gradient is recorded.
         """
         za, zb = self.standardize(fa), self.standardize(fb)
         w_diff, w_prod = self.weight_diff.to(za.dtype), self.weight_prod.to(za.dtype)
+        if _is_outer(za, zb) and not torch.is_grad_enabled():
+            return self._outer_logits(za.squeeze(-2), zb.squeeze(-3), w_diff, w_prod)
         return (za - zb).abs() @ w_diff + (za * zb) @ w_prod + self.bias.to(za.dtype)
+
+    def _outer_logits(self, za: Tensor, zb: Tensor, w_diff: Tensor, w_prod: Tensor) -> Tensor:
+        """All pairs of (..., T, F) and (..., N, F) -> (..., T, N) without a (..., T, N, F) intermediate.
+
+        ``sum_f w_f |a_f - b_f|`` is an L1 distance of features scaled by ``|w_f|``, added for positive and
+        subtracted for negative weights (two ``cdist`` calls); the product term is a matrix product.
+        """
+        batch = torch.broadcast_shapes(za.shape[:-2], zb.shape[:-2])
+        za = za.expand(*batch, *za.shape[-2:])
+        zb = zb.expand(*batch, *zb.shape[-2:])
+        logits = (za * w_prod) @ zb.transpose(-1, -2) + self.bias.to(za.dtype)
+        for sign, sel in ((1.0, w_diff > 0), (-1.0, w_diff < 0)):
+            scale = w_diff[sel].abs()
+            logits = logits + sign * torch.cdist(za[..., sel] * scale, zb[..., sel] * scale, p=1)
+        return logits
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         """P(same texture) of pairs of patches.
@@ -125,6 +144,12 @@ class TextureClassifier(nn.Module):
             "patch_size": self.patch_size, "scales": list(self.features.scales),
             "num_orientations": self.features.num_orientations, "lbp_threshold": self.features.lbp_threshold,
         }
+
+
+def _is_outer(za: Tensor, zb: Tensor) -> bool:
+    """True for the search's pattern (..., T, 1, F) x (..., 1, N, F): every window against every tile."""
+    return (za.ndim >= 3 and zb.ndim >= 3 and za.shape[-2] == 1 and zb.shape[-3] == 1
+            and za.shape[-3] > 1 and zb.shape[-2] > 1)
 
 
 def save_texture_classifier(clf: TextureClassifier, path: str | Path) -> Path:
