@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from xswinir.config import DEGRADATION_PRESETS
-from xswinir.degradations import Degrader, build_degrader, describe_params, gaussian_kernels, make_generator
+from xswinir.degradations import (
+    Degrader,
+    build_degrader,
+    describe_params,
+    gaussian_kernels,
+    make_generator,
+    resize_per_sample,
+)
 
 OFF = dict(blur_prob=0.0, noise_prob=0.0)  # the Degrader's defaults blur and add noise
 
@@ -159,6 +167,25 @@ def test_second_order_applies_per_sample():
     assert (params["second_jpeg_quality"][applied] > 0).all()
     assert (params["second_jpeg_quality"][~applied] == 0).all()
     assert "2nd:" in describe_params(params, int(applied.nonzero()[0]))
+    factors = params["second_resize_factor"][applied]
+    assert factors.unique().numel() == factors.numel()  # drawn per sample
+    assert ((factors >= 0.3) & (factors <= 1.2)).all()
+
+
+def test_resize_per_sample():
+    x = _texture(B=3, size=24)
+    factor = torch.tensor([0.5, 1.0, 1.25])
+    torch.testing.assert_close(resize_per_sample(x, torch.ones(3), (24, 24)), x, atol=1e-5, rtol=0)
+    canvas = resize_per_sample(x, factor, (30, 30))
+    assert canvas.shape == (3, 3, 30, 30)
+    # Sample 0 shrinks to 12 x 12 at the top-left: plain bicubic interpolation of that sample alone.
+    expected = F.interpolate(x[:1], size=(12, 12), mode="bicubic", align_corners=False)[0]
+    torch.testing.assert_close(canvas[0, :, :12, :12], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(canvas[1, :, :24, :24], x[1], atol=1e-5, rtol=0)
+    # Reading back inverts it for smooth images.
+    smooth = F.interpolate(x[:, :, :6, :6], size=(24, 24), mode="bilinear", align_corners=False)
+    back = resize_per_sample(resize_per_sample(smooth, factor, (30, 30)), factor, (24, 24), inverse=True)
+    assert (back - smooth).abs().mean() < 0.02
 
 
 def test_bfloat16_in_bfloat16_out(generator):

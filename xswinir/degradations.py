@@ -106,8 +106,7 @@ class Degrader(nn.Module):
         jpeg_quality: (low, high) JPEG quality, 1-100.
         second_order_prob: chance of the second degradation round per sample.
         second_blur_sigma: (low, high) sigma of the second round's blur, in LR pixels.
-        second_resize_range: (low, high) factor of the second round's intermediate resize. One factor per
-            batch: samples of different sizes cannot share a tensor (Real-ESRGAN also draws one per batch).
+        second_resize_range: (low, high) factor of the second round's intermediate resize, per sample.
         second_noise_sigma: (low, high) Gaussian noise sigma of the second round, 0-255 scale.
         second_jpeg_quality: (low, high) JPEG quality of the second round.
     """
@@ -291,29 +290,61 @@ class Degrader(nn.Module):
         B, _, h, w = x.shape
         device = x.device
         apply = _chance(generator, B, self.second_order_prob, device)
-        factor = _uniform(generator, 1, self.second_resize_range, device)
+        factor = _uniform(generator, B, self.second_resize_range, device)
         if self.second_order_prob > 0:
             # The second round runs on the whole batch and is masked at the end: cheaper than gathering the
             # chosen samples, and it keeps the random stream independent of which samples were chosen.
             y, blur = self._blur(x, generator, 1.0, self.second_blur_sigma, prefix="second_blur")
-            # One host sync per batch: the intermediate size must be a Python int.
-            f = float(factor.cpu())
-            mid = (max(1, round(h * f)), max(1, round(w * f)))
-            y = self._resize(y, mid, "bicubic" if self.resize == "matlab" else self.resize)
+            # Each sample is resized by its own factor into the top-left of a canvas sized for the largest
+            # factor the config allows (a static shape: no host sync), degraded there, and read back.
+            high = self.second_resize_range[1]
+            canvas = (max(1, math.ceil(h * high)), max(1, math.ceil(w * high)))
+            y = resize_per_sample(y, factor, canvas)
             y, noise = self._gaussian_noise(y, generator, 1.0, self.second_noise_sigma, prefix="second_noise")
             y, jpeg = self._jpeg(y, generator, 1.0, self.second_jpeg_quality, prefix="second_jpeg")
-            y = F.interpolate(y, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+            y = resize_per_sample(y, factor, (h, w), inverse=True)
             x = _mask(apply, y.clamp(0.0, 1.0), x)
         else:
             zeros = torch.zeros(B, device=device)
             blur = {f"second_blur_{k}": zeros for k in ("sigma_x", "sigma_y", "angle")}
             noise = {"second_noise_sigma": zeros, "second_noise_gray": zeros}
             jpeg = {"second_jpeg_quality": zeros}
-        out = {"second_order": apply.float(),
-               "second_resize_factor": torch.where(apply, factor.expand(B), 0.0)}
+        out = {"second_order": apply.float(), "second_resize_factor": torch.where(apply, factor, 0.0)}
         for part in (blur, noise, jpeg):
             out.update({k: torch.where(apply, v, 0.0) for k, v in part.items()})
         return x, out
+
+
+def resize_per_sample(x: Tensor, factor: Tensor, size: tuple[int, int], inverse: bool = False) -> Tensor:
+    """Resizes each sample by its own factor, batched, with bicubic ``grid_sample``.
+
+    Forward, sample i is resized to ``factor[i] * (H, W)`` and placed at the top-left of an output of
+    ``size`` (the rest repeats its border); with ``inverse``, that top-left part of ``x`` is read back and
+    resized to ``size``. Like Real-ESRGAN's random resize there is no anti-aliasing (the blur before it
+    does that).
+
+    Args:
+        x: (B, C, H, W).
+        factor: (B,) resize factors, > 0.
+        size: (H', W') of the output.
+        inverse: read the top-left ``factor``-scaled part of ``x`` back to ``size`` instead.
+
+    Returns:
+        (B, C, H', W').
+    """
+    B, C, H, W = x.shape
+    Ho, Wo = size
+    f = factor.to(torch.float32)
+    # align_corners=False coordinates: an output pixel centre u in [-1, 1] maps to a * (u + 1) - 1.
+    if inverse:
+        ax, ay = f * Wo / W, f * Ho / H
+    else:
+        ax, ay = Wo / (f * W), Ho / (f * H)
+    theta = torch.zeros(B, 2, 3, device=x.device, dtype=torch.float32)
+    theta[:, 0, 0], theta[:, 0, 2] = ax, ax - 1
+    theta[:, 1, 1], theta[:, 1, 2] = ay, ay - 1
+    grid = F.affine_grid(theta, [B, C, Ho, Wo], align_corners=False)
+    return F.grid_sample(x.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
 
 
 def build_degrader(cfg: DegradationConfig, scale: int) -> Degrader:
