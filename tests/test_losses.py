@@ -37,6 +37,25 @@ class MeanStdClassifier(nn.Module):
         return self.bias - ((fa - fb).abs() * self.weight).sum(-1)
 
 
+def real_classifier(patch_size: int, sample: torch.Tensor) -> nn.Module:
+    """The project's TextureClassifier with fixed weights ("differences speak against"), standardised on sample."""
+    from xswinir.texture import TextureClassifier
+
+    clf = TextureClassifier(patch_size, scales=(1, 2))
+    with torch.no_grad():
+        feats = clf.features.window_features(sample, patch_size, 4).flatten(2).transpose(1, 2).flatten(0, 1)
+        std = feats.std(0)
+        clf.feature_mean.copy_(feats.mean(0))
+        clf.feature_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+        clf.weight_diff.fill_(-0.5)
+        clf.bias.fill_(3.0)
+    return clf.eval()
+
+
+def make_classifier(kind: str, patch_size: int, sample: torch.Tensor) -> nn.Module:
+    return MeanStdClassifier(patch_size) if kind == "double" else real_classifier(patch_size, sample)
+
+
 def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """IoU of boxes (..., 4) top/left/bottom/right, written independently of candidate_mask."""
     h = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp_min(0)
@@ -73,11 +92,13 @@ def test_projection_is_exact_when_gt_lies_in_the_span(generator):
     assert parts["texture_underfilled"].item() == 1.0  # 2 of 5 windows
 
 
-def test_repeated_texture_is_reproduced_from_other_places(generator):
+@pytest.mark.parametrize("kind", ["double", "real"])
+def test_repeated_texture_is_reproduced_from_other_places(generator, kind):
     # A 16 px texture tiled 4 x 4: every tile has identical copies elsewhere, found by the classifier.
     tile = torch.rand(1, 3, 16, 16, generator=generator)
     gt = tile.repeat(1, 1, 4, 4)
-    match = texture_search(MeanStdClassifier(16), gt, stride=4, top_k=3, min_score=0.5, ridge=0.0)
+    clf = make_classifier(kind, 16, gt)
+    match = texture_search(clf, gt, stride=4, top_k=3, min_score=0.5, ridge=0.0)
     assert match.valid.all()
     torch.testing.assert_close(match.target, gt, atol=1e-4, rtol=0)
     assert (_iou(match.boxes, match.tile_boxes[:, :, None, :]) <= 0.1).all()
@@ -109,9 +130,11 @@ def test_candidate_mask_matches_box_iou():
     assert torch.equal(allowed, _iou(windows, tiles) <= 0.2)
 
 
-def test_gradients_reach_only_sr(generator):
-    clf = MeanStdClassifier(8)
+@pytest.mark.parametrize("kind", ["double", "real"])
+def test_gradients_reach_only_sr(generator, kind):
     gt = torch.rand(2, 3, 16, 16, generator=generator).requires_grad_()
+    clf = make_classifier(kind, 8, gt.detach())
+    clf.requires_grad_(True)
     region = F.pad(gt.detach(), (8, 8, 8, 8), mode="reflect").requires_grad_()
     offset = torch.full((2, 2), 8)
     match = texture_search(clf, gt, region, offset, stride=4, top_k=3, min_score=0.0)
@@ -132,14 +155,15 @@ def test_gradients_reach_only_sr(generator):
     assert all(v.ndim == 0 and not v.requires_grad for v in parts.values())
 
 
+@pytest.mark.parametrize("kind", ["double", "real"])
 @pytest.mark.parametrize("p", [8, 16, 32])
 @pytest.mark.parametrize("size", [32, 64])
-def test_shapes_for_every_patch_size(generator, p, size):
+def test_shapes_for_every_patch_size(generator, p, size, kind):
     B, K = 2, 5
     region = torch.rand(B, 3, size + 32, size + 16, generator=generator)
     offset = torch.tensor([[0, 16], [32, 0]])
     gt = torch.stack([region[i, :, o[0]:o[0] + size, o[1]:o[1] + size] for i, o in enumerate(offset.tolist())])
-    match = texture_search(MeanStdClassifier(p), gt, region, offset, stride=4, top_k=K, min_score=0.0)
+    match = texture_search(make_classifier(kind, p, region), gt, region, offset, stride=4, top_k=K, min_score=0.0)
     T = (size // p) ** 2
     assert match.target.shape == gt.shape and match.mask.shape == (B, 1, size, size)
     assert match.boxes.shape == (B, T, K, 4) and match.coefs.shape == (B, T, K)
