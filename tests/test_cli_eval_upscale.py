@@ -111,8 +111,8 @@ def test_upscale_folder_with_bad_and_odd_images(tmp_path: Path, checkpoint: Path
     _write_rgb(inputs / "rgb.png", generator)
     Image.fromarray(np.full((10, 14), 120, np.uint8)).save(inputs / "gray.png")
     Image.fromarray(np.full((12, 9, 4), 200, np.uint8), "RGBA").save(inputs / "rgba.png")
-    Image.fromarray(np.full((11, 13), 40000, np.uint16)).save(inputs / "sub" / "deep16.png") if (
-        (inputs / "sub").mkdir() or True) else None
+    (inputs / "sub").mkdir()
+    Image.fromarray(np.full((11, 13), 40000, np.uint16)).save(inputs / "sub" / "deep16.png")
     (inputs / "bad.png").write_text("not an image")
     out = tmp_path / "out"
     args = ["upscale", str(inputs), "--checkpoint", str(checkpoint), "--out", str(out), "--tile", "8",

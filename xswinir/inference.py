@@ -21,19 +21,16 @@ def _spans(length: int, tile: int, overlap: int, window: int) -> list[tuple[int,
     """``(start, size)`` of the tiles covering ``length`` pixels along one axis.
 
     Starts are multiples of ``window`` so that every tile partitions the image into the same attention
-    windows as the untiled run; the last tile ends at ``length`` and may be shorter than ``tile`` (the model
-    pads it as it pads the whole image). Consecutive tiles overlap by at least ``overlap``.
+    windows as the untiled run. The last tile ends at ``length``; it starts at the last multiple of
+    ``window`` that leaves it at least ``tile`` long, so it may be up to ``window - 1`` longer (the model pads
+    it as it pads the whole image). Consecutive tiles overlap by at least ``overlap``.
     """
     if tile >= length:
         return [(0, length)]
     stride = max(window, (tile - overlap) // window * window)
-    spans = []
-    start = 0
-    while start + tile < length:
-        spans.append((start, tile))
-        start += stride
-    spans.append((start, length - start))
-    return spans
+    last = (length - tile) // window * window
+    starts = list(range(0, last, stride)) + [last]
+    return [(start, tile) for start in starts[:-1]] + [(last, length - last)]
 
 
 def _profile(size: int, scale: int, overlap: int, inner_left: bool, inner_right: bool,
@@ -52,7 +49,7 @@ def _profile(size: int, scale: int, overlap: int, inner_left: bool, inner_right:
 
 def _restore_tiled(model: nn.Module, lq: torch.Tensor, tile: int | None, overlap: int) -> torch.Tensor:
     b, _, h, w = lq.shape
-    if tile is None or (tile >= h and tile >= w):
+    if tile is None or tile <= 0 or (tile >= h and tile >= w):
         return model(lq)
     window = int(getattr(model, "window_size", 1))
     tile = max(window, tile // window * window)  # multiples of the window avoid the model's own padding
@@ -65,10 +62,11 @@ def _restore_tiled(model: nn.Module, lq: torch.Tensor, tile: int | None, overlap
             patch = model(lq[..., y0:y0 + size_y, x0:x0 + size_x])
             if out is None:
                 scale = patch.shape[-1] // size_x
-                out = lq.new_zeros(b, patch.shape[1], h * scale, w * scale, dtype=patch.dtype)
-                weight_sum = lq.new_zeros(1, 1, h * scale, w * scale, dtype=patch.dtype)
-            wy = _profile(size_y, scale, overlap, iy > 0, iy < len(spans_y) - 1, patch.device, patch.dtype)
-            wx = _profile(size_x, scale, overlap, ix > 0, ix < len(spans_x) - 1, patch.device, patch.dtype)
+                dtype = torch.promote_types(patch.dtype, torch.float32)  # bf16 tiles still sum in float32
+                out = lq.new_zeros(b, patch.shape[1], h * scale, w * scale, dtype=dtype)
+                weight_sum = lq.new_zeros(1, 1, h * scale, w * scale, dtype=dtype)
+            wy = _profile(size_y, scale, overlap, iy > 0, iy < len(spans_y) - 1, patch.device, out.dtype)
+            wx = _profile(size_x, scale, overlap, ix > 0, ix < len(spans_x) - 1, patch.device, out.dtype)
             weight = wy[:, None] * wx[None, :]  # (size_y * s, size_x * s)
             ys, xs = slice(y0 * scale, (y0 + size_y) * scale), slice(x0 * scale, (x0 + size_x) * scale)
             out[..., ys, xs] += patch * weight
