@@ -404,7 +404,8 @@ class SwinIR(nn.Module):
 
         self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
         self.patch_embed = PatchEmbed(embed_dim)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total = sum(depths)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # rising linearly, as official
         starts = [sum(depths[:i]) for i in range(len(depths))]
         self.layers = nn.ModuleList([
             RSTB(embed_dim, depth, heads, self.window_size, self.shift, mlp_ratio, rates[start:start + depth],

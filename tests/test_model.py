@@ -1,0 +1,226 @@
+"""SwinIR contracts on tiny configs: shapes, gradients, caches, checkpoints and their error messages."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xswinir.config import MODEL_PRESETS, ModelConfig
+from xswinir.errors import UserError
+from xswinir.model import (
+    CheckpointError,
+    CheckpointMismatchError,
+    SwinIR,
+    build_swinir,
+    count_parameters,
+    infer_model_config,
+    load_model,
+    load_state_dict_strict,
+    pad_to_multiple,
+    save_weights,
+    shifted_window_mask,
+    window_order,
+)
+
+
+def tiny(**overrides) -> ModelConfig:
+    base = dict(upscale=2, in_chans=3, img_size=16, window_size=4, depths=(2,), embed_dim=12, num_heads=(2,),
+                upsampler="pixelshuffledirect")
+    return ModelConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize(("upsampler", "upscale", "in_chans", "resi"), [
+    ("pixelshuffle", 2, 3, "1conv"),
+    ("pixelshuffle", 3, 1, "1conv"),
+    ("pixelshuffle", 4, 3, "3conv"),
+    ("pixelshuffledirect", 2, 3, "1conv"),
+    ("pixelshuffledirect", 3, 1, "3conv"),
+    ("nearest+conv", 4, 3, "3conv"),
+    ("", 1, 1, "1conv"),
+    ("", 1, 3, "3conv"),
+])
+@pytest.mark.parametrize("size", [(16, 16), (13, 19), (3, 2)])
+def test_output_is_scale_times_input(upsampler, upscale, in_chans, resi, size, generator) -> None:
+    cfg = tiny(upsampler=upsampler, upscale=upscale, in_chans=in_chans, resi_connection=resi, embed_dim=16)
+    model = build_swinir(cfg).eval()
+    lq = torch.rand(2, in_chans, *size, generator=generator)
+    with torch.no_grad():
+        sr = model(lq)
+    assert sr.shape == (2, in_chans, size[0] * upscale, size[1] * upscale)
+    assert torch.isfinite(sr).all()
+
+
+def test_window_size_7_and_odd_sizes(generator) -> None:
+    model = build_swinir(tiny(window_size=7, img_size=21, upscale=1, upsampler="", img_range=255.0)).eval()
+    lq = torch.rand(1, 3, 15, 22, generator=generator)
+    with torch.no_grad():
+        assert model(lq).shape == lq.shape
+
+
+def test_restoration_model_starts_near_identity(generator) -> None:
+    """upscale 1 adds a residual to the input: with the last conv zeroed, the output is the input."""
+    model = build_swinir(tiny(upscale=1, upsampler="")).eval()
+    torch.nn.init.zeros_(model.conv_last.weight)
+    torch.nn.init.zeros_(model.conv_last.bias)
+    lq = torch.rand(1, 3, 12, 9, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(model(lq), lq)
+
+
+def test_backward_reaches_every_parameter(generator) -> None:
+    model = build_swinir(tiny(depths=(2, 2), num_heads=(2, 3), resi_connection="3conv"))
+    model.train()
+    lq = torch.rand(2, 3, 9, 10, generator=generator)
+    model(lq).abs().mean().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not no_grad, f"no gradient reached {no_grad}"
+
+
+def test_window_order_equals_roll_then_partition() -> None:
+    """The cached gather index against the official roll + window_partition, written out with views."""
+    height, width, w, shift = 8, 12, 4, 2
+    x = torch.arange(height * width).view(1, height, width, 1)
+    rolled = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+    windows = rolled.view(1, height // w, w, width // w, w, 1).permute(0, 1, 3, 2, 4, 5).reshape(-1)
+    assert torch.equal(window_order(height, width, w, shift, torch.device("cpu")), windows)
+
+
+def test_shifted_window_mask_blocks_wrapped_tokens() -> None:
+    mask = shifted_window_mask(8, 8, 4, 2, torch.device("cpu"))  # (4 windows, 1, 16, 16)
+    assert mask.shape == (4, 1, 16, 16)
+    assert (mask[0] == 0).all()  # the top-left window holds no wrapped tokens
+    assert (mask[3] == -100).any() and (mask[3].diagonal(dim1=-2, dim2=-1) == 0).all()
+
+
+def test_window_caches_are_reused_per_size(generator) -> None:
+    model = build_swinir(tiny()).eval()
+    with torch.no_grad():
+        model(torch.rand(1, 3, 16, 16, generator=generator))
+        first = model.window_context(16, 16, torch.device("cpu"), torch.float32)
+        model(torch.rand(1, 3, 14, 15, generator=generator))  # pads to 16 x 16: the same layout
+        assert len(model._contexts) == 1
+        assert model.window_context(16, 16, torch.device("cpu"), torch.float32) is first
+        model(torch.rand(1, 3, 24, 16, generator=generator))
+    assert len(model._contexts) == 2
+    other = model.window_context(24, 16, torch.device("cpu"), torch.float32)
+    assert other is not first and other.shift_mask.shape[0] == 24 and first.shift_mask.shape[0] == 16
+
+
+def test_model_has_no_size_dependent_state() -> None:
+    keys = build_swinir(tiny()).state_dict()
+    assert not [k for k in keys if k.endswith(("attn_mask", "relative_position_index", "mean"))]
+
+
+def test_pad_reflects_like_official_and_never_fails(generator) -> None:
+    x = torch.rand(1, 3, 10, 13, generator=generator)
+    torch.testing.assert_close(pad_to_multiple(x, 8), F.pad(x, (0, 3, 0, 6), mode="reflect"))
+    small = torch.rand(1, 1, 1, 3, generator=generator)
+    assert pad_to_multiple(small, 8).shape == (1, 1, 8, 8)
+
+
+def test_bf16_autocast_forward(generator) -> None:
+    model = build_swinir(tiny()).eval()
+    lq = torch.rand(1, 3, 16, 12, generator=generator)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        sr = model(lq)
+    with torch.no_grad():
+        ref = model(lq)
+    assert sr.shape == ref.shape
+    assert (sr.float() - ref).abs().max() < 0.1
+
+
+def test_save_and_load_round_trip(tmp_path: Path, generator) -> None:
+    cfg = tiny(upsampler="pixelshuffle", upscale=3, in_chans=1, resi_connection="3conv")
+    model = build_swinir(cfg).eval()
+    save_weights(model, cfg, tmp_path / "w.safetensors")
+    loaded, loaded_cfg = load_model(tmp_path / "w.safetensors")
+    assert loaded_cfg == cfg
+    lq = torch.rand(1, 1, 11, 9, generator=generator)
+    with torch.no_grad():
+        assert torch.equal(model(lq), loaded(lq))
+
+
+def test_training_directory_prefers_ema(tmp_path: Path) -> None:
+    cfg = tiny()
+    plain, ema = build_swinir(cfg), build_swinir(cfg)
+    save_weights(plain, cfg, tmp_path / "ckpt" / "model.safetensors")
+    save_weights(ema, cfg, tmp_path / "ckpt" / "model_ema.safetensors")
+    got, _ = load_model(tmp_path / "ckpt")
+    assert torch.equal(got.conv_first.weight, ema.conv_first.weight)
+    got, _ = load_model(tmp_path / "ckpt", prefer_ema=False)
+    assert torch.equal(got.conv_first.weight, plain.conv_first.weight)
+
+
+def test_pth_with_params_ema_and_wrapper_prefixes(tmp_path: Path) -> None:
+    cfg = tiny()
+    plain, ema = build_swinir(cfg), build_swinir(cfg)
+    torch.save({"params": plain.state_dict(),
+                "params_ema": {f"module.{k}": v for k, v in ema.state_dict().items()}}, tmp_path / "m.pth")
+    got, _ = load_model(tmp_path / "m.pth", model_cfg=cfg)
+    assert torch.equal(got.conv_first.weight, ema.conv_first.weight)
+    got, _ = load_model(tmp_path / "m.pth", model_cfg=cfg, prefer_ema=False)
+    assert torch.equal(got.conv_first.weight, plain.conv_first.weight)
+
+
+def test_wrong_preset_gives_helpful_error(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(MODEL_PRESETS["tiny-x2"], upscale=4)
+    with torch.device("meta"):
+        model = build_swinir(cfg)
+    torch.save({"params": {k: torch.zeros(v.shape) for k, v in model.state_dict().items()}}, tmp_path / "x4.pth")
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_model(tmp_path / "x4.pth", preset="tiny-x2")
+    message = str(info.value)
+    assert "shape mismatches" in message and "upsample.0.weight" in message
+    assert "scale mismatch: the checkpoint upscales x4, the model x2" in message
+
+
+def test_wrong_architecture_names_the_preset() -> None:
+    with torch.device("meta"):
+        big = build_swinir(MODEL_PRESETS["swinir-m-x2"])
+        small = build_swinir(MODEL_PRESETS["swinir-s-x2"])
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_state_dict_strict(small, big.state_dict())
+    message = str(info.value)
+    assert "missing keys" not in message and "unexpected keys: " in message  # 6 stages vs 4
+    assert "6 stages" in message and "embed_dim 180" in message and "swinir-m-x2" in message
+
+
+def test_missing_and_garbled_files_are_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope.pth", preset="tiny-x2")
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable"):
+        load_model(tmp_path / "bad.pth", preset="tiny-x2")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(UserError, match="not a readable"):
+        load_model(tmp_path / "bad.safetensors")
+    torch.save({"params": build_swinir(tiny()).state_dict()}, tmp_path / "noconfig.pth")
+    with pytest.raises(CheckpointError, match="carries no model config"):
+        load_model(tmp_path / "noconfig.pth")
+
+
+def test_infer_model_config_reads_architecture() -> None:
+    with torch.device("meta"):
+        for name in ("swinir-s-x3", "swinir-m-x8", "swinir-real-l-x4", "swinir-jpeg-gray"):
+            cfg = MODEL_PRESETS[name]
+            found = infer_model_config(build_swinir(cfg).state_dict())
+            for field in ("upscale", "in_chans", "window_size", "depths", "embed_dim", "num_heads", "upsampler",
+                          "resi_connection"):
+                assert found[field] == getattr(cfg, field), (name, field)
+
+
+@pytest.mark.parametrize(("preset", "expected"), [("swinir-s-x2", 910_152), ("swinir-s-x4", 929_628)])
+def test_preset_parameter_counts(preset: str, expected: int) -> None:
+    with torch.device("meta"):
+        assert count_parameters(build_swinir(MODEL_PRESETS[preset])) == expected
+
+
+def test_small_img_size_shrinks_window_like_official() -> None:
+    model = SwinIR(img_size=4, window_size=8, depths=(2,), embed_dim=12, num_heads=(2,))
+    assert model.window_size == 4 and model.shift == 0
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 6, 5)).shape == (1, 3, 12, 10)
