@@ -27,8 +27,7 @@ METRIC_KEYS = ("psnr", "ssim", "psnr_y", "ssim_y")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hr", required=True, help="folder (or file) of ground-truth HR images")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--lr", help="folder of LR inputs matched by file stem (baby.png <-> babyx2.png); "
+    parser.add_argument("--lr", help="folder of LR inputs matched by file stem (baby.png <-> babyx2.png); "
                                      "default: MATLAB-bicubic down-sampling of the HR images")
     parser.add_argument("--scale", type=int, help="SR scale; default: the model's, or HR size / LR size")
     what = parser.add_mutually_exclusive_group(required=True)
