@@ -297,3 +297,15 @@ def test_build_loss_checks_the_classifier(generator):
     assert loss.top_k == cfg.texture.top_k and loss.texture_weight == 0.1
     loss.train()
     assert not loss.classifier.training
+
+
+def test_chunked_pair_scoring_gives_the_same_match(generator, monkeypatch):
+    import xswinir.losses as losses
+
+    gt = torch.rand(2, 3, 32, 32, generator=generator)
+    region = torch.rand(2, 3, 48, 48, generator=generator)
+    offset = torch.tensor([[0, 16], [8, 4]])
+    whole = texture_search(MeanStdClassifier(8), gt, region, offset, stride=4, top_k=4, min_score=0.0)
+    monkeypatch.setattr(losses, "_PAIR_ELEMENTS", 1000)  # forces chunks of a few tiles
+    chunked = texture_search(MeanStdClassifier(8), gt, region, offset, stride=4, top_k=4, min_score=0.0)
+    assert torch.equal(whole.boxes, chunked.boxes) and torch.equal(whole.target, chunked.target)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from xswinir.config import PixelLoss
 
 Dist = Literal["l1", "l2", "charbonnier"]
+_PAIR_ELEMENTS = 2**26  # float32 elements of one broadcast pair-encoding chunk in texture_search
 
 
 class _Features(Protocol):
@@ -210,11 +211,19 @@ def texture_search(
             tile_feats = classifier.features.window_features(gt, p, p)[:, :, :th, :tw]
         region_feats = region_feats.flatten(2).transpose(1, 2)  # (B, N, F)
         tile_feats = tile_feats.flatten(2).transpose(1, 2)  # (B, T, F)
-        logits = classifier.pair_logits(tile_feats[:, :, None, :], region_feats[:, None, :, :])  # (B, T, N)
+        # The broadcast pair encoding is (B, T, N, F): in chunks of tiles so that it stays under ~256 MB.
+        B_N_F = region_feats.shape[0] * region_feats.shape[1] * region_feats.shape[2]
+        chunk = max(1, _PAIR_ELEMENTS // max(B_N_F, 1))
+        logits = torch.cat([
+            classifier.pair_logits(tile_feats[:, i:i + chunk, None, :], region_feats[:, None, :, :])
+            for i in range(0, T, chunk)  # one iteration at training sizes; more only for huge regions
+        ], dim=1)  # (B, T, N)
 
         grid = torch.arange(T, device=gt.device)
         tile_tl = torch.stack((grid // tw, grid % tw), dim=-1) * p  # (T, 2)
         tile_tl = tile_tl[None] + gt_offset.to(gt.device, torch.long)[:, None, :]  # (B, T, 2) in region px
+        if region_valid is not None:
+            region_valid = region_valid.to(gt.device, torch.bool)
         allowed = candidate_mask(tile_tl, (R, R2), p, stride, max_iou, region_valid)
         logits = logits.float().masked_fill(~allowed, float("-inf"))
 
