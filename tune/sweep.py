@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,24 +214,13 @@ def _make_searcher_class():
             if trial_id != self.baseline_trial:
                 self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
-        def save(self, checkpoint_path: str) -> None:
-            # The inner searcher writes its own file; embed its bytes so that one checkpoint file holds both.
-            with tempfile.TemporaryDirectory() as tmp:
-                inner = os.path.join(tmp, "inner.pkl")
-                self.searcher.save(inner)
-                state = {"baseline": self.baseline, "baseline_trial": self.baseline_trial,
-                         "inner": Path(inner).read_bytes()}
-            with open(checkpoint_path, "wb") as f:
-                pickle.dump(state, f)
+        # Tune saves wrappers (objects with a `.searcher`) through get_state/set_state and the innermost
+        # searcher (Optuna's study) through its own save_to_dir.
+        def get_state(self) -> dict:
+            return {"baseline": self.baseline, "baseline_trial": self.baseline_trial}
 
-        def restore(self, checkpoint_path: str) -> None:
-            with open(checkpoint_path, "rb") as f:
-                state = pickle.load(f)
+        def set_state(self, state: dict) -> None:
             self.baseline, self.baseline_trial = state["baseline"], state["baseline_trial"]
-            with tempfile.TemporaryDirectory() as tmp:
-                inner = os.path.join(tmp, "inner.pkl")
-                Path(inner).write_bytes(state["inner"])
-                self.searcher.restore(inner)
 
     return BaselineFirst
 
@@ -285,11 +272,14 @@ class TrialRow:
 
 
 def collect_trials(grid, sweep: SweepConfig, base: Config) -> list[TrialRow]:
-    """Rows from a Tune ``ResultGrid``, in the order the trials were created."""
+    """Rows from a Tune ``ResultGrid``, in the order the trials were created (the baseline first)."""
     rows = []
     # Tune's own trial states tell an unfinished trial (an interrupted sweep) from one ASHA stopped.
     analysis = getattr(grid, "_experiment_analysis", None)
     states = {t.trial_id: t.status for t in getattr(analysis, "trials", None) or []}
+    # Tune marks the trials it stops at a Ctrl-C as terminated, like those ASHA stops; fewer trials than
+    # asked for tells an interrupted sweep apart.
+    interrupted = len(grid) < sweep.num_samples
     for result in grid:
         trial_id = Path(result.path).name
         df = result.metrics_dataframe
@@ -306,7 +296,8 @@ def collect_trials(grid, sweep: SweepConfig, base: Config) -> list[TrialRow]:
         steps = steps_hist[-1] if steps_hist else 0
         if result.error is not None:
             status = "error"
-        elif states.get(trial_id, "TERMINATED") != "TERMINATED":
+        elif states.get(trial_id, "TERMINATED") != "TERMINATED" or not steps_hist or (
+                interrupted and steps < base.train.total_steps):
             status = "unfinished"
         elif steps < base.train.total_steps:
             status = "stopped early"
@@ -319,9 +310,7 @@ def collect_trials(grid, sweep: SweepConfig, base: Config) -> list[TrialRow]:
             error=str(result.error).splitlines()[0][:300] if result.error is not None else None,
             history_step=steps_hist, history_metric=metric_hist,
         ))
-    # Tune numbers trials in creation order inside the id's suffix (`abc12_00003`).
-    rows.sort(key=lambda r: (int(r.trial_id.rsplit("_", 1)[-1]) if r.trial_id.rsplit("_", 1)[-1].isdigit() else 0,
-                             r.trial_id))
+    # The ResultGrid lists trials in the order Tune created them (also after a restore).
     for i, row in enumerate(rows):
         row.order = i
     return rows
@@ -529,7 +518,8 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, callbacks: list | None =
     Args:
         sweep: the sweep; ``sweep.address`` picks the cluster.
         resume: continue the experiment in ``<storage>/<name>`` (finished trials stay, errored ones rerun).
-        callbacks: extra Tune callbacks (the tests use one to interrupt a sweep).
+        callbacks: extra Tune callbacks (the tests use one to interrupt a sweep); Tune saves them with the
+            experiment, and a resumed sweep runs them again.
 
     Raises:
         UserError: the sweep exists and ``resume`` is False, or there is nothing to resume.
