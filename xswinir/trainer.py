@@ -125,23 +125,32 @@ def build_validation_set(cfg: Config, degrader: nn.Module, device: torch.device)
 
 
 @torch.no_grad()
-def validate(model: nn.Module, val: ValidationSet, scale: int, tile: int | None) -> dict[str, float]:
-    """Mean Y-PSNR / Y-SSIM of the model and of plain bicubic up-sampling on the validation set."""
+def evaluate_images(model: nn.Module, val: ValidationSet, scale: int, tile: int | None) -> list[dict[str, Any]]:
+    """Y-PSNR / Y-SSIM of the model and of plain bicubic up-sampling, per validation image."""
     from xswinir.inference import bicubic_upscale, restore
-    from xswinir.metrics import VAL_PSNR_BICUBIC_Y, VAL_PSNR_Y, VAL_SSIM_Y, psnr, ssim
+    from xswinir.metrics import VAL_PSNR_BICUBIC_Y, VAL_PSNR_Y, VAL_SSIM_BICUBIC_Y, VAL_SSIM_Y, psnr, ssim
 
     was_training = model.training
     model.eval()
-    psnrs, ssims, bicubic_psnrs = [], [], []
-    for gt, lq in zip(val.gt, val.lq):
+    rows = []
+    for name, gt, lq in zip(val.names, val.gt, val.lq, strict=True):
         sr = restore(model, lq, tile=tile).clamp(0, 1)
         baseline = bicubic_upscale(lq, scale).clamp(0, 1) if scale > 1 else lq
-        psnrs.append(psnr(sr, gt, crop_border=scale, y_channel=True))
-        ssims.append(ssim(sr, gt, crop_border=scale, y_channel=True))
-        bicubic_psnrs.append(psnr(baseline, gt, crop_border=scale, y_channel=True))
+        rows.append({
+            "image": name,
+            VAL_PSNR_Y: psnr(sr, gt, crop_border=scale, y_channel=True).item(),
+            VAL_SSIM_Y: ssim(sr, gt, crop_border=scale, y_channel=True).item(),
+            VAL_PSNR_BICUBIC_Y: psnr(baseline, gt, crop_border=scale, y_channel=True).item(),
+            VAL_SSIM_BICUBIC_Y: ssim(baseline, gt, crop_border=scale, y_channel=True).item(),
+        })
     model.train(was_training)
-    mean = lambda values: torch.cat([v.reshape(-1) for v in values]).mean().item()  # noqa: E731
-    return {VAL_PSNR_Y: mean(psnrs), VAL_SSIM_Y: mean(ssims), VAL_PSNR_BICUBIC_Y: mean(bicubic_psnrs)}
+    return rows
+
+
+def validate(model: nn.Module, val: ValidationSet, scale: int, tile: int | None) -> dict[str, float]:
+    """The means over the validation set of :func:`evaluate_images`."""
+    rows = evaluate_images(model, val, scale, tile)
+    return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0] if key != "image"}
 
 
 def save_checkpoint(

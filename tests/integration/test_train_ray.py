@@ -3,7 +3,7 @@ resume after a killed driver, and the CLI's refusal of bad configs."""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import signal
 import subprocess
@@ -33,10 +33,6 @@ def tiny_config(tmp_path: Path, *extra: str):
                                 *extra])
 
 
-def checkpoint_steps(result) -> list[int]:
-    return [json.loads(json.dumps(m))["step"] for _, m in result.best_checkpoints]
-
-
 def test_two_workers_train_with_texture_term(ray_local, tmp_path):
     from xswinir.trainer import EMA_FILE, fit
 
@@ -59,8 +55,10 @@ def test_worker_failure_is_survived_and_resumes_from_checkpoint(ray_local, tmp_p
     from xswinir.trainer import FAILURE_ENV, fit
 
     monkeypatch.setenv(FAILURE_ENV, "5")
+    # One failure is injected; a second retry is allowed because on a loaded 2-core machine Ray has been seen
+    # to report the torn-down first worker group's death once more.
     cfg = tiny_config(tmp_path, "run.num_workers=2", "train.total_steps=6", "train.val_every=2",
-                      "run.max_failures=1", "loss.texture_weight=0")
+                      "run.max_failures=2", "loss.texture_weight=0")
     result = fit(cfg)
     assert result.error is None
     assert result.metrics["step"] == 6
@@ -80,17 +78,36 @@ def test_refuses_to_overwrite_an_existing_run(ray_local, tmp_path):
         fit(cfg)
 
 
+TOTAL_STEPS = 16
+
+
 def _train_cmd(tmp_path: Path, *extra: str) -> list[str]:
     args = [sys.executable, "-m", "xswinir", "train", "--config", "demo"]
     for item in (*TINY, f"run.storage={tmp_path / 'runs'}", f"run.log_dir={tmp_path / 'logs'}",
-                 "train.total_steps=8", "train.val_every=2", "loss.texture_weight=0", *extra):
+                 f"train.total_steps={TOTAL_STEPS}", "train.val_every=2", "loss.texture_weight=0", *extra):
         args += ["--set", item]
     return args
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc): the local Ray a driver started lives there."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
 def test_killed_driver_resumes_with_resume_flag(tmp_path):
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-    # Its own process group, so that killing it takes down the local Ray it started, as a crash would.
     proc = subprocess.Popen(_train_cmd(tmp_path), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "logs" / METRICS_FILE
@@ -98,20 +115,23 @@ def test_killed_driver_resumes_with_resume_flag(tmp_path):
     while time.time() < deadline and proc.poll() is None:
         if any("val/psnr_y" in r and r["step"] >= 4 for r in read_metrics(metrics)):
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
+    # A crash: the driver and the local Ray it started die at once, mid-run.
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
-    time.sleep(2)
+    time.sleep(1)
     killed_at = max(r["step"] for r in read_metrics(metrics))
-    assert killed_at < 8
+    assert 4 <= killed_at < TOTAL_STEPS
 
     done = subprocess.run(_train_cmd(tmp_path) + ["--resume"], env=env, capture_output=True, text=True,
                           timeout=300, start_new_session=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "step: 8" in done.stdout
+    assert f"step: {TOTAL_STEPS}" in done.stdout
     steps = [r["step"] for r in read_metrics(metrics) if "train/loss" in r]
-    assert steps == sorted(set(steps)) and steps[-1] == 8  # continuous, no duplicates after the resume
+    assert steps == sorted(set(steps)) and steps[-1] == TOTAL_STEPS  # continuous, no duplicates
 
 
 def test_cli_refuses_bad_configs_before_starting(tmp_path, capsys):
