@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="explain the tile at these HR pixel coordinates instead (repeatable)")
     parser.add_argument("--out", default="explain.png", help="the PNG to write (default: %(default)s)")
     parser.add_argument("--html", action="store_true", help="also write a self-contained HTML page beside it")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="LR tile size for the model on large images (default: the whole image at once)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
                  degradation=DEGRADATION_PRESETS[args.degradation], texture=texture)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = explain(model, classifier, hr, cfg, seed=args.seed, patches=args.patches, tiles=_tiles(args.tile_at),
-                     out=args.out, html=args.html, device=device)
+                     out=args.out, html=args.html, tile=args.tile, device=device)
     print(f"wrote {result.png}" + (f" and {result.html}" if result.html else ""))
     print(f"degradation: {result.description}")
     for r in result.rows:
