@@ -57,6 +57,7 @@ def test_separates_stripes_from_noise(trained, textures):
     assert report["accuracy"] > 0.9 and report["roc_auc"] > 0.95
     assert report["num_holdout_pairs"] == round(TINY.num_pairs * TINY.holdout_fraction)
     assert report["num_parameters"] == 2 * len(clf.feature_names) + 1
+    assert (clf.weight_diff <= 0).all()  # a difference only ever speaks against "same texture"
     # Fresh windows: same texture scores high, different textures low.
     stripes, noise = textures
     a, b = stripes[:, 5:5 + P, 9:9 + P], stripes[:, 40:40 + P, 30:30 + P]

@@ -17,7 +17,8 @@ classifier learns to ignore those changes.
 
 The features of all windows are computed once; a full-batch L-BFGS (``cfg.steps`` iterations, initial step
 ``cfg.lr``) then fits the ``2F + 1`` weights with an L2 penalty ``cfg.weight_decay`` on the feature
-weights. A held-out share of the pairs (``cfg.holdout_fraction``) gives the reported accuracy and ROC AUC.
+weights, the difference weights constrained to be <= 0 (see ``_fit``). A held-out share of the pairs
+(``cfg.holdout_fraction``) gives the reported accuracy and ROC AUC.
 """
 
 from __future__ import annotations
@@ -150,18 +151,12 @@ def _sample_pairs(images: list[Tensor], p: int, cfg: ClassifierConfig, clf: Text
         pairs.append(tuple(torch.zeros(0, dtype=torch.long) for _ in range(6)))
     n_hard_cand = len(pairs[1][0])
 
-    # Across images: enough to fill up whatever the hard negatives leave.
-    n_cross = n_neg if num_images > 1 else 0
-    img_a = torch.randint(0, num_images, (n_cross,), generator=generator)
-    img_b = (img_a + torch.randint(1, max(num_images, 2), (n_cross,), generator=generator)) % num_images
-    pairs.append((img_a, *positions(img_a), img_b, *positions(img_b)))
+    def pair_features(parts: list[tuple[Tensor, ...]]) -> tuple[Tensor, Tensor]:
+        index_a, ya, xa, index_b, yb, xb = (torch.cat(column) for column in zip(*parts, strict=True))
+        windows_b = _augment(_crop(images, index_b, yb, xb, p), generator)
+        return _features(clf, _crop(images, index_a, ya, xa, p), progress), _features(clf, windows_b, progress)
 
-    index_a, ya, xa, index_b, yb, xb = (torch.cat(parts) for parts in zip(*pairs, strict=True))
-    windows_a = _crop(images, index_a, ya, xa, p)
-    windows_b = _augment(_crop(images, index_b, yb, xb, p), generator)
-    fa = _features(clf, windows_a, progress)
-    fb = _features(clf, windows_b, progress)
-
+    fa, fb = pair_features(pairs)
     # Keep the hard candidates that differ more than the chosen quantile of positive pairs.
     both = torch.cat([fa, fb])
     z = (both - both.mean(0)) / both.std(0).clamp_min(1e-6)
@@ -170,34 +165,61 @@ def _sample_pairs(images: list[Tensor], p: int, cfg: ClassifierConfig, clf: Text
     if n_hard_cand:
         threshold = torch.quantile(dist[:n_pos], cfg.hard_negative_quantile)
         hard = hard[dist[hard] > threshold][:n_hard]
-    cross = torch.arange(n_pos + n_hard_cand, len(fa))[: n_neg - len(hard)]
-    keep = torch.cat([torch.arange(n_pos), hard, cross])
-    labels = torch.cat([torch.ones(n_pos), torch.zeros(len(hard) + len(cross))])
-    counts = {"positive": n_pos, "negative_same_image": len(hard), "negative_other_image": len(cross)}
-    return fa[keep], fb[keep], labels, counts
+    keep = torch.cat([torch.arange(n_pos), hard])
+    fa, fb = fa[keep], fb[keep]
+
+    # Across images: whatever the hard negatives leave.
+    n_cross = n_neg - len(hard) if num_images > 1 else 0
+    if n_cross:
+        img_a = torch.randint(0, num_images, (n_cross,), generator=generator)
+        img_b = (img_a + torch.randint(1, num_images, (n_cross,), generator=generator)) % num_images
+        fa_cross, fb_cross = pair_features([(img_a, *positions(img_a), img_b, *positions(img_b))])
+        fa, fb = torch.cat([fa, fa_cross]), torch.cat([fb, fb_cross])
+    if len(fa) == n_pos:
+        raise ConfigError(f"texture classifier: no negative pairs; give at least two images, or one at least "
+                          f"{3 * p} px wide")
+    labels = torch.cat([torch.ones(n_pos), torch.zeros(len(fa) - n_pos)])
+    counts = {"positive": n_pos, "negative_same_image": len(hard), "negative_other_image": n_cross}
+    return fa, fb, labels, counts
 
 
 def _fit(clf: TextureClassifier, fa: Tensor, fb: Tensor, labels: Tensor, cfg: ClassifierConfig,
          progress: bool) -> None:
-    """Full-batch L-BFGS on the logistic loss + ``weight_decay / 2 * ||w||^2`` (bias not penalised)."""
+    """Full-batch L-BFGS on the logistic loss + ``weight_decay / 2 * ||w||^2`` (bias not penalised).
+
+    The difference weights are fitted as ``-softplus(v)``, so they are never positive: a difference in a
+    feature can only speak against "same texture", which keeps each weight readable on its own (unconstrained,
+    correlated features such as the LBP bins, which sum to 1, trade weights of opposite signs).
+    """
     from tqdm import tqdm
 
+    za, zb = clf.standardize(fa), clf.standardize(fb)
+    diff, prod = (za - zb).abs(), za * zb  # (N, F) each: the pair encoding, computed once
+    raw_diff = torch.zeros_like(clf.weight_diff, requires_grad=True)
+    weight_prod = torch.zeros_like(clf.weight_prod, requires_grad=True)
+    bias = torch.zeros_like(clf.bias, requires_grad=True)
     optimizer = torch.optim.LBFGS(
-        [clf.weight_diff, clf.weight_prod, clf.bias], lr=cfg.lr, max_iter=cfg.steps, history_size=20,
+        [raw_diff, weight_prod, bias], lr=cfg.lr, max_iter=cfg.steps, history_size=20,
         line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12,
     )
     bar = tqdm(desc="fitting", total=cfg.steps, disable=not progress, leave=False)
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(clf.pair_logits(fa, fb), labels)
-        loss = loss + 0.5 * cfg.weight_decay * (clf.weight_diff.square().sum() + clf.weight_prod.square().sum())
+        weight_diff = -F.softplus(raw_diff)
+        logits = diff @ weight_diff + prod @ weight_prod + bias
+        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        loss = loss + 0.5 * cfg.weight_decay * (weight_diff.square().sum() + weight_prod.square().sum())
         loss.backward()
         bar.update(1)
         return loss
 
     optimizer.step(closure)
     bar.close()
+    with torch.no_grad():
+        clf.weight_diff.copy_(-F.softplus(raw_diff))
+        clf.weight_prod.copy_(weight_prod)
+        clf.bias.copy_(bias)
 
 
 def _scores(clf: TextureClassifier, fa: Tensor, fb: Tensor, labels: Tensor) -> tuple[float, float]:
