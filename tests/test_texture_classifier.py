@@ -233,3 +233,29 @@ def test_skimage_train_reaches_a_sensible_auc():
     clf, report = train_texture_classifier(load_training_images("skimage:train"), 16, ClassifierConfig(),
                                            progress=False)
     assert report["roc_auc"] > 0.9 and report["accuracy"] > 0.8
+
+
+def test_training_images_are_capped_spread_and_cropped(tmp_path, generator):
+    from xswinir.texture.training import MAX_IMAGE_SIDE, load_training_images
+
+    for i in range(5):
+        write_image(tmp_path / f"{i}.png", torch.full((3, 24, 40), i / 10))
+    write_image(tmp_path / "5.png", torch.rand(1, 20, MAX_IMAGE_SIDE + 30, generator=generator))
+    images = load_training_images(str(tmp_path), max_images=3)
+    assert [round(img.mean().item(), 2) for img in images[:2]] == [0.0, 0.2]  # files 0, 2, 4 of 6
+    assert len(images) == 3 and all(img.shape[0] == 3 for img in images)
+    assert load_training_images(str(tmp_path), max_images=10)[-1].shape == (3, 20, MAX_IMAGE_SIDE)
+    assert len(load_training_images(str(tmp_path))) == 6
+
+
+def test_ensure_reads_parquet_shards(textures, tmp_path):
+    from xswinir.shards import pack_images
+
+    images = tmp_path / "images"
+    for i, image in enumerate(textures):
+        write_image(images / f"{i}.png", image)
+    pack_images(images, tmp_path / "shards")
+    cfg = apply_overrides(Config(), {"data.train": str(tmp_path / "shards"), "texture.classifier.num_pairs": 64,
+                                     "texture.classifier.steps": 10})
+    folder = ensure_texture_classifier(cfg, tmp_path / "cache")
+    assert load_texture_classifier(folder).report["num_images"] == 2

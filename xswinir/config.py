@@ -183,6 +183,7 @@ class ClassifierConfig:
     scales: tuple[int, ...] = (1, 2, 4)  # filter-bank scales, in pixels
     num_orientations: int = 4
     num_pairs: int = 8192  # training pairs, half positive
+    max_images: int = 64  # evenly spaced images of the source, each centre-cropped to at most 512 x 512
     hard_negative_fraction: float = 0.5  # of the negatives: far-apart windows of one image, not two images
     hard_negative_quantile: float = 0.9  # such a pair must differ more than this quantile of positive pairs
     holdout_fraction: float = 0.2
@@ -197,9 +198,9 @@ class ClassifierConfig:
         for name in ("hard_negative_fraction", "hard_negative_quantile"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"texture.classifier.{name} must lie in [0, 1], got {getattr(self, name)}")
-        if self.num_pairs < 16 or self.steps < 1 or self.num_orientations < 1 or not self.scales:
-            raise ConfigError("texture.classifier needs num_pairs >= 16, steps >= 1, num_orientations >= 1 and "
-                              "at least one scale")
+        if self.num_pairs < 16 or self.steps < 1 or self.num_orientations < 1 or not self.scales or self.max_images < 1:
+            raise ConfigError("texture.classifier needs num_pairs >= 16, steps >= 1, num_orientations >= 1, "
+                              "max_images >= 1 and at least one scale")
         if any(s < 1 for s in self.scales) or self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError("texture.classifier.scales must be positive, lr > 0 and weight_decay >= 0")
 

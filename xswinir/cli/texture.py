@@ -48,7 +48,7 @@ def _train(args: argparse.Namespace) -> int:
     p = args.patch_size or cfg.texture.patch_size
     source = args.images or cfg.data.train
     out = Path(args.out or f"outputs/texture_p{p}")
-    images = load_training_images(source)
+    images = load_training_images(source, cfg.texture.classifier.max_images)
     clf, report = train_texture_classifier(images, p, cfg.texture.classifier, progress=not args.no_progress)
     print(f"texture classifier p={p} on {source}: {report['num_images']} images, {report['num_features']} features, "
           f"{report['num_parameters']} weights, {report['seconds']:.1f} s")

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from xswinir.config import ClassifierConfig, Config, ConfigError
 from xswinir.errors import UserError
+from xswinir.images import resolve_image_files
 from xswinir.texture.classifier import (
     META_FILE,
     WEIGHTS_FILE,
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 BRIGHTNESS_JITTER = 0.05  # +- added to the second window, on the [0, 1] scale
 CONTRAST_JITTER = 0.1  # the second window's contrast about its mean is scaled by 1 +- this
 FEATURE_CHUNK = 2048  # windows per feature batch: bounds memory at about 60 MB for p = 16
+MAX_IMAGE_SIDE = 512  # training images are centre-cropped to this: windows are local, memory is not
 
 
 def _uniform(n: int, high: Tensor, generator: torch.Generator) -> Tensor:
@@ -284,9 +286,12 @@ def train_texture_classifier(images: list[Tensor], patch_size: int, cfg: Classif
 
 
 def _source_key(source: str) -> list[list[Any]]:
-    """What identifies the training images: names and sizes of the files a source resolves to."""
-    from xswinir.images import resolve_image_files
+    """What identifies the training images: paths and byte sizes of the files (or shards) a source names."""
+    from xswinir.shards import is_shard_source, shard_files
 
+    if is_shard_source(source):
+        fs, files = shard_files(source)
+        return [[info.path, info.size] for info in fs.get_file_info(files)]
     try:
         files = resolve_image_files(source)
     except FileNotFoundError as err:
@@ -294,15 +299,31 @@ def _source_key(source: str) -> list[list[Any]]:
     return [[str(f), f.stat().st_size] for f in files]
 
 
-def load_training_images(source: str) -> list[Tensor]:
-    """The images of a source (folder, file or ``skimage:...``) as (3, H, W) tensors in [0, 1]."""
-    from xswinir.images import read_image, resolve_image_files
+def load_training_images(source: str, max_images: int | None = None) -> list[Tensor]:
+    """The images of a source (folder, file, ``skimage:...`` or Parquet shards) as (3, H, W) in [0, 1].
 
-    try:
-        files = resolve_image_files(source)
-    except FileNotFoundError as err:
-        raise UserError(f"texture classifier training images: {err}") from err
-    return [read_image(f, channels=3) for f in files]
+    Args:
+        source: as ``data.train``.
+        max_images: keep this many, evenly spaced over the source, each centre-cropped to at most
+            ``MAX_IMAGE_SIDE`` per side (bounds memory for large datasets); None: all, uncropped.
+    """
+    from xswinir.data import open_images
+
+    images = open_images(source, channels=3)
+    count = len(images)
+    if max_images is None or count <= max_images:
+        indices = list(range(count))
+    else:
+        indices = sorted({int(i * count / max_images) for i in range(max_images)})
+    out = []
+    for i in indices:
+        image = images.load(i)
+        if max_images is not None:
+            h, w = image.shape[-2:]
+            top, left = max(0, (h - MAX_IMAGE_SIDE) // 2), max(0, (w - MAX_IMAGE_SIDE) // 2)
+            image = image[:, top:top + MAX_IMAGE_SIDE, left:left + MAX_IMAGE_SIDE].contiguous()
+        out.append(image)
+    return out
 
 
 def ensure_texture_classifier(cfg: Config, cache_dir: str | Path) -> Path:
@@ -330,7 +351,8 @@ def ensure_texture_classifier(cfg: Config, cache_dir: str | Path) -> Path:
     if (target / META_FILE).is_file() and (target / WEIGHTS_FILE).is_file():
         log.info("texture classifier: reusing %s", target)
         return target
-    clf, _ = train_texture_classifier(load_training_images(cfg.data.train), cfg.texture.patch_size, ccfg)
+    images = load_training_images(cfg.data.train, ccfg.max_images)
+    clf, _ = train_texture_classifier(images, cfg.texture.patch_size, ccfg)
     private = target.parent / f".{digest}.{os.getpid()}.tmp"
     save_texture_classifier(clf, private)
     (private / "key.json").write_text(json.dumps(key, indent=2) + "\n")
