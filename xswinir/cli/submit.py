@@ -17,6 +17,7 @@ import asyncio
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +169,6 @@ def follow_job(client, job_id: str) -> str:
     """Prints the job's logs until it ends; returns its final status (``SUCCEEDED``, ``FAILED``, ``STOPPED``)."""
     asyncio.run(_follow(client, job_id))
     # The log stream closes when the job ends; the status may lag the stream by a moment.
-    import time
-
     for _ in range(60):
         status = str(client.get_job_status(job_id).value)
         if status in _TERMINAL:
