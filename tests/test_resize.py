@@ -57,6 +57,18 @@ def test_round_intermediate_stays_on_8_bit_grid(generator: torch.Generator) -> N
     assert imresize(x, 2.0).dtype == torch.float32
 
 
+def test_size_argument(generator: torch.Generator) -> None:
+    x = torch.rand(2, 3, 64, 48, generator=generator)
+    torch.testing.assert_close(imresize(x, size=(16, 12)), imresize(x, 0.25))
+    torch.testing.assert_close(imresize(x, size=(64, 48)), x)  # scale 1: the cubic kernel interpolates
+    # Per-axis scales: halving only the height is the transpose of halving only the width.
+    out = imresize(x, size=(32, 48))
+    assert out.shape == (2, 3, 32, 48)
+    torch.testing.assert_close(out, imresize(x.transpose(-2, -1), size=(48, 32)).transpose(-2, -1))
+    with pytest.raises(ValueError, match="exactly one"):
+        imresize(x, 0.5, size=(32, 24))
+
+
 def test_modcrop() -> None:
     x = torch.zeros(2, 3, 17, 14)
     assert modcrop(x, 4).shape == (2, 3, 16, 12)

@@ -65,8 +65,9 @@ def _round_255(x: torch.Tensor) -> torch.Tensor:
     return torch.floor(x + 0.5).clamp_(0, 255)
 
 
-def imresize(x: torch.Tensor, scale: float, round_intermediate: bool = False, antialias: bool = True) -> torch.Tensor:
-    """MATLAB ``imresize(x, scale, 'bicubic')``.
+def imresize(x: torch.Tensor, scale: float | None = None, round_intermediate: bool = False, antialias: bool = True,
+             size: tuple[int, int] | None = None) -> torch.Tensor:
+    """MATLAB ``imresize(x, scale, 'bicubic')``, or ``imresize(x, [h w], 'bicubic')`` with ``size``.
 
     Args:
         x: ``(B, C, H, W)`` or ``(C, H, W)`` float in [0, 1], on any device.
@@ -76,12 +77,17 @@ def imresize(x: torch.Tensor, scale: float, round_intermediate: bool = False, an
             images; the input should then already lie on that grid. Without it nothing is rounded or
             clipped (bicubic overshoots slightly outside [0, 1]).
         antialias: widen the kernel when down-scaling (MATLAB's default).
+        size: output ``(height, width)`` instead of ``scale``; each axis then has its own scale, as MATLAB.
 
     Returns:
         The resized tensor, same layout, dtype and device as ``x``.
     """
-    if scale <= 0:
+    if (scale is None) == (size is None):
+        raise ValueError("give exactly one of scale and size")
+    if scale is not None and scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
+    if size is not None and min(size) < 1:
+        raise ValueError(f"size must be positive, got {size}")
     squeeze = x.dim() == 3
     if squeeze:
         x = x.unsqueeze(0)
@@ -93,9 +99,12 @@ def imresize(x: torch.Tensor, scale: float, round_intermediate: bool = False, an
     if x.device.type == "mps":
         dtype = torch.float32
     h, w = x.shape[-2:]
-    out_h, out_w = output_size(h, scale), output_size(w, scale)
-    weight_h = _weights(h, out_h, float(scale), antialias, x.device, dtype)  # (out_h, h)
-    weight_w = _weights(w, out_w, float(scale), antialias, x.device, dtype)  # (out_w, w)
+    if size is not None:
+        (out_h, out_w), scale_h, scale_w = size, size[0] / h, size[1] / w
+    else:
+        out_h, out_w, scale_h, scale_w = output_size(h, scale), output_size(w, scale), scale, scale
+    weight_h = _weights(h, out_h, float(scale_h), antialias, x.device, dtype)  # (out_h, h)
+    weight_w = _weights(w, out_w, float(scale_w), antialias, x.device, dtype)  # (out_w, w)
     y = x.to(dtype)
     if round_intermediate:
         y = _round_255(y * 255)
