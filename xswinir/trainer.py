@@ -362,11 +362,15 @@ def build_trainer(cfg: Config, callbacks: list | None = None, classifier: dict[s
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    datasets = None
     from xswinir.shards import is_shard_source, read_shards
 
+    datasets, dataset_config = None, None
     if is_shard_source(cfg.data.train):
+        from ray.data import ExecutionOptions
+
         datasets = {"train": read_shards(cfg.data.train)}
+        # A resumed run skips the rows it has already seen: only exact when Ray Data keeps the row order.
+        dataset_config = ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "classifier": classifier, "log_dir": str(log_dir(cfg.run))},
@@ -385,6 +389,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None, classifier: dict[s
             else None,
         ),
         datasets=datasets,
+        dataset_config=dataset_config,
     )
 
 

@@ -143,3 +143,19 @@ def test_cli_refuses_bad_configs_before_starting(tmp_path, capsys):
     assert "model.upsampler must be one of" in capsys.readouterr().err
     assert main(["train", "--config", "demo", "--num-workers", "3"]) == 2  # batch 8 does not split over 3
     assert "split evenly" in capsys.readouterr().err
+
+
+def test_trains_from_parquet_shards_through_ray_data(ray_local, tmp_path):
+    from xswinir.images import read_image, resolve_image_files, write_image
+    from xswinir.shards import pack_images
+    from xswinir.trainer import fit
+
+    folder = tmp_path / "hr"
+    for path in resolve_image_files("skimage:astronaut,coffee,brick"):
+        write_image(folder / f"{path.stem}.png", read_image(path)[:, :96, :96])
+    pack_images(folder, tmp_path / "shards", progress=False)
+    cfg = tiny_config(tmp_path, f"data.train={tmp_path / 'shards'}", "train.total_steps=2", "train.val_every=2",
+                      "loss.texture_weight=0.1", "run.cpus_per_worker=0.5")
+    result = fit(cfg)
+    assert result.metrics["step"] == 2
+    assert result.metrics[VAL_PSNR_Y] > 10

@@ -71,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
     print("\n[3/3] explanation picture")
     classifier = load_texture_classifier(checkpoint / CLASSIFIER_DIR)
     hr = read_image(resolve_image_files(cfg.data.val)[0], channels=cfg.model.in_chans)
-    picture = explain(model, classifier, hr, cfg, out / "explain.png", seed=0)
+    explanation = explain(model, classifier, hr, cfg, seed=0, out=out / "explain.png", html=True,
+                          tile=cfg.data.val_tile)
+    picture = explanation.png
 
     print("\noutputs:")
     print(f"  checkpoint        {checkpoint}")
