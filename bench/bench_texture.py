@@ -117,8 +117,14 @@ def main() -> None:
     for name in losses:
         rows.append({"case": f"swinir-s-x2 train step, {name}", "shape": shape, "ms": 1e3 * times[name],
                      "ratio": times[name] / base})
-    rows.append({"case": "loss alone (search + solve + dist), lambda=0.1", "shape": shape,
-                 "ms": 1e3 * loss_times["lambda=0.1"], "ratio": loss_times["lambda=0.1"] / base})
+    for name in losses:
+        rows.append({"case": f"loss alone, {name}", "shape": shape, "ms": 1e3 * loss_times[name],
+                     "ratio": loss_times[name] / base})
+    # On a busy machine whole steps vary by more than the term costs; the loss-only difference, measured with
+    # 3x the repeats, is the term's own work (its backward is one element-wise op) and is steadier.
+    extra = loss_times["lambda=0.1"] - loss_times["lambda=0"]
+    rows.append({"case": "step with lambda=0.1, estimated: step(0) + loss difference", "shape": shape,
+                 "ms": 1e3 * (base + extra), "ratio": (base + extra) / base})
 
     # (b) One tile, one size x size region: batched search against the per-window loop.
     region1 = crops(size, 1, g).to(device)
@@ -139,10 +145,13 @@ def main() -> None:
     print_table(rows, f"texture term cost on {device} ({torch.get_num_threads()} threads); ratio: to the first "
                       "row in (a), to 'batched' in (b)")
     overhead = times["lambda=0.1"] / base - 1
+    estimated = extra / base
     speedup = t["per-window loop"] / t["batched"]
-    print(f"\ntexture term adds {100 * overhead:.1f} % to the training step (goal <= 15 %); "
-          f"batched search is {speedup:.0f}x faster than the per-window loop")
-    write_json(args.json, "bench_texture", rows, quick=args.quick, step_overhead=overhead, search_speedup=speedup)
+    print(f"\ntexture term adds {100 * overhead:.1f} % to the training step as measured, {100 * estimated:.1f} % "
+          f"from the loss-only difference (goal <= 15 %); batched search is {speedup:.0f}x faster than the "
+          "per-window loop")
+    write_json(args.json, "bench_texture", rows, quick=args.quick, step_overhead=overhead,
+               step_overhead_estimated=estimated, search_speedup=speedup)
 
 
 if __name__ == "__main__":
