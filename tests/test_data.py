@@ -17,10 +17,10 @@ from xswinir.data import (
     build_train_batches,
     collate,
     load_val_images,
-    modcrop,
 )
 from xswinir.errors import UserError
 from xswinir.images import read_image
+from xswinir.resize import modcrop
 
 
 def _write_png(path, h, w, seed, mode="RGB"):

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from xswinir.config import Config, ConfigError
 from xswinir.errors import UserError
 from xswinir.images import ImageReadError, read_image, resolve_image_files
+from xswinir.resize import modcrop
 
 log = logging.getLogger(__name__)
 
@@ -329,12 +330,6 @@ def build_train_batches(cfg: Config, rank: int, world_size: int, start_step: int
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
     return iter(loader)
-
-
-def modcrop(image: Tensor, scale: int) -> Tensor:
-    """Crops ``(C, H, W)`` to the largest multiple of ``scale`` in H and W (top-left kept)."""
-    _, H, W = image.shape
-    return image[:, :H - H % scale, :W - W % scale]
 
 
 def load_val_images(cfg: Config) -> list[tuple[str, Tensor]]:
