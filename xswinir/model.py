@@ -219,13 +219,43 @@ class WindowAttention(nn.Module):
         batch = qkv.shape[0]
         n = self.window_size**2
         heads, head_dim = self.num_heads, self.dim // self.num_heads
-        # (3, B, nW, heads, N, d): strided views, SDPA reads them without a copy.
+        # (3, B, nW, heads, N, d): strided views of qkv, no copy.
         q, k, v = qkv.view(batch, num_windows, n, 3, heads, head_dim).permute(3, 0, 1, 4, 2, 5).unbind(0)
-        bias = self.relative_position_bias_table[rel_index].view(n, n, heads).permute(2, 0, 1)  # (heads, N, N)
+        # Gathered straight into (heads, N*N): SDPA's fused CPU kernel needs a mask with unit last stride.
+        bias = self.relative_position_bias_table.t().index_select(1, rel_index).view(heads, n, n)
         bias = bias.to(q.dtype)  # autocast gives bf16 q while the table stays float32
         attn_mask = bias if mask is None else bias + mask  # (heads, N, N) or (nW, heads, N, N)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nW, heads, N, d)
+        x = window_attention(q, k, v, attn_mask)  # (B, nW, heads, N, d)
         return x.transpose(2, 3).reshape(batch, num_windows * n, self.dim)
+
+
+def window_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(d) + attn_mask) v for a batch of windows.
+
+    Args:
+        q, k, v: ``(B, nW, heads, N, d)``.
+        attn_mask: ``(heads, N, N)`` or ``(nW, heads, N, N)`` float, added to the scores.
+
+    Returns:
+        ``(B, nW, heads, N, d)``.
+    """
+    batch, num_windows, heads, n, head_dim = q.shape
+    if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or attn_mask.requires_grad):
+        # SDPA's CPU kernels take no gradient for attn_mask, so training on CPU falls back to SDPA's math
+        # path, which spends ~10% of a step on its "safe softmax" checks (measured with torch.profiler);
+        # the same math written out, with the bias added in place, is what SDPA would do minus those checks.
+        scores = torch.matmul(q * head_dim**-0.5, k.transpose(-2, -1))  # (B, nW, heads, N, N)
+        scores += attn_mask
+        return torch.matmul(scores.softmax(-1), v)
+    if attn_mask.dim() == 3:
+        attn_mask = attn_mask.unsqueeze(0)  # a 3-D mask sends SDPA on CPU to its slow math path
+    elif batch > 1:
+        attn_mask = attn_mask.expand(batch, -1, -1, -1, -1).reshape(batch * num_windows, heads, n, n)
+    # Fused kernels want 4-D inputs; merging B and nW of these strided views is free.
+    x = F.scaled_dot_product_attention(q.reshape(batch * num_windows, heads, n, head_dim),
+                                       k.reshape(batch * num_windows, heads, n, head_dim),
+                                       v.reshape(batch * num_windows, heads, n, head_dim), attn_mask=attn_mask)
+    return x.view(batch, num_windows, heads, n, head_dim)
 
 
 class SwinTransformerBlock(nn.Module):
