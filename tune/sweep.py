@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -538,6 +539,9 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, callbacks: list | None =
     if not resume and can_restore:
         raise UserError(f"sweep '{sweep.name}' already exists in {sweep.storage}: pass --resume to continue it, "
                         "or choose another name")
+    # Concurrent trials start their Train workers (each importing torch) at the same moment; on a small,
+    # busy machine that overruns Ray Train's default 60 s and the trial fails. Inherited by a local cluster.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
     init_ray(dataclasses.replace(base.run, address=sweep.address))
     trainable = tune.with_resources(
         tune.with_parameters(
