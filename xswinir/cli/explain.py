@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
         if not (checkpoint / CLASSIFIER_DIR).is_dir():
             raise ExplainError(f"{checkpoint} holds no texture classifier; pass --classifier FOLDER")
         classifier_path = checkpoint / CLASSIFIER_DIR
-    hr = read_image(args.image)
     model, model_cfg = load_model(checkpoint, preset=args.preset)
+    hr = read_image(args.image, channels=model_cfg.in_chans)
     classifier = load_texture_classifier(classifier_path)
 
     # A training checkpoint carries its config: its texture search settings are what the loss used.
