@@ -24,7 +24,7 @@ TINY = [
     "model.depths=[1]", "model.num_heads=[2]", "model.embed_dim=12", "model.window_size=4",
     "data.gt_size=32", "data.loader_workers=0", "data.val=skimage:coins", "texture.patch_size=16",
     "texture.region_size=64", "texture.classifier.num_pairs=512", "texture.classifier.steps=50",
-    "train.batch_size=4", "train.log_every=2", "run.progress=false",
+    "train.batch_size=4", "train.log_every=2", "run.progress=false", "run.cpus_per_worker=1",
 ]
 
 
