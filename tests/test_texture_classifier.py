@@ -117,6 +117,14 @@ def test_training_is_deterministic_for_a_seed(textures):
     assert not torch.equal(clf.weight_diff, other.weight_diff)
 
 
+def test_features_constant_in_the_data_get_zero_weights(textures):
+    gray = [t.mean(0, keepdim=True) for t in textures]  # no colour: the chroma features are constant
+    clf, _ = train_texture_classifier(gray, P, dataclasses.replace(TINY, num_pairs=96, steps=20), progress=False)
+    chroma = [i for i, n in enumerate(clf.feature_names) if n.startswith("chroma")]
+    assert torch.all(clf.weight_diff[chroma] == 0) and torch.all(clf.weight_prod[chroma] == 0)
+    assert torch.all(clf.feature_std[chroma] == 1)
+
+
 def test_weight_table_names_every_weight(trained):
     clf, _ = trained
     table = clf.weight_table()

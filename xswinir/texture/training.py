@@ -267,10 +267,15 @@ def train_texture_classifier(images: list[Tensor], patch_size: int, cfg: Classif
     test, train = order[:n_holdout], order[n_holdout:]
     train_features = torch.cat([fa[train], fb[train]])
     clf.feature_mean.copy_(train_features.mean(0))
-    # Constant features (colour of gray data) get std 1: they then contribute nothing, instead of inf.
+    # Constant features (colour of gray data) get std 1 instead of inf, and weights of exactly 0: the data
+    # says nothing about them, and the plot should not suggest otherwise.
     std = train_features.std(0)
-    clf.feature_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+    informative = std > 1e-6
+    clf.feature_std.copy_(torch.where(informative, std, torch.ones_like(std)))
     _fit(clf, fa[train], fb[train], labels[train], cfg, progress)
+    with torch.no_grad():
+        clf.weight_diff.masked_fill_(~informative, 0.0)
+        clf.weight_prod.masked_fill_(~informative, 0.0)
 
     accuracy, auc = _scores(clf, fa[test], fb[test], labels[test])
     train_accuracy, train_auc = _scores(clf, fa[train], fb[train], labels[train])
