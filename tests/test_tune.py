@@ -106,9 +106,9 @@ def test_table_says_whether_the_texture_term_helps():
     rows = [_row("t_00000", 0.0, 16, 30.0, 0), _row("t_00001", 0.1, 8, 30.5, 1), _row("t_00002", 0.5, 16, 29.0, 2)]
     table = format_table(rows, sweep)
     assert "t_00000 (baseline)" in table
-    assert "texture term helps" in table and "+0.5000" in table
+    assert "texture term beats the baseline" in table and "+0.5000" in table
     rows[1].best = 29.5
-    assert "does not help" in format_table(rows, sweep)
+    assert "does not beat the baseline" in format_table(rows, sweep)
 
 
 def test_importance_ranks_the_key_that_moves_the_metric():
