@@ -23,6 +23,7 @@ from xswinir.model import (
     pad_to_multiple,
     save_weights,
     shifted_window_mask,
+    window_attention,
     window_order,
 )
 
@@ -94,6 +95,21 @@ def test_shifted_window_mask_blocks_wrapped_tokens() -> None:
     assert mask.shape == (4, 1, 16, 16)
     assert (mask[0] == 0).all()  # the top-left window holds no wrapped tokens
     assert (mask[3] == -100).any() and (mask[3].diagonal(dim1=-2, dim2=-1) == 0).all()
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 16, 16), (3, 2, 16, 16)])
+def test_window_attention_paths_match_formula(mask_shape, generator) -> None:
+    """The fused SDPA path (no grad) and the written-out one (CPU training) against softmax(qk^T/sqrt(d)+m)v."""
+    q, k, v = (torch.randn(2, 3, 2, 16, 4, generator=generator) for _ in range(3))
+    mask = torch.randn(*mask_shape, generator=generator)
+    expected = torch.softmax(q @ k.transpose(-2, -1) / 2.0 + mask, dim=-1) @ v
+    with torch.no_grad():
+        torch.testing.assert_close(window_attention(q, k, v, mask), expected)
+    q.requires_grad_(True)
+    out = window_attention(q, k, v, mask)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
 def test_window_caches_are_reused_per_size(generator) -> None:
