@@ -234,6 +234,13 @@ def test_cli_train_then_show(textures, tmp_path, capsys):
     assert main(["texture", "show", str(out)]) == 2
 
 
+def test_too_small_patch_size_is_a_config_error(textures):
+    from xswinir.config import ConfigError
+
+    with pytest.raises(ConfigError, match="texture.classifier.scales"):
+        train_texture_classifier(textures, 8, TINY, progress=False)
+
+
 @pytest.mark.slow
 def test_skimage_train_reaches_a_sensible_auc():
     from xswinir.texture.training import load_training_images

@@ -104,3 +104,12 @@ def test_too_small_windows_raise(features):
         features.window_features(torch.rand(1, 3, 12, 40), 16, 4)
     with pytest.raises(ValueError, match="1 or 3"):
         features(torch.rand(1, 2, 16, 16))
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(features, generator):
+    images = torch.rand(2, 3, 40, 40, generator=generator)
+    expected = features.window_features(images, 16, 4)
+    got = features.to("cuda").window_features(images.cuda(), 16, 4).cpu()
+    features.to("cpu")
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3)

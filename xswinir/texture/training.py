@@ -252,7 +252,8 @@ def train_texture_classifier(images: list[Tensor], patch_size: int, cfg: Classif
     try:
         clf = TextureClassifier(patch_size, cfg.scales, cfg.num_orientations)
     except ValueError as err:
-        raise ConfigError(f"texture classifier: {err}") from err
+        raise ConfigError(f"texture classifier: {err}; use a larger texture.patch_size or smaller "
+                          "texture.classifier.scales") from err
     usable = [img.float().expand(3, -1, -1) if img.shape[0] == 1 else img.float()
               for img in images if min(img.shape[-2:]) >= patch_size]
     if not usable:
