@@ -7,8 +7,9 @@ a ``TorchTrainer`` to the ``Tuner`` is refused under V2). The trainable itself a
 CPUs go to the Train workers.
 
 The λ = 0 baseline. ``loss.texture_weight`` is searched log-uniformly, and 0 lies outside that domain.
-Enqueuing λ = 0 in Optuna (``points_to_evaluate``) would make Optuna warn and keep the out-of-range value,
-and TPE would then take log(0) of it for every later proposal. So the baseline never reaches Optuna:
+Enqueuing λ = 0 in Optuna (``OptunaSearch(points_to_evaluate=...)``) fails at the first suggestion (Optuna
+5.0: "`0.0` is invalid value for the case log=True"); a searched on/off switch instead would let TPE spend
+trials on repeated baselines. So the baseline never reaches Optuna:
 :class:`BaselineFirst` hands out the baseline as the sweep's first trial and forwards only the other trials
 to ``OptunaSearch``, whose TPE model thus sees only the domain it samples. The baseline counts toward
 ``num_samples``; every sweep reports whether the texture term beats it.
