@@ -354,9 +354,9 @@ def write_trials_parquet(rows: list[TrialRow], sweep: SweepConfig, path: Path) -
 def param_importances(rows: list[TrialRow], space: dict[str, Domain], mode: str, seed: int) -> tuple[dict, str]:
     """Importance of each searched key for the metric, over the non-baseline trials.
 
-    Optuna's default evaluator (fANOVA) on a study rebuilt from the trials; it needs scikit-learn and a few
-    trials. Without them: |Spearman rank correlation| of each key (log scale for loguniform) with the metric,
-    normalised to sum 1.
+    Optuna's default evaluator (fANOVA, a random forest over the params) on a study rebuilt from the trials.
+    If that fails: |Spearman rank correlation| of each key (log scale for loguniform) with the metric,
+    normalised to sum 1. With a handful of trials either is a hint, not a measurement.
 
     Returns:
         Importances by key and the name of the method used.
@@ -377,7 +377,7 @@ def param_importances(rows: list[TrialRow], space: dict[str, Domain], mode: str,
             study.add_trial(optuna.trial.create_trial(params={k: r.params[k] for k in space}, distributions=dists,
                                                       value=r.best))
         return dict(optuna.importance.get_param_importances(study)), "Optuna fANOVA"
-    except Exception as err:  # ImportError without scikit-learn; fANOVA also fails on constant columns
+    except Exception as err:  # e.g. a domain Optuna's evaluator does not take
         log.debug("Optuna importance unavailable (%s); using rank correlation", err)
     from tune.search_space import numeric_position
 
