@@ -121,6 +121,23 @@ def test_importance_ranks_the_key_that_moves_the_metric():
     assert math.isclose(sum(importances.values()), 1.0, rel_tol=1e-6)
 
 
+def test_importance_falls_back_to_rank_correlation(monkeypatch):
+    import optuna
+
+    def unavailable(*args, **kwargs):
+        raise ImportError("no evaluator")
+
+    monkeypatch.setattr(optuna.importance, "get_param_importances", unavailable)
+    space = {TEXTURE_WEIGHT: Domain("loguniform", 0.01, 1.0), "train.lr": Domain("uniform", 1e-4, 1e-3)}
+    # PSNR rises monotonically with λ (|rho| = 1) and is unrelated to the learning rate's order.
+    pairs = [(0.01, 5e-4), (0.03, 2e-4), (0.1, 9e-4), (0.3, 4e-4), (1.0, 6e-4)]
+    rows = [_row(f"t_{i:05d}", lam, 16, 30.0 + i, i, lr) for i, (lam, lr) in enumerate(pairs)]
+    importances, method = param_importances(rows, space, "max", seed=0)
+    assert method == "|Spearman rank correlation|"
+    assert importances[TEXTURE_WEIGHT] > importances["train.lr"]
+    assert math.isclose(sum(importances.values()), 1.0, rel_tol=1e-6)
+
+
 # ----- real sweeps: Ray Tune + Optuna + Ray Train on 2 CPUs -----
 
 def _tiny_sweep(tmp_path, name: str, num_samples: int) -> SweepConfig:
