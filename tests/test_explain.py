@@ -93,6 +93,8 @@ def test_pick_tiles_prefers_texture(generator):
     tiles = pick_tiles(image, 16, 3)
     assert tiles.shape == (3, 2)
     assert not ((tiles[:, 0] >= 32) & (tiles[:, 1] >= 32)).any()  # never the flat quarter
+    small = pick_tiles(torch.rand(3, 32, 32, generator=generator), 16, 5)
+    assert len({tuple(t) for t in small.tolist()}) == len(small) == 4  # all four tiles, each once
 
 
 def test_bad_image_gives_a_clear_error(parts, tmp_path, capsys):

@@ -79,20 +79,21 @@ def texture_strength(image: Tensor, patch_size: int) -> Tensor:
 
 
 def pick_tiles(image: Tensor, patch_size: int, count: int) -> Tensor:
-    """The ``count`` tiles (on the p grid) with the strongest texture, not touching each other.
+    """The ``count`` tiles (on the p grid) with the strongest texture, spread apart where the image allows.
 
     Returns:
         (n, 2) long top/left in pixels, n <= count, strongest first.
     """
     strength = texture_strength(image, patch_size)
-    tw = strength.shape[1]
+    th, tw = strength.shape
+    order = strength.flatten().argsort(descending=True).tolist()  # a few hundred tiles, once per picture
     chosen: list[tuple[int, int]] = []
-    for flat in strength.flatten().argsort(descending=True).tolist():  # a few hundred tiles, once per picture
-        ty, tx = divmod(flat, tw)
-        if all(abs(ty - y) > 1 or abs(tx - x) > 1 for y, x in chosen):
-            chosen.append((ty, tx))
-        if len(chosen) == count:
-            break
+    # Spread the tiles over the picture; if that leaves too few, accept tiles not touching another, then any.
+    for gap in sorted({max(1, min(th, tw) // 6), 1, 0}, reverse=True):
+        for flat in order:
+            ty, tx = divmod(flat, tw)
+            if len(chosen) < count and all(abs(ty - y) > gap or abs(tx - x) > gap for y, x in chosen):
+                chosen.append((ty, tx))
     return torch.tensor(chosen, dtype=torch.long).reshape(-1, 2) * patch_size
 
 
