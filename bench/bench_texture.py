@@ -136,7 +136,7 @@ def main() -> None:
         "batched": lambda: texture_search(clf, tile, region1, offset1, stride=tex.stride, top_k=tex.top_k,
                                           min_score=tex.min_score, max_iou=tex.max_iou, ridge=tex.ridge),
     }
-    t = measure(fns, repeat=repeat, device=device)
+    t = measure(fns, repeat=max(repeat, 5), device=device)  # the batched call is short: more repeats
     n = ((size - p) // tex.stride + 1) ** 2
     for name in fns:
         rows.append({"case": f"search, {name}", "shape": f"1 tile {p}, region {size}, {n} windows",
