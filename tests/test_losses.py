@@ -309,3 +309,9 @@ def test_chunked_pair_scoring_gives_the_same_match(generator, monkeypatch):
     monkeypatch.setattr(losses, "_PAIR_ELEMENTS", 1000)  # forces chunks of a few tiles
     chunked = texture_search(MeanStdClassifier(8), gt, region, offset, stride=4, top_k=4, min_score=0.0)
     assert torch.equal(whole.boxes, chunked.boxes) and torch.equal(whole.target, chunked.target)
+
+
+@pytest.mark.parametrize("override", [{"texture.ridge": -1.0}, {"texture.min_score": 1.5}, {"texture.max_iou": 1.0}])
+def test_texture_settings_are_checked(override):
+    with pytest.raises(ConfigError, match="texture"):
+        apply_overrides(Config(), override)

@@ -223,6 +223,9 @@ class TextureConfig:
             raise ConfigError("texture.patch_size must be >= 4, texture.stride and texture.top_k >= 1")
         if not 0.0 <= self.max_iou < 1.0:
             raise ConfigError(f"texture.max_iou must lie in [0, 1), got {self.max_iou}")
+        if not 0.0 <= self.min_score <= 1.0 or self.ridge < 0:
+            raise ConfigError(f"texture.min_score must lie in [0, 1] and texture.ridge be >= 0, got "
+                              f"{self.min_score} and {self.ridge}")
 
 
 @dataclass
