@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from ray.tune.search import Searcher
 
 from tune.search_space import Domain, check_search_space, parse_search_space, to_optuna, to_tune
 from xswinir.config import Config, ConfigError, apply_overrides, load_config, resolve_config_path
@@ -179,52 +180,48 @@ def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def _make_searcher_class():
-    from ray.tune.search import Searcher
+class BaselineFirst(Searcher):
+    """Suggests ``baseline`` as the first trial, then defers to ``searcher``, which never hears of it.
 
-    class BaselineFirst(Searcher):
-        """Suggests ``baseline`` as the first trial, then defers to ``searcher``, which never hears of it.
+    See the module docstring for why the λ = 0 baseline must stay outside Optuna.
+    """
 
-        See the module docstring for why the λ = 0 baseline must stay outside Optuna.
-        """
+    def __init__(self, searcher: Searcher, baseline: dict[str, Any] | None):
+        self.searcher = searcher
+        self.baseline = baseline
+        self.baseline_trial: str | None = None
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
 
-        def __init__(self, searcher: Searcher, baseline: dict[str, Any] | None):
-            self.searcher = searcher
-            self.baseline = baseline
-            self.baseline_trial: str | None = None
-            super().__init__(metric=searcher.metric, mode=searcher.mode)
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        ok = self.searcher.set_search_properties(metric, mode, config, **spec)
+        self._metric, self._mode = self.searcher.metric, self.searcher.mode
+        return ok
 
-        def set_search_properties(self, metric, mode, config, **spec) -> bool:
-            ok = self.searcher.set_search_properties(metric, mode, config, **spec)
-            self._metric, self._mode = self.searcher.metric, self.searcher.mode
-            return ok
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        return False  # let ConcurrencyLimiter count the baseline too
 
-        def set_max_concurrency(self, max_concurrent: int) -> bool:
-            return False  # let ConcurrencyLimiter count the baseline too
+    def suggest(self, trial_id: str) -> dict | None:
+        if self.baseline is not None and self.baseline_trial is None:
+            self.baseline_trial = trial_id
+            return dict(self.baseline)
+        return self.searcher.suggest(trial_id)
 
-        def suggest(self, trial_id: str) -> dict | None:
-            if self.baseline is not None and self.baseline_trial is None:
-                self.baseline_trial = trial_id
-                return dict(self.baseline)
-            return self.searcher.suggest(trial_id)
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id != self.baseline_trial:
+            self.searcher.on_trial_result(trial_id, result)
 
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if trial_id != self.baseline_trial:
-                self.searcher.on_trial_result(trial_id, result)
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id != self.baseline_trial:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if trial_id != self.baseline_trial:
-                self.searcher.on_trial_complete(trial_id, result=result, error=error)
+    # Tune saves wrappers (objects with a `.searcher`) through get_state/set_state and the innermost
+    # searcher (Optuna's study) through its own save_to_dir.
+    def get_state(self) -> dict:
+        return {"baseline": self.baseline, "baseline_trial": self.baseline_trial}
 
-        # Tune saves wrappers (objects with a `.searcher`) through get_state/set_state and the innermost
-        # searcher (Optuna's study) through its own save_to_dir.
-        def get_state(self) -> dict:
-            return {"baseline": self.baseline, "baseline_trial": self.baseline_trial}
+    def set_state(self, state: dict) -> None:
+        self.baseline, self.baseline_trial = state["baseline"], state["baseline_trial"]
 
-        def set_state(self, state: dict) -> None:
-            self.baseline, self.baseline_trial = state["baseline"], state["baseline_trial"]
-
-    return BaselineFirst
 
 
 def build_search_alg(sweep: SweepConfig):
@@ -234,7 +231,7 @@ def build_search_alg(sweep: SweepConfig):
 
     optuna_search = OptunaSearch(space=to_tune(sweep.search), metric=sweep.metric, mode=sweep.mode, seed=sweep.seed)
     baseline = {TEXTURE_WEIGHT: 0.0} if sweep.baseline else None
-    return ConcurrencyLimiter(_make_searcher_class()(optuna_search, baseline), max_concurrent=sweep.max_concurrent)
+    return ConcurrencyLimiter(BaselineFirst(optuna_search, baseline), max_concurrent=sweep.max_concurrent)
 
 
 def _classifier_cache(sweep: SweepConfig) -> str:
