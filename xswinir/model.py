@@ -8,7 +8,8 @@ published checkpoints load as they are and give the same outputs.
 What differs from the official code, all without changing a result:
 
 * attention runs through ``F.scaled_dot_product_attention`` with the relative position bias (plus the
-  shifted-window mask) as its float ``attn_mask``;
+  shifted-window mask) as its float ``attn_mask`` (4-D, so that the fused kernels take it); only CPU
+  training writes the same math out, because SDPA has no fused CPU kernel with a gradient for the mask;
 * the token order of the (shifted) windows is one cached index, so cyclic shift + window partition is a
   single gather, and its reverse another one; norms and linear layers run before/after that gather,
   where they act on tokens in any order;
