@@ -41,6 +41,8 @@ def _extra_args() -> argparse.Namespace:
     parser.add_argument("--original", type=Path, default=None,
                         help="folder with the official network_swinir.py to compare against")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA); outputs are then not compared")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads; 1 gives steadier numbers on a shared machine (default: torch's)")
     extra, rest = parser.parse_known_args()
     sys.argv = [sys.argv[0], *rest]
     return extra
@@ -99,7 +101,7 @@ def run_case(preset: str, mode: str, batch: int, side: int, device: torch.device
     max_diff = None
     if "official" in models:
         with torch.no_grad():
-            outs = [m.eval()(lq[:1]) for m in models.values()]
+            outs = [m.eval()(lq[:1].float()) for m in models.values()]
         max_diff = (outs[0] - outs[1]).abs().max().item()
         if max_diff > 1e-4:
             raise AssertionError(f"{preset}: ours and the official outputs differ by {max_diff:.3g} > 1e-4")
@@ -135,6 +137,8 @@ def main() -> None:
     extra = _extra_args()
     args = parse_args(__doc__.splitlines()[0], "bench/results/bench_model.json")
     device = torch.device(args.device)
+    if extra.threads:
+        torch.set_num_threads(extra.threads)
     original = _load_original(extra.original) if extra.original else None
     cases = QUICK_CASES if args.quick else FULL_CASES
     repeat = 3 if args.quick else 7
