@@ -315,3 +315,22 @@ def test_chunked_pair_scoring_gives_the_same_match(generator, monkeypatch):
 def test_texture_settings_are_checked(override):
     with pytest.raises(ConfigError, match="texture"):
         apply_overrides(Config(), override)
+
+
+@pytest.mark.gpu
+def test_loss_never_syncs_with_the_host_on_cuda(generator):
+    # The loss runs every step: a hidden .item() or a checked solve would stall the GPU pipeline.
+    gt = torch.rand(2, 3, 32, 32, generator=generator).cuda()
+    region = torch.rand(2, 3, 64, 64, generator=generator).cuda()
+    region[..., 16:48, 16:48] = gt
+    valid = torch.ones(2, 1, 64, 64, dtype=torch.bool, device="cuda")
+    offset = torch.full((2, 2), 16, device="cuda")
+    loss = CombinedLoss(real_classifier(16, region.cpu()), texture_weight=0.1).cuda()
+    sr = gt.clone().requires_grad_()
+    loss(sr, gt, region, offset, valid)  # warm-up: lazy CUDA initialisation may sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total, _ = loss(sr, gt, region, offset, valid)
+        total.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

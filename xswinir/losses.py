@@ -251,8 +251,8 @@ def texture_search(
         coefs = solve_coefficients(X, _tiles(gt, p), valid, ridge)
         target_tiles = (X @ coefs[..., None]).squeeze(-1)  # (B, T, C*p*p)
         target = _untile(target_tiles, C, p, th, tw, (H, W))
-        tile_ok = valid.any(-1).float().reshape(B, 1, th, tw)
-        mask = F.pad(tile_ok.repeat_interleave(p, 2).repeat_interleave(p, 3), (0, W - tw * p, 0, H - th * p)) > 0
+        tile_ok = valid.any(-1).float().reshape(B, 1, th, 1, tw, 1).expand(B, 1, th, p, tw, p)
+        mask = F.pad(tile_ok.reshape(B, 1, th * p, tw * p), (0, W - tw * p, 0, H - th * p)) > 0
 
     boxes = torch.stack((tops, lefts, tops + p, lefts + p), dim=-1)
     tile_boxes = torch.cat((tile_tl, tile_tl + p), dim=-1)
