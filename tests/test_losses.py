@@ -334,3 +334,13 @@ def test_loss_never_syncs_with_the_host_on_cuda(generator):
         total.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_mask_covers_explained_whole_tiles_only(generator):
+    gt = torch.rand(1, 3, 40, 36, generator=generator)
+    match = texture_search(MeanStdClassifier(16), gt, stride=4, top_k=2, min_score=0.0)
+    assert match.tiles == (2, 2) and match.valid.any(-1).all()
+    expected = torch.zeros(1, 1, 40, 36, dtype=torch.bool)
+    expected[..., :32, :32] = True
+    assert torch.equal(match.mask, expected)
+    assert (match.target[..., 32:, :] == 0).all() and (match.target[..., :, 32:] == 0).all()
