@@ -58,8 +58,8 @@ def test_overrides_parse_yaml_values():
     assert parse_override("train.lr=1e-4") == (["train", "lr"], 1e-4)
     assert parse_override("data.val_tile=null") == (["data", "val_tile"], None)
     assert parse_override("train.milestones=[1, 2]") == (["train", "milestones"], [1, 2])
-    cfg = apply_overrides(Config(), {"loss.texture_weight": 0.3, "texture.patch_size": 8})
-    assert cfg.loss.texture_weight == 0.3 and cfg.texture.patch_size == 8
+    cfg = apply_overrides(Config(), {"loss.texture_weight": 0.3, "texture.patch_size": 32})
+    assert cfg.loss.texture_weight == 0.3 and cfg.texture.patch_size == 32
 
 
 @pytest.mark.parametrize(
@@ -101,3 +101,10 @@ def test_config_fields_cover_nested_sections():
     for key in keys:  # every listed key can be overridden by itself
         section = key.split(".")[0]
         assert section in Config().to_dict()
+
+
+def test_texture_patch_must_hold_the_classifiers_widest_filter():
+    with pytest.raises(ConfigError, match="widest filter"):
+        load_config("demo", ["texture.patch_size=8"])
+    # With the texture term off the patch size is unused and not checked.
+    assert load_config("demo", ["texture.patch_size=8", "loss.texture_weight=0"]).texture.patch_size == 8

@@ -4,7 +4,7 @@ A sweep YAML names each searched value by its config key, exactly as ``--set`` d
 
     search:
       loss.texture_weight: {type: loguniform, low: 0.01, high: 1.0}
-      texture.patch_size: {type: choice, values: [8, 16]}
+      texture.patch_size: {type: choice, values: [16, 32]}
       train.lr: {type: loguniform, low: 1.0e-4, high: 2.0e-3}
       texture.top_k: {type: int, low: 2, high: 8}
 
@@ -62,7 +62,7 @@ class Domain:
 
 
 def parse_domain(key: str, spec: Any) -> Domain:
-    """A :class:`Domain` from its YAML mapping, e.g. ``{type: choice, values: [8, 16]}``."""
+    """A :class:`Domain` from its YAML mapping, e.g. ``{type: choice, values: [16, 32]}``."""
     if not isinstance(spec, dict):
         raise ConfigError(f"search.{key} must be a mapping like {{type: loguniform, low: 0.01, high: 1}}, got {spec!r}")
     unknown = set(spec) - {"type", "low", "high", "values"}

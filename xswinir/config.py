@@ -321,6 +321,12 @@ class Config:
             p = self.texture.patch_size
             if self.data.gt_size % p:
                 raise ConfigError(f"data.gt_size={self.data.gt_size} is not a multiple of texture.patch_size={p}")
+            smallest = 2 * max(self.texture.classifier.scales) + 1  # the widest texture filter
+            if p < smallest:
+                raise ConfigError(
+                    f"texture.patch_size={p} is smaller than the classifier's widest filter ({smallest} px for "
+                    f"texture.classifier.scales={self.texture.classifier.scales})"
+                )
             region = self.texture.region_size
             if region is not None and region < self.data.gt_size:
                 raise ConfigError(f"texture.region_size={region} is smaller than data.gt_size={self.data.gt_size}")

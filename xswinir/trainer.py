@@ -314,19 +314,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def init_ray(run: RunConfig) -> None:
-    """Starts a local single-node Ray (no address) or joins the cluster at ``run.address``."""
+    """Starts a local single-node Ray (no address) or joins the cluster at ``run.address``.
+
+    Inside a Ray Job, ``RAY_ADDRESS`` names the job's cluster: the run joins it, and passes no runtime
+    environment of its own, which would clash with the job's.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    address = run.address or os.environ.get("RAY_ADDRESS")
     try:
-        if run.address is None:
-            ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+        if address is None:
+            # "local" always starts a fresh instance, never a `ray start` cluster that happens to run here.
+            ray.init(address="local", runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
         else:
-            ray.init(address=run.address, runtime_env={"env_vars": env})
+            ray.init(address=address)
     except (ConnectionError, RuntimeError) as err:
-        raise UserError(f"cannot connect to the Ray cluster at {run.address}: {err}") from err
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {err}") from err
 
 
 def storage_path(run: RunConfig) -> str:
