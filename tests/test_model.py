@@ -240,3 +240,19 @@ def test_small_img_size_shrinks_window_like_official() -> None:
     assert model.window_size == 4 and model.shift == 0
     with torch.no_grad():
         assert model(torch.rand(1, 3, 6, 5)).shape == (1, 3, 12, 10)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_and_trains_in_bf16(generator) -> None:
+    model = build_swinir(tiny(depths=(2, 2), num_heads=(2, 2))).eval()
+    lq = torch.rand(2, 3, 13, 18, generator=generator)
+    with torch.no_grad():
+        ref = model(lq)
+        model = model.cuda()
+        out = model(lq.cuda())
+    torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=2e-3)  # cuDNN may use TF32 convolutions
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = (model(lq.cuda()) - 0.5).abs().mean()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
