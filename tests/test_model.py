@@ -126,6 +126,16 @@ def test_window_caches_are_reused_per_size(generator) -> None:
     assert other is not first and other.shift_mask.shape[0] == 24 and first.shift_mask.shape[0] == 16
 
 
+def test_window_cache_keeps_only_recent_sizes() -> None:
+    model = build_swinir(tiny())
+    cpu = torch.device("cpu")
+    first = model.window_context(4, 4, cpu, torch.float32)
+    for side in range(8, 48, 4):
+        model.window_context(side, 4, cpu, torch.float32)
+    assert len(model._contexts) == 8
+    assert model.window_context(4, 4, cpu, torch.float32) is not first  # evicted, rebuilt
+
+
 def test_model_has_no_size_dependent_state() -> None:
     keys = build_swinir(tiny()).state_dict()
     assert not [k for k in keys if k.endswith(("attn_mask", "relative_position_index", "mean"))]

@@ -47,6 +47,7 @@ ResiConnection = Literal["1conv", "3conv"]
 REBUILT_BUFFERS = ("attn_mask", "relative_position_index")
 _RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean, as the official code subtracts it
 _MASK_VALUE = -100.0  # the official code's value for "other region" in shifted windows (not -inf)
+_MAX_CACHED_SIZES = 8  # input sizes whose window layout stays cached
 _NUM_FEAT = 64  # channels of the reconstruction convs of the classical and real-world upsamplers
 
 
@@ -469,10 +470,13 @@ class SwinIR(nn.Module):
     def window_context(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> WindowContext:
         """The cached window layout of a padded ``(height, width)`` input; built on first use."""
         key = (height, width, device, dtype)
-        ctx = self._contexts.get(key)
+        ctx = self._contexts.pop(key, None)
         if ctx is None:
             ctx = build_window_context(height, width, self.window_size, self.shift, device, dtype)
-            self._contexts[key] = ctx
+        self._contexts[key] = ctx  # most recently used last
+        # A mask is nW * N^2 floats (64 MiB for a 512^2 input): keep only the latest few sizes.
+        while len(self._contexts) > _MAX_CACHED_SIZES:
+            self._contexts.pop(next(iter(self._contexts)))
         return ctx
 
     def _apply(self, fn: Any, recurse: bool = True) -> SwinIR:
