@@ -61,7 +61,9 @@ def test_bad_domains(spec, message):
 
 def test_domain_values_are_checked_against_the_config():
     base = load_config("demo")  # gt_size 64
-    check_search_space(base, parse_search_space({"texture.patch_size": {"type": "choice", "values": [8, 16]}}))
+    check_search_space(base, parse_search_space({"texture.patch_size": {"type": "choice", "values": [16, 32]}}))
+    with pytest.raises(ConfigError, match="widest filter"):
+        check_search_space(base, parse_search_space({"texture.patch_size": {"type": "choice", "values": [8, 16]}}))
     with pytest.raises(ConfigError, match="texture.patch_size=24"):
         check_search_space(base, parse_search_space({"texture.patch_size": {"type": "choice", "values": [16, 24]}}))
     with pytest.raises(ConfigError, match="train.batch_size"):
