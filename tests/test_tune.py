@@ -109,9 +109,19 @@ def test_table_says_whether_the_texture_term_helps():
     rows = [_row("t_00000", 0.0, 16, 30.0, 0), _row("t_00001", 0.1, 8, 30.5, 1), _row("t_00002", 0.5, 16, 29.0, 2)]
     table = format_table(rows, sweep)
     assert "t_00000 (baseline)" in table
-    assert "texture term beats the baseline" in table and "+0.5000" in table
-    rows[1].best = 29.5
+    assert "texture term beats the baseline at step 10" in table and "+0.5000" in table
+    rows[1].best, rows[1].history_metric = 29.5, [29.5]
     assert "does not beat the baseline" in format_table(rows, sweep)
+
+
+def test_baseline_comparison_uses_the_same_step_count():
+    sweep = SweepConfig(search={TEXTURE_WEIGHT: Domain("loguniform", 0.01, 1.0)})
+    base = _row("t_00000", 0.0, 16, 30.0, 0)
+    base.history_step, base.history_metric = [20, 40, 60], [18.0, 25.0, 30.0]
+    stopped = _row("t_00001", 0.1, 16, 18.5, 1)  # stopped by ASHA after its first validation
+    stopped.history_step, stopped.history_metric = [20], [18.5]
+    table = format_table([base, stopped], sweep)
+    assert "beats the baseline at step 20: 18.5000" in table and "vs λ=0 18.0000" in table
 
 
 def test_importance_ranks_the_key_that_moves_the_metric():
