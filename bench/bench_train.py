@@ -21,6 +21,7 @@ from bench.common import parse_args, print_table, write_json
 from xswinir.config import Config, apply_overrides, load_config
 
 OVERRIDES = {
+    "run.cpus_per_worker": 1.0,  # two 1-CPU workers fit on a 2-core machine
     "train.log_every": 10,
     "run.progress": False,
     "data.loader_workers": 0,
