@@ -30,11 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from ray.tune.search import Searcher
 
 from tune.search_space import Domain, check_search_space, parse_search_space, to_optuna, to_tune
-from xswinir.config import Config, ConfigError, apply_overrides, load_config, resolve_config_path
+from xswinir.config import Config, ConfigError, apply_overrides, load_config, read_yaml_mapping, resolve_config_path
 from xswinir.errors import UserError
 from xswinir.metrics import VAL_PSNR_Y
 
@@ -106,12 +105,7 @@ def load_sweep_config(path: str | Path, extra_overrides: list[str] | None = None
         ConfigError: unknown keys, bad domains, or domain values that make an invalid training config.
     """
     file = resolve_config_path(path)
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{file} is not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file} must hold a mapping")
+    data = read_yaml_mapping(file)
     unknown = set(data) - _SWEEP_KEYS
     if unknown:
         raise ConfigError(f"{file}: unknown sweep keys {sorted(unknown)}; known: {sorted(_SWEEP_KEYS)}")

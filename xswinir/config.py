@@ -532,15 +532,23 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config '{name_or_path}' is neither a file nor a shipped config ({', '.join(shipped)})")
 
 
+def read_yaml_mapping(path: Path, error: type[UserError] = ConfigError, what: str = "a mapping") -> dict[str, Any]:
+    """The mapping a YAML file holds (an empty file: ``{}``); ``error`` names the file otherwise."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise error(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold {what}")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file (a path or a shipped config's name) <- ``section.key=value`` overrides, validated."""
     cfg = Config()
     if path is not None:
         path = resolve_config_path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        data = read_yaml_mapping(path)
         try:
             cfg = Config.from_dict(data)
         except ConfigError as err:

@@ -105,19 +105,14 @@ def build_entrypoint(command: list[str], cwd: Path | None = None) -> tuple[str, 
 
 def load_runtime_env(path: str | None, working_dir: str) -> dict[str, Any]:
     """The runtime environment from the YAML file (if any) with ``working_dir`` set to an absolute path."""
-    import yaml
+    from xswinir.config import read_yaml_mapping
 
     env: dict[str, Any] = {}
     if path is not None:
         file = Path(path)
         if not file.is_file():
             raise SubmitError(f"runtime environment file {file} does not exist")
-        try:
-            env = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise SubmitError(f"{file} is not valid YAML: {err}") from err
-        if not isinstance(env, dict):
-            raise SubmitError(f"{file} must hold a mapping (working_dir, env_vars, excludes, ...)")
+        env = read_yaml_mapping(file, SubmitError, "a mapping (working_dir, env_vars, excludes, ...)")
     folder = Path(working_dir).expanduser().resolve()
     if not folder.is_dir():
         raise SubmitError(f"working directory {folder} does not exist")
