@@ -30,31 +30,19 @@ OVERRIDES = {
 
 
 def plain_pytorch_steps_per_s(cfg: Config, steps: int, warmup: int) -> float:
-    """The trainer's step function in a plain loop: same model, batches, degradations and loss, no Ray."""
+    """The trainer's own parts and step in a plain loop: same model, batches, degradations and loss, no Ray."""
     from xswinir.data import build_train_batches
-    from xswinir.degradations import build_degrader
-    from xswinir.losses import build_loss
-    from xswinir.model import build_swinir
     from xswinir.texture import load_texture_classifier
-    from xswinir.trainer import step_seed, train_step
+    from xswinir.trainer import build_training_parts, run_step
 
-    torch.manual_seed(cfg.train.seed)
-    model = build_swinir(cfg.model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     classifier = load_texture_classifier(cfg.texture.classifier.path) if cfg.loss.texture_weight > 0 else None
-    loss_fn = build_loss(cfg, classifier)
-    degrader = build_degrader(cfg.degradation, cfg.scale)
+    parts = build_training_parts(cfg, torch.device("cpu"), classifier)
     batches = build_train_batches(cfg, rank=0, world_size=1, start_step=0)
-    from timm.utils import ModelEmaV3
-
-    ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
     start = time.perf_counter()
     for step in range(warmup + steps):
         if step == warmup:
             start = time.perf_counter()
-        generator = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 0))
-        train_step(model, degrader, loss_fn, optimizer, next(batches), generator)
-        ema.update(model, step=step)
+        run_step(parts, parts.model, cfg.train, step, 0, next(batches))
     return steps / (time.perf_counter() - start)
 
 

@@ -161,12 +161,7 @@ def train_trial(config: dict[str, Any], base: dict[str, Any], train_storage: str
     # The trial id is stable across a sweep's restore, so a resumed trial continues its own Train run.
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(Config.from_dict(base), config, trial_id, train_storage)
-    if cfg.loss.texture_weight > 0 and cfg.texture.classifier.path is None:
-        from xswinir.texture import ensure_texture_classifier
-
-        path = ensure_texture_classifier(cfg, Path(classifier_cache))
-        cfg = apply_overrides(cfg, {"texture.classifier.path": str(path)})
-    fit(cfg, resume=run_exists(cfg.run), callbacks=[TuneReportCallback()])
+    fit(cfg, resume=run_exists(cfg.run), callbacks=[TuneReportCallback()], classifier_cache=Path(classifier_cache))
 
 
 def trial_dirname(trial) -> str:

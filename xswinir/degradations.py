@@ -250,9 +250,9 @@ class Degrader(nn.Module):
         gray = _chance(generator, B, self.noise_gray_prob, device)
         sigma = torch.where(apply, _uniform(generator, B, sigma_range, device), 0.0)
         if prob > 0:
-            color_noise = torch.randn(B, C, H, W, generator=generator, device=device)
-            gray_noise = torch.randn(B, 1, H, W, generator=generator, device=device).expand(B, C, H, W)
-            noise = _mask(gray, gray_noise, color_noise)
+            noise = torch.randn(B, C, H, W, generator=generator, device=device)
+            # Gray noise is the first channel's noise in every channel: one draw serves both kinds.
+            noise = _mask(gray, noise[:, :1].expand(B, C, H, W), noise)
             x = (x + noise * (sigma / 255.0).view(B, 1, 1, 1)).clamp(0.0, 1.0)
         return x, {f"{prefix}_sigma": sigma, f"{prefix}_gray": (gray & apply).float()}
 

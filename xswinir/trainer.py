@@ -98,6 +98,56 @@ def train_step(
 
 
 @dataclass
+class TrainingParts:
+    """Everything one worker trains with, built from the config."""
+
+    model: nn.Module
+    ema: Any  # timm.utils.ModelEmaV3
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    degrader: nn.Module
+
+
+def build_training_parts(cfg: Config, device: torch.device, classifier: nn.Module | None) -> TrainingParts:
+    """The model, its EMA, Adam, the combined loss and the degrader of a run, on ``device``."""
+    from timm.utils import ModelEmaV3
+
+    from xswinir.degradations import build_degrader
+    from xswinir.losses import build_loss
+    from xswinir.model import build_swinir
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_swinir(cfg.model).to(device)
+    return TrainingParts(
+        model=model,
+        ema=ModelEmaV3(model, decay=cfg.train.ema_decay),
+        optimizer=torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=cfg.train.betas,
+                                   weight_decay=cfg.train.weight_decay),
+        loss_fn=build_loss(cfg, classifier).to(device),
+        degrader=build_degrader(cfg.degradation, cfg.scale).to(device),
+    )
+
+
+def run_step(parts: TrainingParts, model: nn.Module, cfg: TrainConfig, step: int, rank: int,
+             batch: dict[str, torch.Tensor], autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Step ``step`` of the schedule: learning rate, degradation seed, :func:`train_step`, EMA update.
+
+    Args:
+        model: ``parts.model`` itself, or its DDP wrapper.
+        batch: already on the model's device.
+    """
+    lr = learning_rate(step, cfg)
+    for group in parts.optimizer.param_groups:
+        group["lr"] = lr
+    device = batch["gt"].device
+    generator = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, rank))
+    out = train_step(model, parts.degrader, parts.loss_fn, parts.optimizer, batch, generator, cfg.grad_clip,
+                     autocast_dtype)
+    parts.ema.update(parts.model, step=step)
+    return out
+
+
+@dataclass
 class ValidationSet:
     """Validation images and their fixed degraded inputs, made once per run."""
 
@@ -226,31 +276,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker function: builds everything from the config dict and trains."""
     import ray.train
     import ray.train.torch
-    from timm.utils import ModelEmaV3
 
-    from xswinir.degradations import build_degrader
-    from xswinir.losses import build_loss
     from xswinir.metrics import VAL_PSNR_Y
-    from xswinir.model import build_swinir
     from xswinir.training_log import MetricsWriter
 
     cfg = Config.from_dict(loop_config["config"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     per_worker_batch = cfg.train.batch_size // world_size
     if rank == 0:
         log.info("world size %d: batch %d per worker, %d in total", world_size, per_worker_batch,
                  cfg.train.batch_size)
 
-    model = build_swinir(cfg.model).to(device)
-    ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=cfg.train.betas,
-                                 weight_decay=cfg.train.weight_decay)
     classifier, classifier_dir = _classifier_from_payload(loop_config.get("classifier"), device)
-    loss_fn = build_loss(cfg, classifier).to(device)
-    degrader = build_degrader(cfg.degradation, cfg.scale).to(device)
+    parts = build_training_parts(cfg, device, classifier)
+    model, ema, optimizer = parts.model, parts.ema, parts.optimizer
 
     # [1] Resume from the latest checkpoint: after a worker failure, or a relaunch with the same name.
     start_step = 0
@@ -265,21 +306,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     batches = _train_batches(cfg, rank, world_size, start_step)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.bf16 else None
     writer = MetricsWriter(loop_config["log_dir"], start_step) if rank == 0 else None
-    val_set = build_validation_set(cfg, degrader, device) if rank == 0 else None
+    val_set = build_validation_set(cfg, parts.degrader, device) if rank == 0 else None
     failure_step = int(os.environ.get(FAILURE_ENV, "0"))
     failure_marker = Path(loop_config["log_dir"]) / ".failure_injected"
 
     window_start, window_steps = time.perf_counter(), 0
     sums: dict[str, torch.Tensor] = {}
     for step in range(start_step, cfg.train.total_steps):
-        lr = learning_rate(step, cfg.train)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-        generator = torch.Generator(device=device).manual_seed(step_seed(cfg.train.seed, step, rank))
-        out = train_step(ddp_model, degrader, loss_fn, optimizer, batch, generator, cfg.train.grad_clip,
-                         autocast_dtype)
-        ema.update(model, step=step)
+        out = run_step(parts, ddp_model, cfg.train, step, rank, batch, autocast_dtype)
         for key, value in out.items():
             sums[key] = sums.get(key, 0.0) + value
         window_steps += 1
@@ -293,7 +328,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             elapsed = time.perf_counter() - window_start
             # .item() syncs with the device: only on log steps.
             metrics = {f"train/{k}": (v / window_steps).item() for k, v in sums.items()}
-            metrics.update({"lr": lr, "steps_per_s": window_steps / max(elapsed, 1e-9)})
+            metrics.update({"lr": learning_rate(step, cfg.train), "steps_per_s": window_steps / max(elapsed, 1e-9)})
             writer.write(done, metrics)
             window_start, window_steps, sums = time.perf_counter(), 0, {}
 
@@ -349,14 +384,19 @@ def log_dir(run: RunConfig) -> Path:
     return Path(storage_path(run)) / run.name / "logs"
 
 
-def _classifier_payload(cfg: Config) -> tuple[Config, dict[str, bytes] | None]:
-    """Makes sure a classifier exists when the texture term is on, and packs its files for the workers."""
+def _classifier_payload(cfg: Config, cache: Path | None = None) -> tuple[Config, dict[str, bytes] | None]:
+    """Makes sure a classifier exists when the texture term is on, and packs its files for the workers.
+
+    Args:
+        cache: where classifiers trained on the fly are kept; None: ``<storage>/classifiers``.
+    """
     if cfg.loss.texture_weight <= 0:
         return cfg, None
     from xswinir.texture import ensure_texture_classifier
 
-    cache = Path(storage_path(cfg.run)) / "classifiers" if "://" not in cfg.run.storage else Path(
-        tempfile.gettempdir(), "xswinir_classifiers")
+    if cache is None:
+        cache = Path(storage_path(cfg.run)) / "classifiers" if "://" not in cfg.run.storage else Path(
+            tempfile.gettempdir(), "xswinir_classifiers")
     path = Path(ensure_texture_classifier(cfg, cache))
     cfg = apply_overrides(cfg, {"texture.classifier.path": str(path)})
     return cfg, {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
@@ -404,8 +444,11 @@ def run_exists(run: RunConfig) -> bool:
     return (Path(storage_path(run)) / run.name).is_dir() and any((Path(storage_path(run)) / run.name).iterdir())
 
 
-def fit(cfg: Config, resume: bool = False, callbacks: list | None = None):
+def fit(cfg: Config, resume: bool = False, callbacks: list | None = None, classifier_cache: Path | None = None):
     """Trains on Ray (local single-node when ``cfg.run.address`` is None) and returns the ``ray.train.Result``.
+
+    ``classifier_cache`` holds texture classifiers trained on the fly (default ``<storage>/classifiers``);
+    the trials of a sweep share one.
 
     Raises:
         UserError: the run exists and ``resume`` is False, or ``resume`` is True and there is nothing to
@@ -420,7 +463,7 @@ def fit(cfg: Config, resume: bool = False, callbacks: list | None = None):
         )
     if resume and "://" not in cfg.run.storage and not run_exists(cfg.run):
         raise UserError(f"nothing to resume: no run '{cfg.run.name}' in {storage_path(cfg.run)}")
-    cfg, classifier = _classifier_payload(cfg)
+    cfg, classifier = _classifier_payload(cfg, classifier_cache)
     log.info("config:\n%s", cfg.to_yaml())
     init_ray(cfg.run)
     trainer = build_trainer(cfg, callbacks, classifier)
