@@ -25,6 +25,7 @@ import yaml
 from xswinir.errors import UserError
 
 PixelLoss = Literal["l1", "l2", "charbonnier"]
+TextureForm = Literal["projection", "pull"]
 
 
 class ConfigError(UserError, ValueError):
@@ -184,6 +185,9 @@ class ClassifierConfig:
     num_orientations: int = 4
     num_pairs: int = 8192  # training pairs, half positive
     max_images: int = 64  # evenly spaced images of the source, each centre-cropped to at most 512 x 512
+    positive_max_shift: float = 2.0  # positives: a window within this many patch sizes that the search may pick
+    positive_min_correlation: float = 0.5  # |luma correlation| a positive pair must reach (0: any neighbour)
+    lq_query_fraction: float = 0.5  # pairs whose query window comes from the degraded image (LQ -> HR matching)
     hard_negative_fraction: float = 0.5  # of the negatives: far-apart windows of one image, not two images
     hard_negative_quantile: float = 0.9  # such a pair must differ more than this quantile of positive pairs
     holdout_fraction: float = 0.2
@@ -195,12 +199,16 @@ class ClassifierConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ConfigError(f"texture.classifier.holdout_fraction must lie in (0, 1), got {self.holdout_fraction}")
-        for name in ("hard_negative_fraction", "hard_negative_quantile"):
+        for name in ("hard_negative_fraction", "hard_negative_quantile", "lq_query_fraction",
+                     "positive_min_correlation"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"texture.classifier.{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.num_pairs < 16 or self.steps < 1 or self.num_orientations < 1 or not self.scales or self.max_images < 1:
             raise ConfigError("texture.classifier needs num_pairs >= 16, steps >= 1, num_orientations >= 1, "
                               "max_images >= 1 and at least one scale")
+        if self.positive_max_shift < 1:
+            raise ConfigError(f"texture.classifier.positive_max_shift must be >= 1 (patch sizes), got "
+                              f"{self.positive_max_shift}")
         if any(s < 1 for s in self.scales) or self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError("texture.classifier.scales must be positive, lr > 0 and weight_decay >= 0")
 
@@ -213,9 +221,12 @@ class TextureConfig:
     stride: int = 4  # between candidate windows
     top_k: int = 5
     min_score: float = 0.5  # candidates scoring below this are not used
-    max_iou: float = 0.1  # candidates overlapping the tile's own position more than this are excluded
+    max_iou: float = 0.0  # candidates overlapping the tile's own position more than this are excluded (0: none)
     ridge: float = 1e-3  # Tikhonov regularisation of the least-squares solve, relative to ||X||^2
     region_size: int | None = 128  # HR search region around each patch; None: the whole HR image
+    # Whose tiles the classifier compares with the HR windows: gt's own, or the degraded input up-sampled to
+    # the HR grid (the seed's "sub-images of the low-quality input"; what `explain --lq` has for a real photo).
+    query: Literal["gt", "lq"] = "gt"
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def __post_init__(self) -> None:
@@ -230,10 +241,12 @@ class TextureConfig:
 
 @dataclass
 class LossConfig:
-    """``L = pixel(sr, gt) + texture_weight * texture_dist(sr, X c*)``."""
+    """``L = pixel(sr, gt) + texture_weight * texture(sr, gt)``; the forms are explained in ``xswinir.losses``."""
 
     pixel: PixelLoss = "l1"
     texture_weight: float = 0.0  # lambda; 0 gives exactly the SwinIR loss and never loads the classifier
+    # projection: |P_X (sr - gt)|, 0 at sr = gt (consistent); pull: |sr - X c*|, the first form, kept to compare
+    texture_form: TextureForm = "projection"
     texture_dist: PixelLoss = "l1"
     charbonnier_eps: float = 1e-3
 

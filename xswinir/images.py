@@ -132,12 +132,15 @@ def resolve_image_files(source: str | Path) -> list[Path]:
 
     Args:
         source: an image file, a folder (searched recursively for image suffixes), or
-            ``skimage:NAME,...`` where a NAME is a key of ``SKIMAGE_FILES`` or of ``SKIMAGE_SETS``.
+            ``skimage:NAME,...`` where a NAME is a key of ``SKIMAGE_FILES`` or of ``SKIMAGE_SETS``; several
+            such sources joined by ``;`` (``T91;BSD200``) name all their files, in that order.
 
     Raises:
         FileNotFoundError: the source names nothing that exists.
     """
     text = str(source)
+    if ";" in text:
+        return [file for part in text.split(";") if part.strip() for file in resolve_image_files(part.strip())]
     if text.startswith("skimage:"):
         names: list[str] = []
         for name in filter(None, text[len("skimage:"):].split(",")):

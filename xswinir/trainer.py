@@ -85,7 +85,7 @@ def train_step(
     with torch.autocast(gt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         sr = model(lq)
     total, parts = loss_fn(
-        sr.float(), gt, batch.get("region"), batch.get("gt_offset"), batch.get("region_valid")
+        sr.float(), gt, batch.get("region"), batch.get("gt_offset"), batch.get("region_valid"), lq=lq
     )
     optimizer.zero_grad(set_to_none=True)
     total.backward()

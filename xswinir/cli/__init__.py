@@ -15,7 +15,7 @@ import sys
 from xswinir.errors import UserError
 
 # Order as shown in --help: the main job first.
-COMMANDS = ("demo", "train", "eval", "upscale", "explain", "texture", "pack", "tune", "submit")
+COMMANDS = ("demo", "train", "eval", "upscale", "explain", "texture", "pack", "tune", "study", "submit")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,19 +42,21 @@ def _print_weights(clf, limit: int | None) -> None:
 def _train(args: argparse.Namespace) -> int:
     from xswinir.config import load_config
     from xswinir.texture import plot_classifier_weights, save_texture_classifier, train_texture_classifier
-    from xswinir.texture.training import load_training_images
+    from xswinir.texture.training import load_training_images, run_degradation
 
     cfg = load_config(args.config, args.overrides)
     p = args.patch_size or cfg.texture.patch_size
     source = args.images or cfg.data.train
     out = Path(args.out or f"outputs/texture_p{p}")
     images = load_training_images(source, cfg.texture.classifier.max_images)
-    clf, report = train_texture_classifier(images, p, cfg.texture.classifier, progress=not args.no_progress)
+    clf, report = train_texture_classifier(images, p, cfg.texture.classifier, progress=not args.no_progress,
+                                           max_iou=cfg.texture.max_iou, degrade=run_degradation(cfg))
     print(f"texture classifier p={p} on {source}: {report['num_images']} images, {report['num_features']} features, "
           f"{report['num_parameters']} weights, {report['seconds']:.1f} s")
     print(f"pairs: {report['num_positive']} positive, {report['num_negative_other_image']} negative across images, "
           f"{report['num_negative_same_image']} negative within an image; {report['num_holdout_pairs']} held out")
-    print(f"held-out accuracy {report['accuracy']:.3f}  ROC AUC {report['roc_auc']:.3f}   "
+    lq = f", LQ queries {report['roc_auc_lq']:.3f}" if report.get("roc_auc_lq") is not None else ""
+    print(f"held-out ({report['holdout']}) accuracy {report['accuracy']:.3f}  ROC AUC {report['roc_auc']:.3f}{lq}   "
           f"(training pairs: {report['train_accuracy']:.3f} / {report['train_roc_auc']:.3f})")
     _print_weights(clf, TOP_FEATURES)
     save_texture_classifier(clf, out)

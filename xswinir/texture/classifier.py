@@ -5,7 +5,7 @@ regression on the symmetric pair encoding ``[|za - zb|, za * zb]``::
 
     logit(a, b) = bias + sum_f w_diff[f] * |za_f - zb_f| + w_prod[f] * za_f * zb_f
 
-so it has ``2F + 1`` weights (85 with the default 42 features), each tied to a named feature: a negative
+so it has ``2F + 1`` weights (113 with the default 56 features), each tied to a named feature: a negative
 ``w_diff[f]`` says "a difference in feature f speaks against the same texture", a positive ``w_prod[f]`` says
 "both windows being high (or both low) in f speaks for it". Swapping a and b gives the same logit exactly.
 
@@ -26,7 +26,7 @@ from xswinir.errors import UserError
 from xswinir.texture.features import TextureFeatures
 
 FORMAT = "xswinir-texture-classifier"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: texture-only features (no mean brightness or colour), signed ramps
 WEIGHTS_FILE = "classifier.safetensors"
 META_FILE = "classifier.json"
 

@@ -12,9 +12,21 @@ Features (42 with the defaults ``scales=(1, 2, 4)``, ``num_orientations=4``):
   oriented first derivative of Gaussian (sigma ``s / 2`` px, normalised to respond 1 to a unit ramp) of the
   luminance: how much structure there is at that scale and orientation.
 * ``contrast_laplacian_mean``: mean absolute 3 x 3 Laplacian of the luminance (fine-scale local contrast).
-* ``luma_mean`` / ``luma_std``: BT.601 luminance mean and spread.
-* ``chroma_cb_mean``, ``chroma_cb_std``, ``chroma_cr_mean``, ``chroma_cr_std``, ``chroma_magnitude_mean``:
-  colour (BT.601 Cb/Cr, 0 for gray); all 0 for single-channel input, so the vector length does not change.
+* ``luma_std``: BT.601 luminance spread (contrast).
+* ``chroma_cb_std``, ``chroma_cr_std``: spread of the colour (BT.601 Cb/Cr) inside the window, 0 for gray, so
+  single-channel input gives vectors of the same length.
+* ``ramp_x_mean`` / ``ramp_y_mean``: the *signed* mean slope of the luminance at the largest scale, left to right
+  and top to bottom: which way the window gets brighter. Two windows on the same shading or edge direction agree.
+
+* ``layout_r{r}c{c}`` (a ``layout_grid`` x ``layout_grid`` grid, 4 x 4 by default): how much brighter cell (r, c) of
+  the window is than the window's mean, in units of the window's luminance spread: a coarse, contrast-normalised
+  thumbnail of where the structure is. Through the classifier's product weights two windows whose thumbnails
+  agree score high: a low-resolution correlation, which survives blur and noise (the low-quality query side).
+
+No feature is a mean brightness or a mean colour: a texture is the same texture in shade and in light, and a
+classifier that matched colour would pick windows that fit a tile's mean, not its structure (measured: the
+first classifier, with luma and chroma means, ranked them first). Every feature is unchanged when a constant is
+added to the window.
 * ``lbp_ones{k}`` (k = 0..8) and ``lbp_nonuniform``: histogram of rotation-invariant uniform local binary
   patterns (8 neighbours at radius 1; a neighbour counts as "on" when it is brighter than the centre by more
   than ``lbp_threshold``). A uniform pattern (at most two on/off transitions around the circle) is binned by
@@ -33,6 +45,8 @@ from torch import Tensor, nn
 
 # Spreads are sqrt(E[x^2] - E[x]^2 + eps) - sqrt(eps): finite gradients also in flat windows.
 _STD_EPS = 1e-8
+# Layout cells are divided by the window's luma spread plus this, so that flat, noisy windows get no layout.
+_LAYOUT_SPREAD_FLOOR = 0.02
 # The 8 neighbours of the LBP in circular order (dy, dx), so that "transitions" are between adjacent ones.
 _LBP_NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1))
 _LBP_BINS = 10  # 0..8 "on" neighbours of a uniform pattern, plus one bin for non-uniform patterns
@@ -91,8 +105,9 @@ class TextureFeatures(nn.Module):
     """
 
     def __init__(self, scales: tuple[int, ...] = (1, 2, 4), num_orientations: int = 4,
-                 lbp_threshold: float = 0.01) -> None:
+                 lbp_threshold: float = 0.01, layout_grid: int = 4) -> None:
         super().__init__()
+        self.layout_grid = int(layout_grid)
         if not scales or any(s < 1 for s in scales) or num_orientations < 1:
             raise ValueError(f"scales {scales} must be positive integers and num_orientations >= 1")
         self.scales = tuple(int(s) for s in scales)
@@ -100,6 +115,7 @@ class TextureFeatures(nn.Module):
         self.lbp_threshold = float(lbp_threshold)
         for s in self.scales:
             self.register_buffer(f"kernels_s{s}", _oriented_kernels(s, num_orientations), persistent=False)
+        self.register_buffer("ramp_kernels", _oriented_kernels(max(self.scales), 2), persistent=False)
         laplacian = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
         self.register_buffer("laplacian", laplacian[None, None], persistent=False)
 
@@ -108,9 +124,9 @@ class TextureFeatures(nn.Module):
         for s in self.scales:
             for stat in ("mean", "std"):
                 names += [f"grad_energy_s{s}_o{d}_{stat}" for d in degrees]
-        names += ["contrast_laplacian_mean", "luma_mean", "luma_std"]
-        names += ["chroma_cb_mean", "chroma_cb_std", "chroma_cr_mean", "chroma_cr_std", "chroma_magnitude_mean"]
+        names += ["contrast_laplacian_mean", "luma_std", "chroma_cb_std", "chroma_cr_std", "ramp_x_mean", "ramp_y_mean"]
         names += [f"lbp_ones{k}" for k in range(9)] + ["lbp_nonuniform"]
+        names += [f"layout_r{r}c{c}" for r in range(self.layout_grid) for c in range(self.layout_grid)]
         self.feature_names: list[str] = names
 
     @property
@@ -175,19 +191,35 @@ class TextureFeatures(nn.Module):
             out.extend(_mean_and_std(energy, (ph - k, pw - k), stride))
         laplacian = F.conv2d(luma, self.laplacian.to(luma.dtype)).abs()  # (B, 1, H - 2, W - 2)
         out.append(_pool(laplacian, (ph - 2, pw - 2), stride))
-        out.extend(_mean_and_std(luma, (ph, pw), stride))
-
+        out.append(_mean_and_std(luma, (ph, pw), stride)[1])
         if chroma is not None:
-            magnitude = _soft_sqrt(chroma.square().sum(1, keepdim=True))
-            cb_mean, cb_std = _mean_and_std(chroma[:, :1], (ph, pw), stride)
-            cr_mean, cr_std = _mean_and_std(chroma[:, 1:], (ph, pw), stride)
-            out += [cb_mean, cb_std, cr_mean, cr_std, _pool(magnitude, (ph, pw), stride)]
+            out += [_mean_and_std(chroma[:, :1], (ph, pw), stride)[1], _mean_and_std(chroma[:, 1:], (ph, pw), stride)[1]]
         else:
             ref = out[-1]
-            out.append(ref.new_zeros(ref.shape[0], 5, *ref.shape[2:]))
+            out.append(ref.new_zeros(ref.shape[0], 2, *ref.shape[2:]))
+        k = 2 * max(self.scales)
+        ramps = F.conv2d(luma, self.ramp_kernels.to(luma.dtype))  # (B, 2, H - k, W - k), signed
+        out.append(_pool(ramps, (ph - k, pw - k), stride))
 
         out.append(_pool(self._lbp_onehot(luma), (ph - 2, pw - 2), stride))
+        if self.layout_grid:
+            out.append(self._layout(luma, (ph, pw), stride))
         return torch.cat(out, dim=1)
+
+    def _layout(self, luma: Tensor, window: tuple[int, int], stride: int) -> Tensor:
+        """(B, 1, H, W) -> (B, g*g, nh, nw): cell means minus the window mean, over the window's spread."""
+        g = self.layout_grid
+        ph, pw = window
+        ch, cw = ph // g, pw // g
+        mean, spread = _mean_and_std(luma, (ph, pw), stride)  # (B, 1, nh, nw)
+        nh, nw = mean.shape[-2:]
+        cells = F.avg_pool2d(luma, (ch, cw), stride=1)  # the mean of the cell starting at every pixel
+        out = []
+        for r in range(g):
+            for c in range(g):
+                top, left = r * ch, c * cw
+                out.append(cells[..., top:top + (nh - 1) * stride + 1:stride, left:left + (nw - 1) * stride + 1:stride])
+        return (torch.cat(out, dim=1) - mean) / (spread + _LAYOUT_SPREAD_FLOOR)
 
     def _lbp_onehot(self, luma: Tensor) -> Tensor:
         """(B, 1, H, W) -> (B, 10, H - 2, W - 2) one-hot rotation-invariant uniform LBP codes."""

@@ -1,24 +1,30 @@
-"""Training the linear texture classifier from HR images: pairs, features once, a full-batch logistic fit.
+"""Training the linear texture classifier from HR images: pairs drawn as the search uses them, a logistic fit.
 
-Pairs (``cfg.num_pairs``, half positive), all drawn from one seeded ``torch.Generator``:
+Pairs (``cfg.num_pairs``, half positive), all drawn from one seeded ``torch.Generator``, in the same geometry
+the texture search uses them (a tile and a candidate window that shares no more than ``max_iou`` of it):
 
-* positive: a window and a second window of the same image shifted by up to ``p / 2`` in each direction
-  (they overlap, so they show the same local texture, but not the same pixels);
-* negative, across images: windows of two different images;
-* negative, same image ("hard"): windows of one image at least ``2p`` apart, kept only if their features
-  differ more than the ``cfg.hard_negative_quantile`` quantile of the positive pairs' feature distances.
-  A whole image can be one texture (sky, grass, a brick wall); far windows that are as alike as neighbours
-  are not labelled "different" at all, instead of being labelled wrongly. ``cfg.hard_negative_fraction`` of
-  the negatives are of this kind (fewer when not enough qualify; windows of other images fill up).
+* positive: a window and a second window of the same image nearby (Chebyshev distance up to
+  ``cfg.positive_max_shift * p``) that overlaps the first no more than ``max_iou`` (the nearest candidates the
+  search may pick) and whose luma correlates with it at least ``cfg.positive_min_correlation`` (in absolute
+  value): a window that continues the tile's texture *and* can stand in for it in the least-squares fit;
+* negative, same image ("hard"): windows of one image farther apart than any positive, kept only if their
+  features differ more than the ``cfg.hard_negative_quantile`` quantile of the positive pairs' feature distances
+  (a whole image can be one texture: far windows that are as alike as neighbours are not labelled at all,
+  instead of being labelled wrongly); ``cfg.hard_negative_fraction`` of the negatives;
+* negative, across images: windows of two different images fill up the rest.
 
-The second window of *every* pair, negatives included, gets a random flip / 90-degree rotation and a small
-brightness (+-0.05) and contrast (x0.9..1.1) change, so that "was augmented" is no cue for the label and the
-classifier learns to ignore those changes.
+The query side of ``cfg.lq_query_fraction`` of the pairs comes from the *degraded* image (the run's degradation,
+up-sampled back to the HR grid), so that one classifier compares HR with HR and low-quality with HR (the seed's
+"sub-images of the low-quality input"). The second window of every pair gets a random flip / 90-degree
+rotation and a small brightness and contrast change, so that those are no cue for the label.
+
+The images are split **by image**: ``cfg.holdout_fraction`` of them (at least one) give the held-out pairs,
+drawn the same way, and the reported ROC AUC is on those, separately for HR and LQ queries. With fewer than
+four images the held-out pairs come from the training images instead (the report says ``holdout: pairs``).
 
 The features of all windows are computed once; a full-batch L-BFGS (``cfg.steps`` iterations, initial step
 ``cfg.lr``) then fits the ``2F + 1`` weights with an L2 penalty ``cfg.weight_decay`` on the feature
-weights, the difference weights constrained to be <= 0 (see ``_fit``). A held-out share of the pairs
-(``cfg.holdout_fraction``) gives the reported accuracy and ROC AUC.
+weights, the difference weights constrained to be <= 0 (see ``_fit``).
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,6 +48,7 @@ from xswinir.config import ClassifierConfig, Config, ConfigError
 from xswinir.errors import UserError
 from xswinir.images import resolve_image_files
 from xswinir.texture.classifier import (
+    FORMAT_VERSION,
     META_FILE,
     WEIGHTS_FILE,
     TextureClassifier,
@@ -74,19 +83,25 @@ def _crop(images: list[Tensor], index: Tensor, ys: Tensor, xs: Tensor, p: int) -
 
 
 def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Random dihedral transform, brightness and contrast per window of x (N, 3, p, p), in [0, 1]."""
+    """Random brightness and contrast per window of x (N, 3, p, p), in [0, 1].
+
+    No flips or rotations: the search rebuilds a tile from windows as they are, so a window is only a good
+    partner if its structure is laid out like the tile's (the layout features must be able to see that).
+    """
     n = len(x)
-    k = torch.randint(0, 4, (n,), generator=generator)
-    flip = torch.rand(n, generator=generator) < 0.5
     brightness = (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * BRIGHTNESS_JITTER
     contrast = 1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * CONTRAST_JITTER
-    out = x.clone()
-    for turns in range(1, 4):  # four batched cases, not a loop over windows
-        sel = k == turns
-        out[sel] = torch.rot90(x[sel], turns, dims=(-2, -1))
-    out = torch.where(flip[:, None, None, None], out.flip(-1), out)
-    mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    return ((out - mean) * contrast + mean + brightness).clamp(0.0, 1.0)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * contrast + mean + brightness).clamp(0.0, 1.0)
+
+
+def _correlation(a: Tensor, b: Tensor) -> Tensor:
+    """|normalised cross-correlation| of the luma of windows a and b (N, 3, p, p) -> (N,)."""
+    a = a.mean(1).flatten(1)
+    b = b.mean(1).flatten(1)
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    return ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-6)).abs()
 
 
 def _features(clf: TextureClassifier, windows: Tensor, progress: bool) -> Tensor:
@@ -120,45 +135,86 @@ def roc_auc(scores: Tensor, labels: Tensor) -> float:
     return float(u / (n_pos * n_neg))
 
 
-def _sample_pairs(images: list[Tensor], p: int, cfg: ClassifierConfig, clf: TextureClassifier,
-                  generator: torch.Generator, progress: bool) -> tuple[Tensor, Tensor, Tensor, dict[str, int]]:
-    """Draws the pairs and computes their features: fa, fb (N, F), labels (N,) and counts by kind."""
+def _overlap_iou(dy: Tensor, dx: Tensor, p: int) -> Tensor:
+    """IoU of two p x p boxes offset by (dy, dx) pixels."""
+    inter = ((p - dy.abs()).clamp_min(0) * (p - dx.abs()).clamp_min(0)).double()
+    return inter / (2 * p * p - inter)
+
+
+@dataclass
+class _Pairs:
+    """Features of drawn pairs: ``fa`` is the query side, ``fb`` the candidate side."""
+
+    fa: Tensor  # (N, F)
+    fb: Tensor  # (N, F)
+    labels: Tensor  # (N,) 1 = same texture
+    lq_query: Tensor  # (N,) bool, the query window came from the degraded image
+    counts: dict[str, int]
+
+
+def _sample_pairs(images: list[Tensor], lq_images: list[Tensor] | None, num_pairs: int, p: int, max_iou: float,
+                  cfg: ClassifierConfig, clf: TextureClassifier, generator: torch.Generator,
+                  progress: bool) -> _Pairs:
+    """Draws ``num_pairs`` pairs from ``images`` as described in the module docstring and computes features."""
     sizes = torch.tensor([img.shape[-2:] for img in images])  # (I, 2) as (H, W)
     num_images = len(images)
-    n_pos = cfg.num_pairs // 2
-    n_neg = cfg.num_pairs - n_pos
+    n_pos = num_pairs // 2
+    n_neg = num_pairs - n_pos
     n_hard = round(n_neg * cfg.hard_negative_fraction) if num_images > 1 else n_neg
     span = sizes - p + 1  # window positions per axis
+    reach = max(p, round(cfg.positive_max_shift * p))  # positives lie within this Chebyshev distance
 
     def positions(index: Tensor) -> tuple[Tensor, Tensor]:
         return _uniform(len(index), span[index, 0], generator), _uniform(len(index), span[index, 1], generator)
 
-    # Positives: a window and a neighbour shifted by up to p/2 (clamped to the image).
-    pos_img = torch.randint(0, num_images, (n_pos,), generator=generator)
-    ya, xa = positions(pos_img)
-    shift = torch.randint(-(p // 2), p // 2 + 1, (2, n_pos), generator=generator)
-    yb = (ya + shift[0]).clamp(min=0).minimum(span[pos_img, 0] - 1)
-    xb = (xa + shift[1]).clamp(min=0).minimum(span[pos_img, 1] - 1)
-    pairs = [(pos_img, ya, xa, pos_img, yb, xb)]
+    # Positives: nearby windows that the search could pick (overlap <= max_iou), inside the image.
+    parts_pos: list[tuple[Tensor, ...]] = []
+    found = 0
+    for _ in range(20):  # rejection sampling; 8x the need per round leaves few rounds
+        img = torch.randint(0, num_images, (8 * (n_pos - found),), generator=generator)
+        ya, xa = positions(img)
+        dy = torch.randint(-reach, reach + 1, (len(img),), generator=generator)
+        dx = torch.randint(-reach, reach + 1, (len(img),), generator=generator)
+        yb, xb = ya + dy, xa + dx
+        ok = ((_overlap_iou(dy, dx, p) <= max_iou) & (yb >= 0) & (xb >= 0) & (yb < span[img, 0])
+              & (xb < span[img, 1])).nonzero().flatten()
+        if cfg.positive_min_correlation > 0 and len(ok):
+            corr = _correlation(_crop(images, img[ok], ya[ok], xa[ok], p), _crop(images, img[ok], yb[ok], xb[ok], p))
+            ok = ok[corr >= cfg.positive_min_correlation]
+        ok = ok[: n_pos - found]
+        parts_pos.append((img[ok], ya[ok], xa[ok], img[ok], yb[ok], xb[ok]))
+        found += len(ok)
+        if found == n_pos:
+            break
+    if found == 0:
+        raise ConfigError(f"texture classifier: no image is large enough for two {p} px windows that overlap at "
+                          f"most texture.max_iou={max_iou}; give images at least {2 * p} px wide")
+    n_pos = found
 
-    # Same-image candidates at least 2p apart (Chebyshev), from images big enough; 4x the need, filtered later.
-    eligible = ((span - 1).amax(1) >= 2 * p).nonzero().flatten()
+    # Same-image candidates farther apart than any positive, from images big enough; 4x the need, filtered later.
+    far_apart = reach + p
+    eligible = ((span - 1).amax(1) >= far_apart).nonzero().flatten()
     if len(eligible) and n_hard:
         cand = eligible[torch.randint(0, len(eligible), (4 * n_hard,), generator=generator)]
         ya, xa = positions(cand)
         yb, xb = positions(cand)
-        far = torch.maximum((ya - yb).abs(), (xa - xb).abs()) >= 2 * p
-        pairs.append((cand[far], ya[far], xa[far], cand[far], yb[far], xb[far]))
+        far = torch.maximum((ya - yb).abs(), (xa - xb).abs()) >= far_apart
+        hard_parts = (cand[far], ya[far], xa[far], cand[far], yb[far], xb[far])
     else:
-        pairs.append(tuple(torch.zeros(0, dtype=torch.long) for _ in range(6)))
-    n_hard_cand = len(pairs[1][0])
+        hard_parts = tuple(torch.zeros(0, dtype=torch.long) for _ in range(6))
+    n_hard_cand = len(hard_parts[0])
 
-    def pair_features(parts: list[tuple[Tensor, ...]]) -> tuple[Tensor, Tensor]:
+    def pair_features(parts: list[tuple[Tensor, ...]]) -> tuple[Tensor, Tensor, Tensor]:
         index_a, ya, xa, index_b, yb, xb = (torch.cat(column) for column in zip(*parts, strict=True))
+        lq = torch.zeros(len(index_a), dtype=torch.bool)
+        windows_a = _crop(images, index_a, ya, xa, p)
+        if lq_images is not None and cfg.lq_query_fraction > 0:
+            lq = torch.rand(len(index_a), generator=generator) < cfg.lq_query_fraction
+            windows_a[lq] = _crop(lq_images, index_a[lq], ya[lq], xa[lq], p)
         windows_b = _augment(_crop(images, index_b, yb, xb, p), generator)
-        return _features(clf, _crop(images, index_a, ya, xa, p), progress), _features(clf, windows_b, progress)
+        return _features(clf, windows_a, progress), _features(clf, windows_b, progress), lq
 
-    fa, fb = pair_features(pairs)
+    fa, fb, lq_query = pair_features([*parts_pos, hard_parts])
     # Keep the hard candidates that differ more than the chosen quantile of positive pairs.
     both = torch.cat([fa, fb])
     z = (both - both.mean(0)) / both.std(0).clamp_min(1e-6)
@@ -168,21 +224,18 @@ def _sample_pairs(images: list[Tensor], p: int, cfg: ClassifierConfig, clf: Text
         threshold = torch.quantile(dist[:n_pos], cfg.hard_negative_quantile)
         hard = hard[dist[hard] > threshold][:n_hard]
     keep = torch.cat([torch.arange(n_pos), hard])
-    fa, fb = fa[keep], fb[keep]
+    fa, fb, lq_query = fa[keep], fb[keep], lq_query[keep]
 
     # Across images: whatever the hard negatives leave.
     n_cross = n_neg - len(hard) if num_images > 1 else 0
     if n_cross:
         img_a = torch.randint(0, num_images, (n_cross,), generator=generator)
         img_b = (img_a + torch.randint(1, num_images, (n_cross,), generator=generator)) % num_images
-        fa_cross, fb_cross = pair_features([(img_a, *positions(img_a), img_b, *positions(img_b))])
-        fa, fb = torch.cat([fa, fa_cross]), torch.cat([fb, fb_cross])
-    if len(fa) == n_pos:
-        raise ConfigError(f"texture classifier: no negative pairs; give at least two images, or one at least "
-                          f"{3 * p} px wide")
+        fa_cross, fb_cross, lq_cross = pair_features([(img_a, *positions(img_a), img_b, *positions(img_b))])
+        fa, fb, lq_query = torch.cat([fa, fa_cross]), torch.cat([fb, fb_cross]), torch.cat([lq_query, lq_cross])
     labels = torch.cat([torch.ones(n_pos), torch.zeros(len(fa) - n_pos)])
     counts = {"positive": n_pos, "negative_same_image": len(hard), "negative_other_image": n_cross}
-    return fa, fb, labels, counts
+    return _Pairs(fa, fb, labels, lq_query, counts)
 
 
 def _fit(clf: TextureClassifier, fa: Tensor, fb: Tensor, labels: Tensor, cfg: ClassifierConfig,
@@ -231,8 +284,28 @@ def _scores(clf: TextureClassifier, fa: Tensor, fb: Tensor, labels: Tensor) -> t
     return accuracy, roc_auc(logits, labels)
 
 
-def train_texture_classifier(images: list[Tensor], patch_size: int, cfg: ClassifierConfig,
-                             progress: bool = True) -> tuple[TextureClassifier, dict[str, Any]]:
+def degraded_views(images: list[Tensor], degrade: Callable[[Tensor, torch.Generator], Tensor],
+                   generator: torch.Generator) -> list[Tensor]:
+    """Each image degraded and brought back to its own HR grid: the low-quality query side of the pairs.
+
+    Args:
+        images: (3, H, W) in [0, 1].
+        degrade: (1, 3, H, W), generator -> (1, 3, h, w), e.g. a :class:`xswinir.degradations.Degrader`.
+    """
+    out = []
+    with torch.no_grad():
+        for image in images:
+            lq = degrade(image[None], generator)
+            lq = lq[0] if isinstance(lq, tuple) else lq
+            up = F.interpolate(lq.float(), size=image.shape[-2:], mode="bicubic", align_corners=False)
+            out.append(up[0].clamp(0, 1))
+    return out
+
+
+def train_texture_classifier(images: list[Tensor], patch_size: int, cfg: ClassifierConfig, progress: bool = True,
+                             *, max_iou: float = 0.0,
+                             degrade: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+                             ) -> tuple[TextureClassifier, dict[str, Any]]:
     """Trains a texture classifier on windows of ``images``; deterministic for a fixed ``cfg.seed``.
 
     Args:
@@ -240,10 +313,14 @@ def train_texture_classifier(images: list[Tensor], patch_size: int, cfg: Classif
         patch_size: window side p.
         cfg: pair counts, feature settings and optimiser settings.
         progress: show progress bars.
+        max_iou: the search's overlap limit: positives overlap no more than this.
+        degrade: makes the low-quality query side (the run's degradation, see :func:`degraded_views`);
+            None: every query is an HR window.
 
     Returns:
-        The trained classifier (trainable, train mode off) and a report: held-out ``accuracy`` and
-        ``roc_auc``, the same on the training pairs, pair counts by kind, and ``seconds``.
+        The trained classifier (train mode off) and a report: ``roc_auc`` / ``accuracy`` on held-out pairs of
+        held-out images with HR queries, ``roc_auc_lq`` with LQ queries, the same on the training pairs, pair
+        counts by kind, ``holdout`` (``images`` or ``pairs``) and ``seconds``.
 
     Raises:
         ConfigError: ``patch_size`` is smaller than the largest filter, or no image is big enough.
@@ -259,35 +336,64 @@ def train_texture_classifier(images: list[Tensor], patch_size: int, cfg: Classif
     if not usable:
         raise ConfigError(f"texture classifier: none of the {len(images)} images is at least {patch_size} px")
     generator = torch.Generator().manual_seed(cfg.seed)
+    lq_views = degraded_views(usable, degrade, generator) if degrade is not None else None
     log.info("texture classifier: %d pairs of %d px windows from %d images, %d features", cfg.num_pairs,
              patch_size, len(usable), clf.features.num_features)
-    fa, fb, labels, counts = _sample_pairs(usable, patch_size, cfg, clf, generator, progress)
 
-    order = torch.randperm(len(labels), generator=generator)
-    n_holdout = max(1, round(len(labels) * cfg.holdout_fraction))
-    test, train = order[:n_holdout], order[n_holdout:]
-    train_features = torch.cat([fa[train], fb[train]])
+    n_test_pairs = max(2, round(cfg.num_pairs * cfg.holdout_fraction))
+    by_image = len(usable) >= 4
+    if by_image:
+        order = torch.randperm(len(usable), generator=generator).tolist()
+        n_test_images = max(1, round(len(usable) * cfg.holdout_fraction))
+        test_ids, train_ids = order[:n_test_images], order[n_test_images:]
+        pick = lambda ids, views: [views[i] for i in ids] if views is not None else None  # noqa: E731
+        train = _sample_pairs(pick(train_ids, usable), pick(train_ids, lq_views), cfg.num_pairs - n_test_pairs,
+                              patch_size, max_iou, cfg, clf, generator, progress)
+        test = _sample_pairs(pick(test_ids, usable), pick(test_ids, lq_views), n_test_pairs, patch_size,
+                             max_iou, cfg, clf, generator, progress)
+    else:
+        log.warning("texture classifier: %d images are too few to hold some out; the held-out pairs come from "
+                    "the training images", len(usable))
+        both = _sample_pairs(usable, lq_views, cfg.num_pairs, patch_size, max_iou, cfg, clf, generator, progress)
+        order = torch.randperm(len(both.labels), generator=generator)
+        n_holdout = max(1, round(len(both.labels) * cfg.holdout_fraction))
+
+        def subset(index: Tensor) -> _Pairs:
+            return _Pairs(both.fa[index], both.fb[index], both.labels[index], both.lq_query[index], both.counts)
+
+        test, train = subset(order[:n_holdout]), subset(order[n_holdout:])
+    if bool((train.labels == 0).all()) or bool((train.labels == 1).all()):
+        raise ConfigError(f"texture classifier: no negative pairs; give at least two images, or one at least "
+                          f"{3 * patch_size} px wide")
+
+    train_features = torch.cat([train.fa, train.fb])
     clf.feature_mean.copy_(train_features.mean(0))
     # Constant features (colour of gray data) get std 1 instead of inf, and weights of exactly 0: the data
     # says nothing about them, and the plot should not suggest otherwise.
     std = train_features.std(0)
     informative = std > 1e-6
     clf.feature_std.copy_(torch.where(informative, std, torch.ones_like(std)))
-    _fit(clf, fa[train], fb[train], labels[train], cfg, progress)
+    _fit(clf, train.fa, train.fb, train.labels, cfg, progress)
     with torch.no_grad():
         clf.weight_diff.masked_fill_(~informative, 0.0)
         clf.weight_prod.masked_fill_(~informative, 0.0)
 
-    accuracy, auc = _scores(clf, fa[test], fb[test], labels[test])
-    train_accuracy, train_auc = _scores(clf, fa[train], fb[train], labels[train])
+    hr, lq = ~test.lq_query, test.lq_query
+    accuracy, auc = _scores(clf, test.fa[hr], test.fb[hr], test.labels[hr])
+    accuracy_lq, auc_lq = _scores(clf, test.fa[lq], test.fb[lq], test.labels[lq]) if lq.any() else (None, None)
+    train_accuracy, train_auc = _scores(clf, train.fa, train.fb, train.labels)
     report = {
-        "accuracy": accuracy, "roc_auc": auc, "train_accuracy": train_accuracy, "train_roc_auc": train_auc,
-        "num_train_pairs": len(train), "num_holdout_pairs": len(test), **{f"num_{k}": v for k, v in counts.items()},
-        "num_images": len(usable), "patch_size": patch_size, "num_features": clf.features.num_features,
+        "accuracy": accuracy, "roc_auc": auc, "accuracy_lq": accuracy_lq, "roc_auc_lq": auc_lq,
+        "train_accuracy": train_accuracy, "train_roc_auc": train_auc, "holdout": "images" if by_image else "pairs",
+        "num_train_pairs": len(train.labels), "num_holdout_pairs": len(test.labels),
+        **{f"num_{k}": v for k, v in train.counts.items()},
+        "num_images": len(usable), "patch_size": patch_size, "max_iou": max_iou,
+        "num_features": clf.features.num_features,
         "num_parameters": sum(t.numel() for t in clf.parameters()), "seconds": time.perf_counter() - start,
     }
     clf.report = report
-    log.info("texture classifier: held-out accuracy %.3f, ROC AUC %.3f (%.1f s)", accuracy, auc, report["seconds"])
+    log.info("texture classifier: held-out %s, ROC AUC %.3f (HR queries)%s (%.1f s)", report["holdout"], auc,
+             f", {auc_lq:.3f} (LQ queries)" if auc_lq is not None else "", report["seconds"])
     return clf.eval(), report
 
 
@@ -332,6 +438,21 @@ def load_training_images(source: str, max_images: int | None = None) -> list[Ten
     return out
 
 
+def run_degradation(cfg: Config) -> Callable[[Tensor, torch.Generator], Tensor] | None:
+    """The run's degradation as :func:`train_texture_classifier` wants it; None when no query is low-quality."""
+    if cfg.texture.classifier.lq_query_fraction <= 0:
+        return None
+    from xswinir.degradations import build_degrader
+    from xswinir.resize import modcrop
+
+    degrader = build_degrader(cfg.degradation, cfg.scale)
+
+    def degrade(image: Tensor, generator: torch.Generator) -> Tensor:
+        return degrader(modcrop(image, cfg.scale), generator)[0]
+
+    return degrade
+
+
 def ensure_texture_classifier(cfg: Config, cache_dir: str | Path) -> Path:
     """The folder of the texture classifier a run uses, trained and cached on first use.
 
@@ -350,15 +471,17 @@ def ensure_texture_classifier(cfg: Config, cache_dir: str | Path) -> Path:
             raise UserError(f"texture.classifier.path={ccfg.path} holds no {META_FILE} and {WEIGHTS_FILE}")
         return path
     settings = {k: v for k, v in cfg.to_dict()["texture"]["classifier"].items() if k != "path"}
-    key = {"classifier": settings, "patch_size": cfg.texture.patch_size, "source": cfg.data.train,
-           "files": _source_key(cfg.data.train), "format": 1}
+    key = {"classifier": settings, "patch_size": cfg.texture.patch_size, "max_iou": cfg.texture.max_iou,
+           "degradation": cfg.to_dict()["degradation"], "scale": cfg.scale, "source": cfg.data.train,
+           "files": _source_key(cfg.data.train), "format": FORMAT_VERSION}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     target = Path(cache_dir).expanduser() / digest
     if (target / META_FILE).is_file() and (target / WEIGHTS_FILE).is_file():
         log.info("texture classifier: reusing %s", target)
         return target
     images = load_training_images(cfg.data.train, ccfg.max_images)
-    clf, _ = train_texture_classifier(images, cfg.texture.patch_size, ccfg)
+    clf, _ = train_texture_classifier(images, cfg.texture.patch_size, ccfg, max_iou=cfg.texture.max_iou,
+                                      degrade=run_degradation(cfg))
     private = target.parent / f".{digest}.{os.getpid()}.tmp"
     save_texture_classifier(clf, private)
     (private / "key.json").write_text(json.dumps(key, indent=2) + "\n")

@@ -1,0 +1,333 @@
+"""A controlled study on Ray Tune: does the texture term help, against lambda = 0, paired by seed?
+
+A study is a *grid*, not a search: every arm (a named set of config overrides, e.g. ``lambda0``,
+``projection_l1``, ``pull_l0.1``) is trained once per seed, with the same steps, data and degradations, so
+that two arms with the same seed differ only in what the arm changes (the seed fixes the initial weights, the
+batches and the degradations of every step). Each trial is one ``xswinir train`` run (Ray Train inside a
+Tune function trainable, as in :mod:`tune.sweep`); after training, the final EMA weights are evaluated on
+every evaluation set with the ``eval_degradation`` at the fixed ``eval_seed``
+(:func:`xswinir.evaluation.evaluate_model`: each image degraded the same way for every model) and the
+per-image rows are written beside the run (``eval.json``), so nothing depends on Tune's result objects.
+
+Outputs, in ``<storage>/<name>/``: ``train/<arm>_s<seed>/`` (each run with its checkpoints, kept for
+re-evaluation), ``study.parquet`` (one row per arm, seed, set and image, bicubic included), ``study.md``
+(per arm and set: the mean of every metric; per texture arm: the paired difference to the baseline arm with
+its 95 % confidence interval over seeds), ``study_psnr.png`` (paired differences per seed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xswinir.config import Config, ConfigError, apply_overrides, load_config, read_yaml_mapping, resolve_config_path
+from xswinir.errors import UserError
+from xswinir.metrics import LPIPS, MS_SSIM_Y, PSNR_Y, SCC_Y, SSIM_Y
+
+log = logging.getLogger(__name__)
+
+EVAL_FILE = "eval.json"
+STUDY_TABLE = "study.parquet"
+STUDY_REPORT = "study.md"
+STUDY_PLOT = "study_psnr.png"
+# Metrics compared between arms, higher is better for all but LPIPS.
+COMPARED = (PSNR_Y, SSIM_Y, MS_SSIM_Y, SCC_Y, LPIPS)
+
+
+@dataclass
+class StudyConfig:
+    """A study: a base training config, arms of overrides, seeds, and the evaluation sets."""
+
+    name: str = "study"
+    base: str = "demo"  # a shipped training config's name or a YAML path
+    overrides: list[str] = field(default_factory=list)  # applied to base for every arm
+    arms: dict[str, list[str]] = field(default_factory=dict)  # arm name -> `section.key=value` overrides
+    baseline: str = "lambda0"  # the arm every other arm is compared with, paired by seed
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    eval_sets: list[str] = field(default_factory=lambda: ["skimage:val"])
+    eval_degradation: str = "blur-noise"
+    eval_seed: int = 0
+    max_concurrent: int = 2
+    storage: str = "outputs/studies"
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.arms or self.baseline not in self.arms:
+            raise ConfigError(f"the study needs arms, one of them the baseline '{self.baseline}'")
+        if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"a study needs at least 2 distinct seeds for a confidence interval, got {self.seeds}")
+        if not self.eval_sets or self.max_concurrent < 1:
+            raise ConfigError("a study needs eval_sets and max_concurrent >= 1")
+
+    def arm_config(self, arm: str, seed: int) -> Config:
+        """The training config of one trial, validated."""
+        base = load_config(self.base, list(self.overrides))
+        return apply_overrides(base, [*self.arms[arm], f"train.seed={seed}"])
+
+    def experiment_path(self) -> Path:
+        return Path(self.storage).expanduser().resolve() / self.name
+
+
+_STUDY_KEYS = {f.name for f in dataclasses.fields(StudyConfig)}
+
+
+def load_study_config(path: str | Path, extra_overrides: list[str] | None = None, **changes: Any) -> StudyConfig:
+    """Reads a study YAML (a path or a shipped config's name, ``study_cpu``) and checks every arm's config.
+
+    Raises:
+        ConfigError: unknown keys, or an arm whose overrides make an invalid training config.
+    """
+    file = resolve_config_path(path)
+    data = read_yaml_mapping(file)
+    unknown = set(data) - _STUDY_KEYS
+    if unknown:
+        raise ConfigError(f"{file}: unknown study keys {sorted(unknown)}; known: {sorted(_STUDY_KEYS)}")
+    arms = data.get("arms")
+    if not isinstance(arms, dict) or not all(isinstance(v, list) and all(isinstance(o, str) for o in v)
+                                             for v in arms.values()):
+        raise ConfigError(f"{file}: arms must map names to lists of 'section.key=value' strings")
+    data["overrides"] = [*(data.get("overrides") or []), *(extra_overrides or [])]
+    data.update({k: v for k, v in changes.items() if v is not None})
+    try:
+        study = StudyConfig(**data)
+    except TypeError as err:
+        raise ConfigError(f"{file}: {err}") from err
+    for arm in study.arms:
+        try:
+            study.arm_config(arm, study.seeds[0])
+        except ConfigError as err:
+            raise ConfigError(f"{file}: arm '{arm}': {err}") from err
+    return study
+
+
+def run_name(arm: str, seed: int) -> str:
+    return f"{arm}_s{seed}"
+
+
+def study_trial(config: dict[str, Any], study: dict[str, Any], classifier_cache: str) -> None:
+    """Tune function trainable: trains one (arm, seed), then evaluates its final EMA weights on every set."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from xswinir.evaluation import evaluate_model
+    from xswinir.model import load_model
+    from xswinir.trainer import fit, run_exists
+
+    s = StudyConfig(**study)
+    arm, seed = config["arm"], int(config["seed"])
+    train_storage = s.experiment_path() / "train"
+    cfg = apply_overrides(s.arm_config(arm, seed), {
+        "run.name": run_name(arm, seed), "run.storage": str(train_storage), "run.address": None,
+        "run.progress": False,
+    })
+    result = fit(cfg, resume=run_exists(cfg.run), callbacks=[TuneReportCallback()],
+                 classifier_cache=Path(classifier_cache))
+    if result.checkpoint is None:
+        raise RuntimeError(f"{run_name(arm, seed)} finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        model, _ = load_model(directory)
+    rows = []
+    for hr_source in s.eval_sets:
+        for kind, net in (("model", model), ("bicubic", None)):
+            for row in evaluate_model(net, hr_source, cfg.scale, degradation=s.eval_degradation, seed=s.eval_seed):
+                rows.append({"arm": arm, "seed": seed, "kind": kind, **row})
+    out = train_storage / run_name(arm, seed) / EVAL_FILE
+    out.write_text(json.dumps(rows, indent=1, default=_json_default))
+    means = _mean_metrics([r for r in rows if r["kind"] == "model"])
+    tune.report({**{f"test/{k}": v for k, v in means.items()}, "done": 1})
+
+
+def _json_default(value: Any) -> Any:
+    return None if value is None else float(value)
+
+
+def _mean_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    out = {}
+    for key in COMPARED:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+def run_study(study: StudyConfig, resume: bool = False) -> Path:
+    """Runs (or continues) every (arm, seed) trial and writes the report; returns ``study.md``'s path."""
+    from ray import tune
+
+    from xswinir.trainer import init_ray
+
+    exp_path = study.experiment_path()
+    can_restore = exp_path.is_dir() and tune.Tuner.can_restore(str(exp_path))
+    if resume and not can_restore:
+        raise UserError(f"nothing to resume: no study '{study.name}' in {study.storage}")
+    if not resume and can_restore:
+        raise UserError(f"study '{study.name}' already exists in {study.storage}: pass --resume to continue it, "
+                        "or choose another name")
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
+    base = study.arm_config(study.baseline, study.seeds[0])
+    init_ray(dataclasses.replace(base.run, address=study.address))
+    trainable = tune.with_resources(
+        tune.with_parameters(study_trial, study=dataclasses.asdict(study),
+                             classifier_cache=str(exp_path / "classifiers")),
+        {"cpu": 0.01},  # the trial function only drives its TorchTrainer
+    )
+    if resume:
+        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=True)
+    else:
+        # Seeds outermost: the first finished trials already form complete pairs.
+        space = {"seed": tune.grid_search(list(study.seeds)), "arm": tune.grid_search(list(study.arms))}
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent,
+                                        trial_dirname_creator=lambda t: run_name(t.config["arm"], t.config["seed"])),
+            run_config=tune.RunConfig(name=study.name, storage_path=str(exp_path.parent), verbose=1),
+        )
+    tuner.fit()
+    return write_report(study)
+
+
+def collect_rows(study: StudyConfig) -> list[dict[str, Any]]:
+    """Every evaluated row of the study's finished trials (``eval.json`` files)."""
+    rows = []
+    for arm in study.arms:
+        for seed in study.seeds:
+            file = study.experiment_path() / "train" / run_name(arm, seed) / EVAL_FILE
+            if file.is_file():
+                rows.extend(json.loads(file.read_text()))
+    return rows
+
+
+def t_quantile_975(dof: int) -> float:
+    """Two-sided 95 % quantile of Student's t with ``dof`` degrees of freedom."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, dof))
+
+
+def paired_difference(arm_means: dict[int, float], base_means: dict[int, float]) -> dict[str, float] | None:
+    """Mean of (arm - baseline) over the seeds both have, with a 95 % t interval; None with fewer than 2."""
+    seeds = sorted(set(arm_means) & set(base_means))
+    diffs = [arm_means[s] - base_means[s] for s in seeds]
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "wins": sum(d > 0 for d in diffs)}
+
+
+def summarise(study: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per arm and set: seed means of every metric; per non-baseline arm: paired differences."""
+    per_seed: dict[tuple[str, str, int], dict[str, float]] = {}
+    for key in {(r["arm"] if r["kind"] == "model" else "bicubic", r["set"], r["seed"]) for r in rows}:
+        arm, hr_set, seed = key
+        chosen = [r for r in rows if r["set"] == hr_set and r["seed"] == seed
+                  and ((r["kind"] == "bicubic") if arm == "bicubic" else (r["kind"] == "model" and r["arm"] == arm))]
+        if arm == "bicubic":  # the same inputs whichever arm evaluated them: keep one arm's copy
+            chosen = [r for r in chosen if r["arm"] == study.baseline] or chosen
+        per_seed[key] = _mean_metrics(chosen)
+    arms = [*study.arms, "bicubic"]
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    summary: dict[str, Any] = {"means": [], "differences": []}
+    for hr_set in sets:
+        for arm in arms:
+            seeds = sorted(s for (a, h, s) in per_seed if a == arm and h == hr_set)
+            if not seeds:
+                continue
+            row = {"set": hr_set, "arm": arm, "seeds": len(seeds)}
+            for metric in COMPARED:
+                values = [per_seed[(arm, hr_set, s)][metric] for s in seeds if metric in per_seed[(arm, hr_set, s)]]
+                row[metric] = sum(values) / len(values) if values else None
+            summary["means"].append(row)
+        for arm in study.arms:
+            if arm == study.baseline:
+                continue
+            for metric in COMPARED:
+                mine = {s: v[metric] for (a, h, s), v in per_seed.items() if a == arm and h == hr_set and metric in v}
+                base = {s: v[metric] for (a, h, s), v in per_seed.items()
+                        if a == study.baseline and h == hr_set and metric in v}
+                diff = paired_difference(mine, base)
+                if diff is not None:
+                    summary["differences"].append({"set": hr_set, "arm": arm, "metric": metric, **diff})
+    summary["per_seed"] = [{"arm": a, "set": h, "seed": s, **v} for (a, h, s), v in sorted(per_seed.items())]
+    return summary
+
+
+def format_report(study: StudyConfig, summary: dict[str, Any]) -> str:
+    lines = [f"# Study `{study.name}`", "",
+             f"Arms trained on `{study.arm_config(study.baseline, study.seeds[0]).data.train}` with seeds "
+             f"{study.seeds}; evaluated with `{study.eval_degradation}` degradations at seed {study.eval_seed} "
+             f"(every model sees the same inputs). Arms:", ""]
+    for arm, overrides in study.arms.items():
+        lines.append(f"- `{arm}`: {', '.join(f'`{o}`' for o in overrides) or 'the base config'}")
+    lines += ["", "## Means over seeds", "", "| set | arm | seeds | " + " | ".join(COMPARED) + " |",
+              "|---|---|---|" + "---|" * len(COMPARED)]
+    for row in summary["means"]:
+        cells = [_fmt(row[m]) for m in COMPARED]
+        lines.append(f"| {row['set']} | {row['arm']} | {row['seeds']} | " + " | ".join(cells) + " |")
+    lines += ["", f"## Paired difference to `{study.baseline}` (arm - baseline, same seed), 95 % t interval over seeds",
+              "", "| set | arm | metric | mean | 95 % CI | seeds better |", "|---|---|---|---|---|---|"]
+    for d in summary["differences"]:
+        lines.append(f"| {d['set']} | {d['arm']} | {d['metric']} | {d['mean']:+.4f} | "
+                     f"[{d['low']:+.4f}, {d['high']:+.4f}] | {d['wins']}/{d['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def write_report(study: StudyConfig) -> Path:
+    """``study.parquet``, ``study.md`` and ``study_psnr.png`` from the finished trials' ``eval.json`` files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = collect_rows(study)
+    if not rows:
+        raise UserError(f"study '{study.name}' has no finished trial to report on")
+    out = study.experiment_path()
+    columns = sorted({k for r in rows for k in r})
+    table = pa.table({c: [r.get(c) for r in rows] for c in columns})
+    pq.write_table(table, out / STUDY_TABLE)
+    summary = summarise(study, rows)
+    report = out / STUDY_REPORT
+    report.write_text(format_report(study, summary))
+    (out / "study_summary.json").write_text(json.dumps(summary, indent=1))
+    plot_differences(study, summary, out / STUDY_PLOT)
+    return report
+
+
+def plot_differences(study: StudyConfig, summary: dict[str, Any], path: Path) -> Path:
+    """Y-PSNR of every arm minus the baseline, per seed (dots) and mean with 95 % CI (bar), per set."""
+    from matplotlib.figure import Figure
+
+    sets = list(dict.fromkeys(r["set"] for r in summary["means"]))
+    arms = [a for a in study.arms if a != study.baseline]
+    fig = Figure(figsize=(3.2 * max(1, len(sets)), 3.4))
+    axes = fig.subplots(1, max(1, len(sets)), squeeze=False)[0]
+    per_seed = {(r["arm"], r["set"], r["seed"]): r.get("psnr_y") for r in summary["per_seed"]}
+    for ax, hr_set in zip(axes, sets, strict=False):
+        for i, arm in enumerate(arms):
+            diffs = [per_seed[(arm, hr_set, s)] - per_seed[(study.baseline, hr_set, s)] for s in study.seeds
+                     if per_seed.get((arm, hr_set, s)) is not None and per_seed.get((study.baseline, hr_set, s))
+                     is not None]
+            ax.scatter([i] * len(diffs), diffs, s=14, color="tab:blue", alpha=0.7)
+            d = next((d for d in summary["differences"] if d["set"] == hr_set and d["arm"] == arm
+                      and d["metric"] == "psnr_y"), None)
+            if d is not None:
+                ax.errorbar([i + 0.15], [d["mean"]], yerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]],
+                            fmt="o", color="black", capsize=3)
+        ax.axhline(0.0, color="gray", linewidth=0.8)
+        ax.set_xticks(range(len(arms)), arms, rotation=20, fontsize=7)
+        ax.set_title(hr_set.split("/")[-2] if hr_set.endswith("/HR") else hr_set.split("/")[-1], fontsize=8)
+        ax.set_ylabel(f"Y-PSNR minus {study.baseline} (dB)", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path

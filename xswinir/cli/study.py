@@ -1,0 +1,32 @@
+"""``xswinir study``: does the texture term help? Every arm x every seed on Ray Tune, paired differences."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "controlled study on Ray Tune: λ=0 against texture-term arms, several seeds, paired 95% intervals"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default="study_cpu",
+                        help="study YAML, or the name of a shipped one: study_cpu, study_gpu (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted study <storage>/<name>")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only (re)write study.md/.parquet/.png from the finished trials")
+    parser.add_argument("--address", help="join the Ray cluster at this address instead of starting a local one")
+    parser.add_argument("--storage", help="folder the study goes under")
+    parser.add_argument("--name", help="study name: its folder under the storage")
+    parser.add_argument("--seeds", type=int, nargs="+", help="replace the study's seeds")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a training config value in every arm, e.g. --set train.total_steps=100")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tune.study import load_study_config, run_study, write_report
+
+    study = load_study_config(args.config, args.overrides, storage=args.storage, name=args.name, seeds=args.seeds,
+                              address=args.address)
+    report = write_report(study) if args.report_only else run_study(study, resume=args.resume)
+    print(report.read_text())
+    print(f"results: {study.experiment_path()} (study.md, study.parquet, study_psnr.png, train/<arm>_s<seed>/)")
+    return 0
