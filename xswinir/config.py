@@ -183,10 +183,13 @@ class ClassifierConfig:
     path: str | None = None  # a trained classifier; None: train one from data.train (cached by its settings)
     scales: tuple[int, ...] = (1, 2, 4)  # filter-bank scales, in pixels
     num_orientations: int = 4
+    layout_grid: int = 4  # layout features: cells per side of the window's coarse, contrast-normalised thumbnail
     num_pairs: int = 8192  # training pairs, half positive
     max_images: int = 64  # evenly spaced images of the source, each centre-cropped to at most 512 x 512
     positive_max_shift: float = 2.0  # positives: a window within this many patch sizes that the search may pick
     positive_min_correlation: float = 0.5  # |luma correlation| a positive pair must reach (0: any neighbour)
+    near_negative_fraction: float = 0.4  # of the negatives: nearby windows whose luma does not correlate
+    near_negative_max_correlation: float = 0.2  # |luma correlation| at most this makes a nearby negative
     lq_query_fraction: float = 0.5  # pairs whose query window comes from the degraded image (LQ -> HR matching)
     hard_negative_fraction: float = 0.5  # of the negatives: far-apart windows of one image, not two images
     hard_negative_quantile: float = 0.9  # such a pair must differ more than this quantile of positive pairs
@@ -200,12 +203,15 @@ class ClassifierConfig:
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ConfigError(f"texture.classifier.holdout_fraction must lie in (0, 1), got {self.holdout_fraction}")
         for name in ("hard_negative_fraction", "hard_negative_quantile", "lq_query_fraction",
-                     "positive_min_correlation"):
+                     "positive_min_correlation", "near_negative_fraction", "near_negative_max_correlation"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"texture.classifier.{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.num_pairs < 16 or self.steps < 1 or self.num_orientations < 1 or not self.scales or self.max_images < 1:
             raise ConfigError("texture.classifier needs num_pairs >= 16, steps >= 1, num_orientations >= 1, "
                               "max_images >= 1 and at least one scale")
+        if self.layout_grid < 0:
+            raise ConfigError(f"texture.classifier.layout_grid must be >= 0 (0: no layout features), got "
+                              f"{self.layout_grid}")
         if self.positive_max_shift < 1:
             raise ConfigError(f"texture.classifier.positive_max_shift must be >= 1 (patch sizes), got "
                               f"{self.positive_max_shift}")

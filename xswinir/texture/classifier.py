@@ -43,13 +43,14 @@ class TextureClassifier(nn.Module):
         scales: filter-bank scales of :class:`TextureFeatures`.
         num_orientations: filter orientations of :class:`TextureFeatures`.
         lbp_threshold: LBP threshold of :class:`TextureFeatures`.
+        layout_grid: cells per side of the layout features of :class:`TextureFeatures`.
     """
 
     def __init__(self, patch_size: int = 16, scales: tuple[int, ...] = (1, 2, 4), num_orientations: int = 4,
-                 lbp_threshold: float = 0.01) -> None:
+                 lbp_threshold: float = 0.01, layout_grid: int = 4) -> None:
         super().__init__()
         self.patch_size = int(patch_size)
-        self.features = TextureFeatures(scales, num_orientations, lbp_threshold)
+        self.features = TextureFeatures(scales, num_orientations, lbp_threshold, layout_grid)
         if self.patch_size < self.features.min_size:
             raise ValueError(f"patch_size={patch_size} is smaller than the largest filter "
                              f"({self.features.min_size} px for scales={tuple(scales)})")
@@ -143,6 +144,7 @@ class TextureClassifier(nn.Module):
         return {
             "patch_size": self.patch_size, "scales": list(self.features.scales),
             "num_orientations": self.features.num_orientations, "lbp_threshold": self.features.lbp_threshold,
+            "layout_grid": self.features.layout_grid,
         }
 
 
@@ -196,7 +198,7 @@ def load_texture_classifier(path: str | Path) -> TextureClassifier:
         if meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"version {meta.get('version')!r}; this xswinir reads version {FORMAT_VERSION}")
         clf = TextureClassifier(int(meta["patch_size"]), tuple(int(s) for s in meta["scales"]),
-                                int(meta["num_orientations"]), float(meta["lbp_threshold"]))
+                                int(meta["num_orientations"]), float(meta["lbp_threshold"]), int(meta["layout_grid"]))
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise TextureClassifierError(f"{meta_file} is not a valid texture classifier description ({err})") from err
     if meta.get("feature_names") != clf.feature_names:

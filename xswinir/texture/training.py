@@ -7,6 +7,9 @@ the texture search uses them (a tile and a candidate window that shares no more 
   ``cfg.positive_max_shift * p``) that overlaps the first no more than ``max_iou`` (the nearest candidates the
   search may pick) and whose luma correlates with it at least ``cfg.positive_min_correlation`` (in absolute
   value): a window that continues the tile's texture *and* can stand in for it in the least-squares fit;
+* negative, nearby: a window as close as the positives whose luma correlates at most
+  ``cfg.near_negative_max_correlation``: the same texture statistics laid out differently, which the search must
+  rank below the positives; ``cfg.near_negative_fraction`` of the negatives;
 * negative, same image ("hard"): windows of one image farther apart than any positive, kept only if their
   features differ more than the ``cfg.hard_negative_quantile`` quantile of the positive pairs' feature distances
   (a whole image can be one texture: far windows that are as alike as neighbours are not labelled at all,
@@ -96,12 +99,12 @@ def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def _correlation(a: Tensor, b: Tensor) -> Tensor:
-    """|normalised cross-correlation| of the luma of windows a and b (N, 3, p, p) -> (N,)."""
+    """Normalised cross-correlation of the luma of windows a and b (N, 3, p, p) -> (N,) in [-1, 1]."""
     a = a.mean(1).flatten(1)
     b = b.mean(1).flatten(1)
     a = a - a.mean(1, keepdim=True)
     b = b - b.mean(1, keepdim=True)
-    return ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-6)).abs()
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-6)
 
 
 def _features(clf: TextureClassifier, windows: Tensor, progress: bool) -> Tensor:
@@ -167,29 +170,39 @@ def _sample_pairs(images: list[Tensor], lq_images: list[Tensor] | None, num_pair
     def positions(index: Tensor) -> tuple[Tensor, Tensor]:
         return _uniform(len(index), span[index, 0], generator), _uniform(len(index), span[index, 1], generator)
 
-    # Positives: nearby windows that the search could pick (overlap <= max_iou), inside the image.
+    # Nearby windows the search could pick (overlap <= max_iou), inside the image: positives when their luma
+    # correlates, "near" negatives when it does not (the same texture statistics laid out differently: the
+    # alternatives the search must rank below the positives).
+    n_near = round(n_neg * cfg.near_negative_fraction) if cfg.positive_min_correlation > 0 else 0
     parts_pos: list[tuple[Tensor, ...]] = []
-    found = 0
-    for _ in range(20):  # rejection sampling; 8x the need per round leaves few rounds
-        img = torch.randint(0, num_images, (8 * (n_pos - found),), generator=generator)
+    parts_near: list[tuple[Tensor, ...]] = []
+    found = found_near = 0
+    for _ in range(20):  # rejection sampling; a few rounds suffice
+        want = max(n_pos - found, n_near - found_near, 1)
+        img = torch.randint(0, num_images, (8 * want,), generator=generator)
         ya, xa = positions(img)
         dy = torch.randint(-reach, reach + 1, (len(img),), generator=generator)
         dx = torch.randint(-reach, reach + 1, (len(img),), generator=generator)
         yb, xb = ya + dy, xa + dx
         ok = ((_overlap_iou(dy, dx, p) <= max_iou) & (yb >= 0) & (xb >= 0) & (yb < span[img, 0])
               & (xb < span[img, 1])).nonzero().flatten()
+        near = ok[:0]
         if cfg.positive_min_correlation > 0 and len(ok):
             corr = _correlation(_crop(images, img[ok], ya[ok], xa[ok], p), _crop(images, img[ok], yb[ok], xb[ok], p))
+            near = ok[corr.abs() <= cfg.near_negative_max_correlation][: n_near - found_near]
             ok = ok[corr >= cfg.positive_min_correlation]
         ok = ok[: n_pos - found]
         parts_pos.append((img[ok], ya[ok], xa[ok], img[ok], yb[ok], xb[ok]))
+        parts_near.append((img[near], ya[near], xa[near], img[near], yb[near], xb[near]))
         found += len(ok)
-        if found == n_pos:
+        found_near += len(near)
+        if found == n_pos and found_near == n_near:
             break
     if found == 0:
         raise ConfigError(f"texture classifier: no image is large enough for two {p} px windows that overlap at "
                           f"most texture.max_iou={max_iou}; give images at least {2 * p} px wide")
     n_pos = found
+    n_hard = min(n_hard, n_neg - found_near)
 
     # Same-image candidates farther apart than any positive, from images big enough; 4x the need, filtered later.
     far_apart = reach + p
@@ -225,16 +238,20 @@ def _sample_pairs(images: list[Tensor], lq_images: list[Tensor] | None, num_pair
         hard = hard[dist[hard] > threshold][:n_hard]
     keep = torch.cat([torch.arange(n_pos), hard])
     fa, fb, lq_query = fa[keep], fb[keep], lq_query[keep]
+    if found_near:
+        fa_near, fb_near, lq_near = pair_features(parts_near)
+        fa, fb, lq_query = torch.cat([fa, fa_near]), torch.cat([fb, fb_near]), torch.cat([lq_query, lq_near])
 
     # Across images: whatever the hard negatives leave.
-    n_cross = n_neg - len(hard) if num_images > 1 else 0
+    n_cross = n_neg - len(hard) - found_near if num_images > 1 else 0
     if n_cross:
         img_a = torch.randint(0, num_images, (n_cross,), generator=generator)
         img_b = (img_a + torch.randint(1, num_images, (n_cross,), generator=generator)) % num_images
         fa_cross, fb_cross, lq_cross = pair_features([(img_a, *positions(img_a), img_b, *positions(img_b))])
         fa, fb, lq_query = torch.cat([fa, fa_cross]), torch.cat([fb, fb_cross]), torch.cat([lq_query, lq_cross])
     labels = torch.cat([torch.ones(n_pos), torch.zeros(len(fa) - n_pos)])
-    counts = {"positive": n_pos, "negative_same_image": len(hard), "negative_other_image": n_cross}
+    counts = {"positive": n_pos, "negative_nearby": found_near, "negative_same_image": len(hard),
+              "negative_other_image": n_cross}
     return _Pairs(fa, fb, labels, lq_query, counts)
 
 
@@ -327,7 +344,7 @@ def train_texture_classifier(images: list[Tensor], patch_size: int, cfg: Classif
     """
     start = time.perf_counter()
     try:
-        clf = TextureClassifier(patch_size, cfg.scales, cfg.num_orientations)
+        clf = TextureClassifier(patch_size, cfg.scales, cfg.num_orientations, layout_grid=cfg.layout_grid)
     except ValueError as err:
         raise ConfigError(f"texture classifier: {err}; use a larger texture.patch_size or smaller "
                           "texture.classifier.scales") from err
