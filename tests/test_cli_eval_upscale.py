@@ -12,8 +12,8 @@ from PIL import Image
 from torch import nn
 
 from xswinir.cli import main
-from xswinir.cli.eval import evaluate
 from xswinir.config import ModelConfig
+from xswinir.evaluation import evaluate
 from xswinir.inference import bicubic_upscale
 from xswinir.model import build_swinir, save_weights
 

@@ -1,4 +1,4 @@
-"""PSNR and SSIM as the SR literature reports them, batched in torch, and the metric names.
+"""PSNR and SSIM as the SR literature reports them, texture-sensitive metrics from torchmetrics, and the names.
 
 The published numbers (SwinIR's ``main_test_swinir.py``, BasicSR's ``basicsr/metrics/psnr_ssim.py``) are
 computed on images rounded to 8 bits, with ``crop_border = scale`` pixels cut from every side, on the 0-255
@@ -7,13 +7,24 @@ scale, either over the RGB channels or on the luma ``Y`` of ITU-R BT.601
 11x11 Gaussian window with sigma 1.5, 'valid' filtering (no padding) and is averaged over channels. The
 functions here follow those rules on ``(B, C, H, W)`` float tensors in [0, 1] on any device, in float64
 as the numpy reference does.
+
+Beside them, three full-reference metrics that react to lost or invented texture, all from torchmetrics
+and measured on the same rounded, cropped images: MS-SSIM on Y (:func:`ms_ssim`), the spatial correlation
+coefficient of Laplacian high-passes on Y (:func:`scc`), and LPIPS (:func:`load_lpips`), which needs
+ImageNet AlexNet weights and is only used when they are already on disk - nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import math
+from pathlib import Path
 
 import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
 
 # Metric names reported to Ray and logged; the trainer and tune import these, never retype them.
 VAL_PSNR = "val/psnr"
@@ -22,6 +33,22 @@ VAL_PSNR_Y = "val/psnr_y"
 VAL_SSIM_Y = "val/ssim_y"
 VAL_PSNR_BICUBIC_Y = "val/psnr_y_bicubic"
 VAL_SSIM_BICUBIC_Y = "val/ssim_y_bicubic"
+
+# Per-image columns of `xswinir eval` and xswinir.evaluation, in table order.
+PSNR = "psnr"
+SSIM = "ssim"
+PSNR_Y = "psnr_y"
+SSIM_Y = "ssim_y"
+MS_SSIM_Y = "ms_ssim_y"
+SCC_Y = "scc_y"
+LPIPS = "lpips"  # lower is better; None where the backbone weights are not on disk
+EVAL_METRICS = (PSNR, SSIM, PSNR_Y, SSIM_Y, MS_SSIM_Y, SCC_Y, LPIPS)
+
+# Wang, Simoncelli, Bovik 2003, finest scale first; torchmetrics' defaults.
+MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+SSIM_WINDOW = 11  # side of the Gaussian SSIM window: the smallest image any SSIM here can measure
+SCC_WINDOW = 8  # local correlation window of the spatial correlation coefficient (torchmetrics' default)
+LPIPS_MIN_SIZE = 31  # pixels per side for which AlexNet's second max-pool still gets a 3 x 3 input
 
 _Y_WEIGHTS = (65.481, 128.553, 24.966)  # BT.601 studio-swing luma on [0, 1] RGB, output on 0-255
 
@@ -142,8 +169,141 @@ def ssim_y(sr: torch.Tensor, gt: torch.Tensor, crop_border: int = 0) -> torch.Te
 def all_metrics(sr: torch.Tensor, gt: torch.Tensor, crop_border: int = 0) -> dict[str, torch.Tensor]:
     """PSNR and SSIM on all channels and on Y, ``{"psnr", "ssim", "psnr_y", "ssim_y"}``, each ``(B,)``."""
     return {
-        "psnr": psnr(sr, gt, crop_border),
-        "ssim": ssim(sr, gt, crop_border),
-        "psnr_y": psnr(sr, gt, crop_border, y_channel=True),
-        "ssim_y": ssim(sr, gt, crop_border, y_channel=True),
+        PSNR: psnr(sr, gt, crop_border),
+        SSIM: ssim(sr, gt, crop_border),
+        PSNR_Y: psnr(sr, gt, crop_border, y_channel=True),
+        SSIM_Y: ssim(sr, gt, crop_border, y_channel=True),
     }
+
+
+def ms_ssim_scales(height: int, width: int) -> int:
+    """How many of the five MS-SSIM scales an image of this size supports: 5 from 176 px, 0 below 11 px.
+
+    Each scale halves the image and must still hold an 11 x 11 window; torchmetrics also asks for
+    ``side // (n - 1) ** 2 > 10`` for ``n`` scales, which is what sets 176 px for all five.
+    """
+    side = min(height, width)
+    for n in range(len(MS_SSIM_BETAS), 0, -1):
+        if side >= 2**n and side // max(1, n - 1) ** 2 >= SSIM_WINDOW and side >> (n - 1) >= SSIM_WINDOW:
+            return n
+    return 0
+
+
+def ms_ssim(sr: torch.Tensor, gt: torch.Tensor, crop_border: int = 0, y_channel: bool = False,
+            quantize: bool = True, scales: int | None = None) -> torch.Tensor:
+    """Multi-scale SSIM per image (torchmetrics), with as many scales as the image size allows.
+
+    Images smaller than 176 px get the finest :func:`ms_ssim_scales` scales, their betas rescaled to sum
+    to 1, so the value stays a weighted geometric mean of the per-scale terms (1 for equal images) but is
+    only comparable between images measured with the same number of scales.
+
+    Args:
+        sr: ``(B, C, H, W)`` restored images in [0, 1].
+        gt: ``(B, C, H, W)`` ground truth in [0, 1].
+        crop_border: pixels cut from every side before measuring.
+        y_channel: measure the BT.601 luma of RGB inputs instead of all channels.
+        quantize: round both to 8 bits first.
+        scales: number of scales, 1-5; None: :func:`ms_ssim_scales` of the cropped size.
+
+    Returns:
+        ``(B,)`` float64 in [0, 1]; NaN for images too small for one 11 x 11 window.
+    """
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+    sr, gt = _prepare(sr, gt, crop_border, y_channel, quantize)
+    n = ms_ssim_scales(sr.shape[-2], sr.shape[-1]) if scales is None else scales
+    if n == 0:
+        return torch.full((sr.shape[0],), math.nan, dtype=torch.float64, device=sr.device)
+    betas = MS_SSIM_BETAS if n == len(MS_SSIM_BETAS) else tuple(b / sum(MS_SSIM_BETAS[:n]) for b in MS_SSIM_BETAS[:n])
+    # float32 on [0, 1]: float64 convolutions are 10-50x slower on CPU, and 8-bit inputs lose nothing.
+    value = multiscale_structural_similarity_index_measure(
+        (sr / 255).float(), (gt / 255).float(), data_range=1.0, betas=betas, reduction="none",
+    )
+    return value.to(torch.float64)
+
+
+def scc(sr: torch.Tensor, gt: torch.Tensor, crop_border: int = 0, y_channel: bool = False,
+        quantize: bool = True) -> torch.Tensor:
+    """Spatial correlation coefficient (Zhou et al. 1998, torchmetrics) per image.
+
+    The local correlation, in 8 x 8 windows, of the two images' Laplacian high-passes: 1 when every edge
+    and texture of ``gt`` is there with the right sign, lower for blurred or invented detail.
+
+    Args:
+        sr: ``(B, C, H, W)`` restored images in [0, 1].
+        gt: ``(B, C, H, W)`` ground truth in [0, 1].
+        crop_border: pixels cut from every side before measuring.
+        y_channel: measure the BT.601 luma of RGB inputs instead of all channels.
+        quantize: round both to 8 bits first.
+
+    Returns:
+        ``(B,)`` float64, at most 1; NaN for images smaller than the 8 x 8 window.
+    """
+    from torchmetrics.functional.image import spatial_correlation_coefficient
+
+    sr, gt = _prepare(sr, gt, crop_border, y_channel, quantize)
+    if min(sr.shape[-2:]) < SCC_WINDOW:
+        return torch.full((sr.shape[0],), math.nan, dtype=torch.float64, device=sr.device)
+    value = spatial_correlation_coefficient((sr / 255).float(), (gt / 255).float(), window_size=SCC_WINDOW,
+                                            reduction="none")
+    return value.to(torch.float64)
+
+
+def lpips_weights_path() -> Path:
+    """Where torchvision keeps the ImageNet AlexNet weights that LPIPS needs: the torch hub cache."""
+    from torchvision.models import AlexNet_Weights
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(AlexNet_Weights.DEFAULT.url).name
+
+
+@functools.lru_cache(maxsize=1)
+def load_lpips() -> nn.Module | None:
+    """The LPIPS-AlexNet metric, or None (logged once) when its backbone weights are not on disk.
+
+    The backbone is torchvision's ImageNet AlexNet; the linear heads ship inside torchmetrics. The weights
+    file is checked first, so torchvision never starts a download (which would hang without a network).
+    Cached: the network is built once per process.
+
+    Returns:
+        A torchmetrics ``LearnedPerceptualImagePatchSimilarity`` on CPU taking ``[0, 1]`` RGB, or None.
+    """
+    path = lpips_weights_path()
+    if not path.is_file():
+        log.warning("LPIPS n/a: no AlexNet weights at %s (nothing is downloaded); to enable it, copy "
+                    "alexnet-owt-7be5be79.pth from a machine with internet into %s, or set TORCH_HOME to a torch "
+                    "cache that holds hub/checkpoints/%s", path, path.parent, path.name)
+        return None
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    try:
+        return LearnedPerceptualImagePatchSimilarity(net_type="alex", reduction="none", normalize=True).eval()
+    except (OSError, RuntimeError, ValueError) as err:  # a truncated or foreign file fails torchvision's hash check
+        log.warning("LPIPS n/a: could not load the AlexNet weights at %s (%s)", path, err)
+        return None
+
+
+def lpips(sr: torch.Tensor, gt: torch.Tensor, metric: nn.Module, crop_border: int = 0,
+          quantize: bool = True) -> torch.Tensor:
+    """LPIPS per image with a metric from :func:`load_lpips`; gray images are repeated to RGB.
+
+    Args:
+        sr: ``(B, C, H, W)`` restored images in [0, 1].
+        gt: ``(B, C, H, W)`` ground truth in [0, 1].
+        metric: the module :func:`load_lpips` returns; moved to ``sr``'s device here.
+        crop_border: pixels cut from every side before measuring.
+        quantize: round both to 8 bits first.
+
+    Returns:
+        ``(B,)`` float64, 0 for equal images, higher is worse; NaN for images under 31 px per side.
+    """
+    sr, gt = _prepare(sr, gt, crop_border, y_channel=False, quantize=quantize)
+    if min(sr.shape[-2:]) < LPIPS_MIN_SIZE:
+        return torch.full((sr.shape[0],), math.nan, dtype=torch.float64, device=sr.device)
+    sr, gt = ((x / 255).float().expand(-1, 3, -1, -1) for x in (sr, gt))
+    metric = metric.to(sr.device)
+    metric.reset()
+    with torch.inference_mode():
+        metric.update(sr, gt)
+        value = metric.compute()
+    metric.reset()
+    return value.reshape(-1).to(torch.float64)
