@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from xswinir.cli import main
 from xswinir.config import DEGRADATION_PRESETS, MODEL_PRESETS, Config, DataConfig, TextureConfig
-from xswinir.explain import ExplainError, explain, pick_tiles
+from xswinir.explain import ExplainError, consistency_map, explain, explain_lq, pick_tiles
 from xswinir.images import read_image, write_image
 from xswinir.model import build_swinir, save_weights
 from xswinir.texture import TextureClassifier, save_texture_classifier
@@ -32,7 +35,9 @@ def tiny_classifier(image: torch.Tensor, patch_size: int = 16) -> TextureClassif
         feats = clf.features.window_features(image[None], patch_size, 4).flatten(2)[0].T
         clf.feature_mean.copy_(feats.mean(0))
         clf.feature_std.copy_(torch.where(feats.std(0) > 1e-6, feats.std(0), torch.ones(())))
-        clf.weight_diff.fill_(-0.5)
+        # logit = 3 - 4 * mean |za - zb|: windows of one texture differ by ~0.5 per standardised feature,
+        # windows of different textures by more than 1 (whatever the number of features).
+        clf.weight_diff.fill_(-4.0 / feats.shape[1])
         clf.bias.fill_(3.0)
     return clf.eval()
 
@@ -45,7 +50,26 @@ def parts(tmp_path: Path, generator: torch.Generator) -> dict[str, Path]:
     torch.manual_seed(0)
     cfg = MODEL_PRESETS["tiny-x2"]
     save_weights(build_swinir(cfg), cfg, tmp_path / "model.safetensors")
-    return {"image": tmp_path / "hr.png", "classifier": tmp_path / "clf", "model": tmp_path / "model.safetensors"}
+    write_image(tmp_path / "lq.png", textured_image(generator, 32))
+    return {"image": tmp_path / "hr.png", "classifier": tmp_path / "clf", "model": tmp_path / "model.safetensors",
+            "lq": tmp_path / "lq.png"}
+
+
+def repeated_texture(size: int = 32) -> torch.Tensor:
+    """One texture repeated every 8 px in both directions: (3, size, size)."""
+    yy, xx = torch.meshgrid(torch.arange(size * 1.0), torch.arange(size * 1.0), indexing="ij")
+    return torch.stack([0.5 + 0.3 * torch.sin(xx * torch.pi / 2) * torch.cos(yy * torch.pi / 4),
+                        0.5 + 0.2 * torch.cos(xx * torch.pi / 4 + yy * torch.pi / 2),
+                        0.4 + 0.3 * ((xx + yy) % 4 < 2).float()])
+
+
+class Upsampler(nn.Module):
+    """A restorer that only up-samples (bilinear): the output's texture is the input's, nothing invented."""
+
+    upscale = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=self.upscale, mode="bilinear", align_corners=False)
 
 
 def test_cli_writes_png_and_html(parts, tmp_path, capsys):
@@ -60,6 +84,17 @@ def test_cli_writes_png_and_html(parts, tmp_path, capsys):
     assert "data:image/png;base64," in page and page.count("<tr><td>") >= 2
     printed = capsys.readouterr().out
     assert "wrote" in printed and "c*=" in printed
+
+
+def test_cli_explains_a_low_quality_image(parts, tmp_path, capsys):
+    out = tmp_path / "lq_explain.png"
+    rc = main(["explain", str(parts["lq"]), "--lq", "--checkpoint", str(parts["model"]), "--classifier",
+               str(parts["classifier"]), "--patches", "2", "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "no HR image" in printed and "consistency r²" in printed
+    assert "mean texture consistency of the restored image:" in printed and "(4x4 tiles of 16 px)" in printed
 
 
 def test_explain_core_finds_windows_outside_the_tile(parts, generator):
@@ -86,6 +121,80 @@ def test_explain_core_finds_windows_outside_the_tile(parts, generator):
         assert r["score"] >= cfg.texture.min_score
     # Stripes find stripes: the windows of the top-row tile lie in the striped top half.
     assert all(r["window"][2] <= 40 for r in result.rows if r["patch"] == 1)
+    # The texture consistency of the restored output: one value per 16 px tile, in [0, 1].
+    assert result.consistency.shape == (4, 4) and 0 <= result.consistency.min() <= result.consistency.max() <= 1
+    assert result.consistency_mean == pytest.approx(float(result.consistency.mean()))
+    assert [s["patch"] for s in result.tile_summary] == [1, 2]
+    for s in result.tile_summary:
+        assert s["consistency"] == pytest.approx(float(result.consistency[s["tile"][0] // 16, s["tile"][1] // 16]),
+                                                 abs=1e-5)
+
+
+def test_explain_lq_needs_no_hr_image(parts, generator, tmp_path):
+    from xswinir.model import load_model
+    from xswinir.texture import load_texture_classifier
+
+    model, _ = load_model(parts["model"])
+    clf = load_texture_classifier(parts["classifier"])
+    lq = read_image(parts["lq"])
+    # The untrained model's output shares little with the input: min_score 0 keeps the K best windows anyway.
+    # A 48 px region makes every tile its own block (the 64 px output is more than one region).
+    texture = TextureConfig(min_score=0.0, region_size=48)
+    out = tmp_path / "lq_explain.png"
+    result = explain_lq(model, clf, lq, texture, patches=2, out=out, html=True)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and result.png == out
+    page = out.with_suffix(".html").read_text()
+    assert "data:image/png;base64," in page and "texture consistency" in page
+    assert result.hr is None and result.lq.shape == (3, 32, 32) and result.sr.shape == (3, 64, 64)
+    assert result.query.shape == result.sr.shape  # the input on the output grid
+    assert "no HR image" in result.description
+    assert result.consistency.shape == (4, 4) and 0 <= result.consistency.min() <= result.consistency.max() <= 1
+    assert result.consistency_mean == pytest.approx(float(result.consistency.mean()))
+    assert {r["patch"] for r in result.rows} == {1, 2}
+    for r in result.rows:  # windows of the restored output, other than the tile itself
+        top, left, bottom, right = r["window"]
+        assert bottom - top == right - left == 16 and 0 <= top and 0 <= left and bottom <= 64 and right <= 64
+        tile = r["tile"]
+        assert bottom <= tile[0] or top >= tile[2] or right <= tile[1] or left >= tile[3]  # max_iou 0: disjoint
+        assert 0 <= r["score"] <= 1
+    # A tile's row searches exactly what the map searched for it.
+    for s in result.tile_summary:
+        assert s["r2"] == s["consistency"]
+        assert s["r2"] == pytest.approx(float(result.consistency[s["tile"][0] // 16, s["tile"][1] // 16]), abs=1e-5)
+
+
+def test_repeated_texture_is_more_consistent_than_noise(generator):
+    noise = torch.rand(3, 32, 32, generator=generator)
+    both = F.interpolate(torch.cat([repeated_texture(), noise], -1)[None], scale_factor=2, mode="bilinear")[0]
+    clf = tiny_classifier(both)
+    texture = TextureConfig(min_score=0.0)  # the same K windows for both: the fit decides, not the threshold
+    repeated = explain_lq(Upsampler(), clf, repeated_texture(), texture, patches=1)
+    noisy = explain_lq(Upsampler(), clf, noise, texture, patches=1)
+    assert repeated.consistency_mean > 0.9 > 0.3 > noisy.consistency_mean
+
+
+def test_consistency_map_matches_single_tile_searches(generator):
+    from xswinir.explain import _search
+
+    image = textured_image(generator, 80)  # 5 x 5 tiles; 64 px regions give 2 x 2 blocks, the last ones overlap
+    clf = tiny_classifier(image)
+    texture = TextureConfig(region_size=64, min_score=0.0)
+    consistency = consistency_map(clf, image, None, texture)
+    assert consistency.shape == (5, 5)
+    grid = torch.stack(torch.meshgrid(torch.arange(5), torch.arange(5), indexing="ij"), -1).reshape(-1, 2) * 16
+    match, regions, _ = _search(clf, image, None, grid, (16, 16), texture, torch.device("cpu"))
+    assert regions.shape[-2:] == (64, 64)
+    torch.testing.assert_close(consistency.flatten(), match.tile_r2[:, 0], atol=1e-5, rtol=0)
+
+
+def test_denoiser_query_is_the_input(parts, generator):
+    torch.manual_seed(0)
+    model = build_swinir(dataclasses.replace(MODEL_PRESETS["tiny-x2"], upscale=1, upsampler=""))
+    clf = tiny_classifier(textured_image(generator, 32))
+    lq = read_image(parts["lq"])
+    result = explain_lq(model, clf, lq, TextureConfig(), patches=1)
+    assert result.sr.shape == lq.shape and torch.equal(result.query, lq)
+    assert result.consistency.shape == (2, 2)
 
 
 def test_pick_tiles_prefers_texture(generator):
@@ -110,6 +219,11 @@ def test_bad_image_gives_a_clear_error(parts, tmp_path, capsys):
     assert "smaller than one 16 px" in capsys.readouterr().err
     assert main(["explain", str(parts["image"]), *common, "--tile-at", "60,60"]) == 2
     assert "must lie inside" in capsys.readouterr().err
+    write_image(tmp_path / "tiny_lq.png", torch.rand(3, 6, 6))
+    assert main(["explain", str(tmp_path / "tiny_lq.png"), "--lq", *common]) == 2
+    assert "gives a 12x12 output, smaller than one 16 px" in capsys.readouterr().err
+    assert main(["explain", str(parts["lq"]), "--lq", "--degradation", "bicubic", *common]) == 2
+    assert "--lq" in capsys.readouterr().err
     assert main(["explain", str(parts["image"]), "--checkpoint", str(parts["model"]), "--out",
                  str(tmp_path / "x.png")]) == 2
     assert "--classifier" in capsys.readouterr().err

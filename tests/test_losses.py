@@ -85,6 +85,7 @@ def test_projection_is_exact_when_gt_lies_in_the_span(generator):
     assert chosen[(0, 0, 8, 8)] == pytest.approx(0.5, abs=1e-4)
     assert chosen[(0, 24, 8, 32)] == pytest.approx(0.3, abs=1e-4)
     torch.testing.assert_close(match.target, gt, atol=1e-5, rtol=0)
+    assert match.tile_r2[0, 0].item() == pytest.approx(1.0, abs=1e-5)
 
     loss = CombinedLoss(MeanStdClassifier(p), texture_weight=1.0, top_k=5, min_score=0.0, ridge=0.0)
     _, parts = loss(gt.clone(), gt, region, offset, valid)
@@ -130,29 +131,129 @@ def test_candidate_mask_matches_box_iou():
     assert torch.equal(allowed, _iou(windows, tiles) <= 0.2)
 
 
+def _projection_reference(match, e: torch.Tensor, p: int) -> torch.Tensor:
+    """P_X e per tile written out: centre the tile per channel, least squares on the centred windows (ridge 0)."""
+    B, C, H, W = e.shape
+    out = torch.zeros(B, match.tiles[0] * match.tiles[1], C * p * p, dtype=torch.float64)
+    for b in range(B):
+        for t in range(out.shape[1]):
+            ty, tx = divmod(t, match.tiles[1])
+            y = e[b, :, ty * p:(ty + 1) * p, tx * p:(tx + 1) * p].double()
+            y = (y - y.mean(dim=(1, 2), keepdim=True)).flatten()
+            X = match.windows[b, t][:, match.valid[b, t]].double()
+            c = torch.linalg.lstsq(X, y[:, None]).solution
+            out[b, t] = (X @ c).squeeze(1)
+    return out
+
+
 @pytest.mark.parametrize("kind", ["double", "real"])
-def test_gradients_reach_only_sr(generator, kind):
+@pytest.mark.parametrize("form", ["projection", "pull"])
+def test_gradients_reach_only_sr(generator, kind, form):
     gt = torch.rand(2, 3, 16, 16, generator=generator).requires_grad_()
     clf = make_classifier(kind, 8, gt.detach())
     clf.requires_grad_(True)
     region = F.pad(gt.detach(), (8, 8, 8, 8), mode="reflect").requires_grad_()
     offset = torch.full((2, 2), 8)
     match = texture_search(clf, gt, region, offset, stride=4, top_k=3, min_score=0.0)
-    for t in (match.target, match.coefs, match.scores):
+    for t in (match.target, match.coefs, match.scores, match.windows, match.tile_r2):
         assert not t.requires_grad
 
-    loss = CombinedLoss(clf, texture_weight=0.5, top_k=3, min_score=0.0)
+    loss = CombinedLoss(clf, texture_weight=0.5, texture_form=form, top_k=3, min_score=0.0, ridge=0.0)
     assert not any(p.requires_grad for p in clf.parameters())
     sr = torch.rand(2, 3, 16, 16, generator=generator).requires_grad_()
     total, parts = loss(sr, gt.detach(), region, offset)
     total.backward()
     assert region.grad is None and gt.grad is None
     assert all(p.grad is None for p in clf.parameters())
-    # Reference gradient of l1 + 0.5 * masked-mean l1, from the formula.
-    target = loss.search(gt.detach(), region.detach(), offset).target
-    expected = torch.sign(sr - gt) / sr.numel() + 0.5 * torch.sign(sr - target) / sr.numel()
-    torch.testing.assert_close(sr.grad, expected.detach())
+    match = loss.search(gt.detach(), region.detach(), offset)
+    if form == "pull":  # l1 + 0.5 * mean |sr - X c*|
+        texture_grad = torch.sign(sr - match.target)
+    else:  # l1 + 0.5 * mean |P e|: the gradient is P^T sign(P e) = P sign(P e), P symmetric
+        projected = _projection_reference(match, (sr - gt).detach(), 8)
+        back = _projection_reference(match, _untile_test(torch.sign(projected), 3, 8, 2, 2), 8)
+        texture_grad = _untile_test(back, 3, 8, 2, 2)
+    expected = torch.sign(sr - gt) / sr.numel() + 0.5 * texture_grad / sr.numel()
+    torch.testing.assert_close(sr.grad, expected.detach().float(), atol=1e-6, rtol=1e-4)
     assert all(v.ndim == 0 and not v.requires_grad for v in parts.values())
+
+
+def _untile_test(tiles: torch.Tensor, C: int, p: int, th: int, tw: int) -> torch.Tensor:
+    """(B, T, C*p*p) tiles back to (B, C, th*p, tw*p), written independently of the library."""
+    B = tiles.shape[0]
+    out = torch.zeros(B, C, th * p, tw * p, dtype=tiles.dtype)
+    for t in range(th * tw):
+        ty, tx = divmod(t, tw)
+        out[:, :, ty * p:(ty + 1) * p, tx * p:(tx + 1) * p] = tiles[:, t].reshape(B, C, p, p)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["double", "real"])
+@pytest.mark.parametrize("dist", ["l1", "l2", "charbonnier"])
+def test_projection_term_is_consistent_its_minimum_is_at_gt(generator, kind, dist):
+    # At sr = gt the term and its gradient vanish, whatever the chosen windows; the pull form does not.
+    gt = torch.rand(2, 3, 32, 32, generator=generator)
+    region = F.pad(gt, (16, 16, 16, 16), mode="reflect")
+    offset = torch.full((2, 2), 16)
+    clf = make_classifier(kind, 8, gt)
+    loss = CombinedLoss(clf, texture_weight=1.0, texture_dist=dist, top_k=5, min_score=0.0)
+    sr = gt.clone().requires_grad_()
+    loss.texture_term(sr, gt, loss.search(gt, region, offset)).backward()
+    assert loss.texture_term(gt, gt, loss.search(gt, region, offset)).item() == pytest.approx(0.0, abs=1e-7)
+    assert sr.grad.abs().max().item() < 1e-7
+    pull = CombinedLoss(clf, texture_weight=1.0, texture_form="pull", texture_dist=dist, top_k=5, min_score=0.0)
+    assert pull.texture_term(gt, gt, pull.search(gt, region, offset)).item() > 1e-3  # the control
+
+
+def test_a_step_on_the_projection_term_never_moves_away_from_gt(generator):
+    # <grad, sr - gt> >= 0 for the l2 projection term: its descent direction never increases ||sr - gt||.
+    gt = torch.rand(4, 3, 32, 32, generator=generator)
+    region = F.pad(gt, (16, 16, 16, 16), mode="reflect")
+    offset = torch.full((4, 2), 16)
+    loss = CombinedLoss(MeanStdClassifier(8), texture_weight=1.0, texture_dist="l2", top_k=5, min_score=0.0)
+    match = loss.search(gt, region, offset)
+    sr = (gt + 0.2 * torch.randn(gt.shape, generator=generator)).requires_grad_()
+    loss.texture_term(sr, gt, match).backward()
+    per_tile = (sr.grad * (sr - gt).detach()).unfold(2, 8, 8).unfold(3, 8, 8).sum(dim=(1, 4, 5))
+    assert (per_tile >= -1e-9).all() and per_tile.sum() > 0
+    stepped = sr.detach() - 1.0 * sr.grad / sr.grad.abs().max() * 0.01
+    assert (stepped - gt).norm() < (sr.detach() - gt).norm()
+
+
+def test_query_decides_which_windows_are_chosen(generator):
+    # Two candidate windows: one with gt's brightness, one with the query's; the mean-matching double picks
+    # whichever its query tile resembles, and c* still fits gt.
+    p = 8
+    gt = torch.full((1, 3, 8, 8), 0.2) + 0.05 * torch.rand(1, 3, 8, 8, generator=generator)
+    query = torch.full((1, 3, 8, 8), 0.8)
+    region = torch.full((1, 3, 8, 32), 0.5)
+    region[..., 0:8, 0:8] = gt
+    region[..., 0:8, 8:16] = 0.2 + 0.05 * torch.rand(1, 3, 8, 8, generator=generator)
+    region[..., 0:8, 24:32] = 0.8 + 0.05 * torch.rand(1, 3, 8, 8, generator=generator)
+    offset = torch.zeros(1, 2, dtype=torch.long)
+    own = texture_search(MeanStdClassifier(p), gt, region, offset, stride=8, top_k=1, min_score=0.0)
+    assert own.boxes[0, 0, 0].tolist() == [0, 8, 8, 16]
+    via_query = texture_search(MeanStdClassifier(p), gt, region, offset, query=query, stride=8, top_k=1,
+                               min_score=0.0)
+    assert via_query.boxes[0, 0, 0].tolist() == [0, 24, 8, 32]
+    assert torch.equal(texture_search(MeanStdClassifier(p), gt, region, offset, query=gt, stride=8, top_k=1,
+                                      min_score=0.0).boxes, own.boxes)
+    with pytest.raises(ValueError, match="query"):
+        texture_search(MeanStdClassifier(p), gt, region, offset, query=query[..., :4], stride=8)
+
+
+def test_query_lq_needs_the_degraded_input_and_reports_diagnostics(generator):
+    gt = torch.rand(2, 3, 32, 32, generator=generator)
+    lq = F.avg_pool2d(gt, 2)
+    loss = CombinedLoss(MeanStdClassifier(8), texture_weight=1.0, query="lq", min_score=0.0)
+    with pytest.raises(ConfigError, match="lq"):
+        loss(gt.clone(), gt)
+    _, parts = loss(gt.clone(), gt, lq=lq)
+    assert 0 < parts["texture_tiles_used"].item() <= 1
+    assert 0 <= parts["texture_r2"].item() <= 1
+    expected_bicubic = (F.interpolate(lq, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
+                        - gt).abs().mean()
+    torch.testing.assert_close(parts["texture_bicubic_error"], expected_bicubic)
+    assert parts["texture_fit_error"].item() > 0
 
 
 @pytest.mark.parametrize("kind", ["double", "real"])
@@ -172,11 +273,15 @@ def test_shapes_for_every_patch_size(generator, p, size, kind):
     assert torch.isfinite(match.target).all() and torch.isfinite(match.coefs).all()
     assert ((match.boxes[..., 2:] - match.boxes[..., :2]) == p).all()
     assert (match.boxes[..., 2] <= region.shape[-2]).all() and (match.boxes[..., 3] <= region.shape[-1]).all()
-    # Each chosen box really holds the pixels that went into X: rebuild one tile's X c* by hand.
+    assert match.tile_r2.shape == (B, T) and ((match.tile_r2 >= 0) & (match.tile_r2 <= 1)).all()
+    # Each chosen box really holds the pixels that went into X: rebuild one tile's X c* by hand, as the
+    # tile's own per-channel mean plus the coefficients times the windows' deviations from their means.
     b, t = 1, T - 1
-    cols = [region[b, :, y0:y1, x0:x1] for y0, x0, y1, x1 in match.boxes[b, t].tolist()]
-    by_hand = sum(c * w for c, w in zip(cols, match.coefs[b, t].tolist(), strict=True))
     ty, tx = divmod(t, size // p)
+    tile = gt[b, :, ty * p:(ty + 1) * p, tx * p:(tx + 1) * p]
+    cols = [region[b, :, y0:y1, x0:x1] for y0, x0, y1, x1 in match.boxes[b, t].tolist()]
+    by_hand = tile.mean(dim=(1, 2), keepdim=True) + sum(
+        (c - c.mean(dim=(1, 2), keepdim=True)) * w for c, w in zip(cols, match.coefs[b, t].tolist(), strict=True))
     torch.testing.assert_close(match.target[b, :, ty * p:(ty + 1) * p, tx * p:(tx + 1) * p], by_hand,
                                atol=1e-5, rtol=1e-5)
 
@@ -228,7 +333,8 @@ def test_lambda_zero_is_exactly_the_pixel_loss(generator):
 def test_texture_distances(generator, kind):
     gt = torch.rand(1, 3, 16, 16, generator=generator).repeat(1, 1, 2, 2)
     sr = (gt + 0.1).requires_grad_()
-    loss = CombinedLoss(MeanStdClassifier(16), texture_weight=2.0, texture_dist=kind, min_score=0.0, ridge=0.0)
+    loss = CombinedLoss(MeanStdClassifier(16), texture_weight=2.0, texture_form="pull", texture_dist=kind,
+                        min_score=0.0, ridge=0.0)
     total, parts = loss(sr, gt)
     target = loss.search(gt).target
     d = sr.detach() - target
@@ -252,14 +358,30 @@ def test_deterministic_for_a_fixed_seed():
 
 
 @pytest.mark.parametrize("value", [0.0, 0.5])
-def test_flat_and_identical_windows_give_finite_coefficients(value):
+def test_flat_windows_give_finite_zero_coefficients(value):
+    # Flat windows carry no structure: the fit is the tile's own mean, with coefficients 0, never NaN.
     gt = torch.full((1, 3, 32, 32), value)
     match = texture_search(MeanStdClassifier(8), gt, stride=4, top_k=5, min_score=0.0, ridge=1e-3)
     assert match.valid.all()
     assert torch.isfinite(match.coefs).all() and torch.isfinite(match.target).all()
-    torch.testing.assert_close(match.target, gt, atol=1e-2, rtol=0)
-    if value:  # identical columns share the weight evenly instead of exploding
-        torch.testing.assert_close(match.coefs, torch.full_like(match.coefs, 0.2), atol=1e-3, rtol=0)
+    torch.testing.assert_close(match.target, gt, atol=1e-6, rtol=0)
+    assert (match.coefs == 0).all() and (match.tile_r2 == 0).all()
+
+
+def test_identical_windows_share_the_weight_evenly(generator):
+    pattern = torch.rand(1, 3, 8, 8, generator=generator)
+    gt = pattern.repeat(1, 1, 4, 4)
+    match = texture_search(MeanStdClassifier(8), gt, stride=8, top_k=5, min_score=0.0, ridge=1e-3)
+    torch.testing.assert_close(match.coefs, torch.full_like(match.coefs, 0.2), atol=1e-3, rtol=0)
+
+
+def test_ridge_is_relative_to_the_valid_columns_only(generator):
+    X = torch.randn(3, 40, 5, generator=generator, dtype=torch.float64)
+    y = torch.randn(3, 40, generator=generator, dtype=torch.float64)
+    valid = torch.tensor([True, False, True, False, False]).expand(3, 5)
+    with_invalid = solve_coefficients(X, y, valid, ridge=0.5)
+    only_valid = solve_coefficients(X[..., [0, 2]], y, torch.ones(3, 2, dtype=torch.bool), ridge=0.5)
+    torch.testing.assert_close(with_invalid[..., [0, 2]], only_valid)
 
 
 def test_solve_matches_lstsq_and_ignores_invalid_columns(generator):

@@ -106,6 +106,21 @@ def load_study_config(path: str | Path, extra_overrides: list[str] | None = None
     return study
 
 
+def with_absolute_paths(study: StudyConfig) -> StudyConfig:
+    """The study with its local data paths made absolute: Tune trials run in their own working directory."""
+    from tune.sweep import _absolute_local_paths
+    from xswinir.images import absolute_source
+
+    base = study.arm_config(study.baseline, study.seeds[0])
+    fixed = _absolute_local_paths(base)
+    extra = [f"{key}={value}" for key, value in (("data.train", fixed.data.train), ("data.val", fixed.data.val))
+             if value != getattr(base.data, key.split(".")[1])]
+    base_path = resolve_config_path(study.base)
+    return dataclasses.replace(study, base=str(base_path.resolve()), overrides=[*study.overrides, *extra],
+                               eval_sets=[absolute_source(s) for s in study.eval_sets],
+                               storage=str(Path(study.storage).expanduser().resolve()))
+
+
 def run_name(arm: str, seed: int) -> str:
     return f"{arm}_s{seed}"
 
@@ -170,6 +185,7 @@ def run_study(study: StudyConfig, resume: bool = False) -> Path:
         raise UserError(f"study '{study.name}' already exists in {study.storage}: pass --resume to continue it, "
                         "or choose another name")
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
+    study = with_absolute_paths(study)
     base = study.arm_config(study.baseline, study.seeds[0])
     init_ray(dataclasses.replace(base.run, address=study.address))
     trainable = tune.with_resources(

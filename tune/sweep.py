@@ -232,11 +232,13 @@ def _classifier_cache(sweep: SweepConfig) -> str:
 
 def _absolute_local_paths(cfg: Config) -> Config:
     """Local data and classifier paths as absolute ones: a trial may run in another working directory."""
+    from xswinir.images import absolute_source
+
     changes: dict[str, Any] = {}
     for key, value in (("data.train", cfg.data.train), ("data.val", cfg.data.val),
                        ("texture.classifier.path", cfg.texture.classifier.path)):
-        if value and "://" not in value and ":" not in value.split("/")[0] and Path(value).exists():
-            changes[key] = str(Path(value).resolve())
+        if value and absolute_source(value) != value:
+            changes[key] = absolute_source(value)
     return apply_overrides(cfg, changes) if changes else cfg
 
 

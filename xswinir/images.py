@@ -127,6 +127,17 @@ def skimage_data_dir() -> Path:
     return Path(skimage.__file__).parent / "data"
 
 
+def absolute_source(source: str) -> str:
+    """A source with its existing local paths made absolute (each part of a ``;`` list); URIs and
+    ``skimage:`` names unchanged. Ray Tune trials run in their own working directory."""
+    parts = []
+    for part in source.split(";"):
+        text = part.strip()
+        local = text and "://" not in text and not text.startswith("skimage:")
+        parts.append(str(Path(text).expanduser().resolve()) if local and Path(text).expanduser().exists() else text)
+    return ";".join(parts)
+
+
 def resolve_image_files(source: str | Path) -> list[Path]:
     """The image files a source names, sorted.
 
