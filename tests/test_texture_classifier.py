@@ -65,7 +65,9 @@ def test_separates_stripes_from_noise(trained, textures):
     with torch.no_grad():
         same, different = clf(torch.stack([a, c]), torch.stack([b, noise[:, 50:50 + P, 50:50 + P]]))
         cross = clf(a[None], c[None])
-    assert same > 0.5 and different > 0.5 and cross < 0.5
+    # Stripes in phase can stand in for each other; stripes and noise cannot; two windows of fine noise share
+    # their statistics but not their layout, so neither explains the other in the least-squares fit.
+    assert same > 0.5 and cross < 0.5 and different < 0.5
 
 
 def test_pair_scores_are_symmetric(trained, generator):
@@ -87,8 +89,9 @@ def test_all_pairs_pattern_equals_the_broadcast(trained, generator):
         fast = clf.pair_logits(tiles, windows)
         swapped = clf.pair_logits(windows.transpose(1, 2), tiles.transpose(1, 2))  # (B, N, 1, F) x (B, 1, T, F)
     assert fast.shape == expected.shape == (2, 5, 30)
-    torch.testing.assert_close(fast, expected, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(swapped, expected.transpose(1, 2), atol=1e-4, rtol=1e-5)
+    # Random raw features are far outside the standardised range, so logits reach hundreds: float32 rounding.
+    torch.testing.assert_close(fast, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(swapped, expected.transpose(1, 2), atol=1e-4, rtol=1e-4)
 
 
 def test_similarity_map_matches_forward_on_windows(trained, textures):
@@ -225,7 +228,7 @@ def test_cli_train_then_show(textures, tmp_path, capsys):
     rc = main(["texture", "train", "--images", str(images), "--out", str(out), "--no-progress",
                "--set", "texture.classifier.num_pairs=64", "--set", "texture.classifier.steps=10"])
     printed = capsys.readouterr().out
-    assert rc == 0 and "held-out accuracy" in printed and "ROC AUC" in printed
+    assert rc == 0 and "held-out (pairs) accuracy" in printed and "ROC AUC" in printed
     assert {p.name for p in out.iterdir()} == {"classifier.json", "classifier.safetensors", "weights.png"}
     assert main(["texture", "show", str(out), "--out", str(tmp_path / "plot.png")]) == 0
     printed = capsys.readouterr().out

@@ -26,7 +26,8 @@ def test_names_match_the_feature_vector(features, generator):
     assert len(set(names)) == len(names)
     assert 30 <= len(names) <= 80
     assert "grad_energy_s2_o45_mean" in names and "lbp_nonuniform" in names
-    assert len(TextureFeatures(scales=(1, 2), num_orientations=6).feature_names) == 2 * 2 * 6 + 18
+    assert len(TextureFeatures(scales=(1, 2), num_orientations=6).feature_names) == 2 * 2 * 6 + 16 + 16
+    assert len(TextureFeatures(layout_grid=0).feature_names) == 2 * 3 * 4 + 16
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -48,12 +49,32 @@ def test_gray_input_has_zero_colour_and_equals_gray_rgb(features, generator):
     f_gray = features(gray)
     f_rgb = features(gray.expand(-1, 3, -1, -1))
     colour = [i for i, n in enumerate(features.feature_names) if n.startswith("chroma")]
-    assert len(colour) == 5
+    assert len(colour) == 2
     assert torch.all(f_gray[:, colour] == 0)
     torch.testing.assert_close(f_rgb, f_gray, atol=1e-5, rtol=1e-4)
-    red = torch.zeros(1, 3, 16, 16)
-    red[:, 0] = 0.8
-    assert features(red)[0, _index(features, "chroma_cr_mean")] > 0.2
+    stripes = torch.zeros(1, 3, 16, 16)
+    stripes[:, 0, :, ::2] = 0.8  # red and black columns: colour varies inside the window
+    assert features(stripes)[0, _index(features, "chroma_cr_std")] > 0.1
+
+
+def test_no_feature_sees_mean_brightness_or_colour(features, generator):
+    # A texture is the same texture in shade and in light, and under a colour cast.
+    x = 0.2 + 0.5 * torch.rand(3, 3, 24, 24, generator=generator)
+    brighter = features(x + 0.2)
+    tinted = features(x + torch.tensor([0.1, -0.05, 0.0])[:, None, None])
+    torch.testing.assert_close(brighter, features(x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tinted, features(x), atol=1e-4, rtol=1e-4)
+
+
+def test_layout_cells_say_where_the_window_is_bright(features):
+    # Bright top-left quarter: cell (0, 0) is far above the window mean, cell (3, 3) below it.
+    x = torch.zeros(1, 1, 16, 16)
+    x[..., :8, :8] = 1.0
+    out = features(x)[0]
+    assert out[_index(features, "layout_r0c0")] > 1.0 and out[_index(features, "layout_r3c3")] < -0.5
+    flipped = features(x.flip(-1))[0]
+    assert flipped[_index(features, "layout_r0c3")] == pytest.approx(out[_index(features, "layout_r0c0")].item())
+    assert out[_index(features, "ramp_x_mean")] < 0 and out[_index(features, "ramp_y_mean")] < 0
 
 
 def test_ramp_gives_its_slope_per_orientation(features):
@@ -69,7 +90,8 @@ def test_ramp_gives_its_slope_per_orientation(features):
                 expected, abs=1e-5)
             assert out[_index(features, f"grad_energy_s{s}_o{degrees}_std")].item() == pytest.approx(0, abs=1e-3)
     assert out[_index(features, "contrast_laplacian_mean")].item() == pytest.approx(0, abs=1e-5)
-    assert out[_index(features, "luma_mean")].item() == pytest.approx(x.mean().item(), abs=1e-5)
+    assert out[_index(features, "ramp_x_mean")].item() == pytest.approx(slope, abs=1e-5)
+    assert out[_index(features, "ramp_y_mean")].item() == pytest.approx(0, abs=1e-5)
     assert out[_index(features, "luma_std")].item() == pytest.approx(x.std(unbiased=False).item(), abs=1e-4)
 
 
