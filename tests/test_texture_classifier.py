@@ -277,3 +277,33 @@ def test_ensure_reads_parquet_shards(textures, tmp_path):
                                      "texture.classifier.steps": 10})
     folder = ensure_texture_classifier(cfg, tmp_path / "cache")
     assert load_texture_classifier(folder).report["num_images"] == 2
+
+
+def test_pairs_overlap_no_more_than_the_search_allows():
+    from xswinir.texture.training import _overlap_iou
+
+    dy, dx = torch.tensor([0, 0, 8, 16, 13, 3]), torch.tensor([0, 16, 8, 0, 2, 15])
+    boxes_a = torch.tensor([[0, 0, 16, 16]]).expand(6, 4)
+    boxes_b = torch.stack([dy, dx, dy + 16, dx + 16], dim=1)
+    h = (torch.minimum(boxes_a[:, 2], boxes_b[:, 2]) - torch.maximum(boxes_a[:, 0], boxes_b[:, 0])).clamp_min(0)
+    w = (torch.minimum(boxes_a[:, 3], boxes_b[:, 3]) - torch.maximum(boxes_a[:, 1], boxes_b[:, 1])).clamp_min(0)
+    inter = (h * w).double()
+    torch.testing.assert_close(_overlap_iou(dy, dx, 16), inter / (512 - inter))
+
+
+def test_held_out_auc_is_on_images_the_fit_never_saw(generator):
+    # Six images, two held out (holdout_fraction 1/3): the report says so and has an AUC for both query kinds.
+    images = [_stripes(64, period, generator) for period in (5.0, 7.0, 9.0)] + [
+        _noise(64, generator) for _ in range(3)]
+
+    def blur(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(image, 2)
+
+    cfg = dataclasses.replace(TINY, holdout_fraction=1 / 3, steps=30)
+    clf, report = train_texture_classifier(images, P, cfg, progress=False, degrade=blur)
+    assert report["holdout"] == "images" and report["num_images"] == 6
+    assert report["num_holdout_pairs"] == round(cfg.num_pairs * cfg.holdout_fraction)
+    assert 0.5 < report["roc_auc"] <= 1 and 0.5 < report["roc_auc_lq"] <= 1
+    assert report["num_negative_nearby"] > 0
+    _, few = train_texture_classifier(images[:3], P, cfg, progress=False)
+    assert few["holdout"] == "pairs" and few["roc_auc_lq"] is None

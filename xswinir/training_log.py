@@ -64,7 +64,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_training_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
-    """Loss, learning rate and validation PSNR against the step, as one PNG; None if nothing was logged."""
+    """Loss, learning rate, validation PSNR and (with the texture term) its diagnostics against the step, as
+    one PNG; None if nothing was logged."""
     rows = read_metrics(metrics_path)
     if not rows:
         return None
@@ -77,7 +78,8 @@ def plot_training_curves(metrics_path: str | Path, out_path: str | Path) -> Path
         pairs = [(r["step"], r[key]) for r in rows if key in r]
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    texture = any(r.get("train/texture_tiles_used", 0) > 0 for r in rows)
+    fig, axes = plt.subplots(1, 4 if texture else 3, figsize=(20 if texture else 15, 4))
     for key, style in (("train/loss", "-"), ("train/loss_pixel", "--"), ("train/loss_texture", ":")):
         steps, values = series(key)
         if steps:
@@ -94,6 +96,23 @@ def plot_training_curves(metrics_path: str | Path, out_path: str | Path) -> Path
             axes[2].plot(steps, values, "o-" if label != "bicubic" else "--", label=label)
     axes[2].set_title("validation Y-PSNR (dB)")
     axes[2].legend()
+    if texture:
+        # Is the term doing anything: how well X c* rebuilds gt against the bicubic input, and how much of it.
+        for key, label in (("train/texture_fit_error", "|X c* - gt|"), ("train/texture_bicubic_error",
+                                                                       "|bicubic(lq) - gt|")):
+            steps, values = series(key)
+            if steps:
+                axes[3].plot(steps, values, label=label)
+        share = axes[3].twinx()
+        for key, label, style in (("train/texture_tiles_used", "tiles used", ":"), ("train/texture_r2",
+                                                                                   "structure explained (r2)", "-.")):
+            steps, values = series(key)
+            if steps:
+                share.plot(steps, values, style, color="gray", label=label)
+        share.set_ylim(0, 1)
+        share.legend(loc="lower right", fontsize=7)
+        axes[3].set_title("texture term: fit of X c* (mean abs error)")
+        axes[3].legend(loc="upper right", fontsize=7)
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
