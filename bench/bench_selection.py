@@ -23,7 +23,7 @@ the HR grid (``lq``: what a user has). Reported per method (mean over crops, 95 
 The bicubic error and the flat per-tile mean are printed as references. Needs ``../shared/data`` (or
 ``--data``).
 
-    python -m bench.bench_selection [--quick] [--crops 96]
+    python -m bench.bench_selection [--quick] [--crops 96] [--set texture.classifier.layout_grid=8]
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import print_table, write_json
-from xswinir.config import DEGRADATION_PRESETS, ClassifierConfig, TextureConfig
+from xswinir.config import DEGRADATION_PRESETS, Config, apply_overrides
 from xswinir.data import open_images
 from xswinir.degradations import build_degrader
 from xswinir.losses import _centre, _tiles, project_onto_windows, texture_search, upsample_query
 from xswinir.texture import train_texture_classifier
-from xswinir.texture.training import load_training_images
+from xswinir.texture.training import load_training_images, run_degradation
 
 
 class _RandomFeatures:
@@ -122,20 +122,20 @@ def main() -> None:
     parser.add_argument("--crops", type=int, default=96)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default="bench/results/selection.json")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="classifier and search overrides, e.g. texture.classifier.layout_grid=8")
     args = parser.parse_args()
     torch.manual_seed(0)
     data = Path(args.data)
     crops = 16 if args.quick else args.crops
-    tex = TextureConfig()
+    cfg = apply_overrides(Config(), [f"texture.classifier.num_pairs={2048 if args.quick else 8192}",
+                                     *args.overrides])
+    tex = cfg.texture
     p, scale, gt_size, region_size = tex.patch_size, 2, 64, tex.region_size
 
     train_images = load_training_images(str(data / "T91"), 64)
-    from xswinir.config import Config
-    from xswinir.texture.training import run_degradation
-
-    ccfg = ClassifierConfig(num_pairs=2048 if args.quick else 8192)
-    clf, report = train_texture_classifier(train_images, p, ccfg, progress=False, max_iou=tex.max_iou,
-                                           degrade=run_degradation(Config()))
+    clf, report = train_texture_classifier(train_images, p, tex.classifier, progress=False, max_iou=tex.max_iou,
+                                           degrade=run_degradation(cfg))
     print(f"classifier (T91): held-out-image ROC AUC {report['roc_auc']:.3f} (HR queries), "
           f"{report['roc_auc_lq']:.3f} (LQ queries)")
 
@@ -194,7 +194,7 @@ def main() -> None:
     print(f"references: |bicubic(lq) - gt| {references['bicubic_err']:.4f}, flat tile mean "
           f"{references['flat_mean_err']:.4f}")
     write_json(args.json, "bench_selection", rows, references=references, classifier_report=report,
-               crops=crops)
+               crops=crops, overrides=args.overrides)
 
 
 if __name__ == "__main__":

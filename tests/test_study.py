@@ -42,7 +42,8 @@ def test_arms_differ_only_in_their_overrides():
     study = load_study_config("study_cpu")
     base = study.arm_config(study.baseline, 1).to_dict()
     other = study.arm_config("projection_l1", 1).to_dict()
-    differing = {(section, key) for section in base for key in base[section] if base[section][key] != other[section][key]}
+    differing = {(section, key) for section in base for key in base[section]
+                 if base[section][key] != other[section][key]}
     assert differing == {("loss", "texture_weight")}
 
 

@@ -16,12 +16,12 @@ def test_tiny_study_end_to_end_on_ray(tmp_path, ray_local):
     from xswinir.cli import main
 
     config = tmp_path / "tiny.yaml"
-    config.write_text((
+    config.write_text(
         "name: tiny\nbase: demo\n"
         "overrides: [data.train=skimage:train, data.val_max_images=1, train.total_steps=4, train.val_every=2, "
         "texture.classifier.num_pairs=256, run.cpus_per_worker=0.5]\n"
         "arms: {lambda0: [loss.texture_weight=0.0], projection: [loss.texture_weight=1.0]}\n"
-        f"seeds: [0, 1]\neval_sets: [skimage:coins]\nstorage: {tmp_path / 'studies'}\n"))
+        f"seeds: [0, 1]\neval_sets: [skimage:coins]\nstorage: {tmp_path / 'studies'}\n")
     assert main(["study", "--config", str(config)]) == 0
     out = tmp_path / "studies" / "tiny"
     text = (out / "study.md").read_text()

@@ -193,7 +193,7 @@ class TextureFeatures(nn.Module):
         out.append(_pool(laplacian, (ph - 2, pw - 2), stride))
         out.append(_mean_and_std(luma, (ph, pw), stride)[1])
         if chroma is not None:
-            out += [_mean_and_std(chroma[:, :1], (ph, pw), stride)[1], _mean_and_std(chroma[:, 1:], (ph, pw), stride)[1]]
+            out += [_mean_and_std(chroma[:, i:i + 1], (ph, pw), stride)[1] for i in (0, 1)]
         else:
             ref = out[-1]
             out.append(ref.new_zeros(ref.shape[0], 2, *ref.shape[2:]))
