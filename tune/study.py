@@ -276,22 +276,35 @@ def summarise(study: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def display_set(source: str) -> str:
+    """A short name for an evaluation set: ``Set5/HR`` for ``/data/Set5/HR``, ``skimage:val`` as it is."""
+    if "://" in source or source.startswith("skimage:") or "/" not in source:
+        return source
+    parts = Path(source).parts
+    return "/".join(parts[-2:]) if parts[-1].lower() in ("hr", "gt") else parts[-1]
+
+
 def format_report(study: StudyConfig, summary: dict[str, Any]) -> str:
+    cfg = study.arm_config(study.baseline, study.seeds[0])
+    m, t = cfg.model, cfg.train
     lines = [f"# Study `{study.name}`", "",
-             f"Arms trained on `{study.arm_config(study.baseline, study.seeds[0]).data.train}` with seeds "
-             f"{study.seeds}; evaluated with `{study.eval_degradation}` degradations at seed {study.eval_seed} "
+             f"Arms trained on `{cfg.data.train}` with seeds {study.seeds}: SwinIR x{m.upscale} (embed_dim "
+             f"{m.embed_dim}, depths {list(m.depths)}, window {m.window_size}), {t.total_steps} steps of batch "
+             f"{t.batch_size}, `{cfg.degradation.preset}` degradations, LR patch {cfg.data.gt_size // m.upscale}. "
+             f"Each final EMA model evaluated with `{study.eval_degradation}` degradations at seed {study.eval_seed} "
              f"(every model sees the same inputs). Arms:", ""]
     for arm, overrides in study.arms.items():
         lines.append(f"- `{arm}`: {', '.join(f'`{o}`' for o in overrides) or 'the base config'}")
     lines += ["", "## Means over seeds", "", "| set | arm | seeds | " + " | ".join(COMPARED) + " |",
               "|---|---|---|" + "---|" * len(COMPARED)]
+    lines[-2] = lines[-2].replace("| lpips |", "| lpips (lower is better) |")
     for row in summary["means"]:
         cells = [_fmt(row[m]) for m in COMPARED]
-        lines.append(f"| {row['set']} | {row['arm']} | {row['seeds']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {display_set(row['set'])} | {row['arm']} | {row['seeds']} | " + " | ".join(cells) + " |")
     lines += ["", f"## Paired difference to `{study.baseline}` (arm - baseline, same seed), 95 % t interval over seeds",
               "", "| set | arm | metric | mean | 95 % CI | seeds better |", "|---|---|---|---|---|---|"]
     for d in summary["differences"]:
-        lines.append(f"| {d['set']} | {d['arm']} | {d['metric']} | {d['mean']:+.4f} | "
+        lines.append(f"| {display_set(d['set'])} | {d['arm']} | {d['metric']} | {d['mean']:+.4f} | "
                      f"[{d['low']:+.4f}, {d['high']:+.4f}] | {d['wins']}/{d['n']} |")
     return "\n".join(lines) + "\n"
 
@@ -342,7 +355,7 @@ def plot_differences(study: StudyConfig, summary: dict[str, Any], path: Path) ->
                             fmt="o", color="black", capsize=3)
         ax.axhline(0.0, color="gray", linewidth=0.8)
         ax.set_xticks(range(len(arms)), arms, rotation=20, fontsize=7)
-        ax.set_title(hr_set.split("/")[-2] if hr_set.endswith("/HR") else hr_set.split("/")[-1], fontsize=8)
+        ax.set_title(display_set(hr_set), fontsize=8)
         ax.set_ylabel(f"Y-PSNR minus {study.baseline} (dB)", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
