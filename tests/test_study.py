@@ -129,3 +129,13 @@ def test_report_files_from_eval_json(tmp_path):
 
     table = pq.read_table(tmp_path / "s" / "study.parquet").to_pylist()
     assert len(table) == len(rows) and {r["kind"] for r in table} == {"model", "bicubic"}
+
+
+def test_the_command_is_listed_and_documents_itself(capsys):
+    from xswinir.cli import build_parser
+
+    parser = build_parser()
+    assert "study" in parser.format_help()
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["study", "--help"])
+    assert exit_info.value.code == 0 and "--report-only" in capsys.readouterr().out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "controlled study on Ray Tune: λ=0 against texture-term arms, several seeds, paired 95% intervals"
+HELP = "controlled study on Ray Tune: λ=0 against texture-term arms, several seeds, paired 95%% intervals"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
