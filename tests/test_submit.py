@@ -253,7 +253,9 @@ def test_no_wait_returns_the_job_id(ray_head):
     assert str(client.get_job_status("xswinir-test-nowait").value) == "SUCCEEDED"
 
 
+# About a minute on 2 cores; the default run keeps a real job through the two tests above.
 @pytest.mark.integration
+@pytest.mark.slow
 def test_tiny_training_job_writes_a_checkpoint(ray_head, tmp_path):
     address, env = ray_head
     storage = tmp_path / "runs"

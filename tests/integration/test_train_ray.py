@@ -145,6 +145,8 @@ def test_cli_refuses_bad_configs_before_starting(tmp_path, capsys):
     assert "split evenly" in capsys.readouterr().err
 
 
+# About a minute on 2 cores; the default run keeps Ray Data through tests/test_shards.py's reader test.
+@pytest.mark.slow
 def test_trains_from_parquet_shards_through_ray_data(ray_local, tmp_path):
     from xswinir.images import read_image, resolve_image_files, write_image
     from xswinir.shards import pack_images
