@@ -53,8 +53,9 @@ def _train(args: argparse.Namespace) -> int:
                                            max_iou=cfg.texture.max_iou, degrade=run_degradation(cfg))
     print(f"texture classifier p={p} on {source}: {report['num_images']} images, {report['num_features']} features, "
           f"{report['num_parameters']} weights, {report['seconds']:.1f} s")
-    print(f"pairs: {report['num_positive']} positive, {report['num_negative_other_image']} negative across images, "
-          f"{report['num_negative_same_image']} negative within an image; {report['num_holdout_pairs']} held out")
+    print(f"pairs: {report['num_positive']} positive; negative: {report.get('num_negative_nearby', 0)} nearby, "
+          f"{report['num_negative_same_image']} far in the same image, {report['num_negative_other_image']} across "
+          f"images; {report['num_holdout_pairs']} held out")
     lq = f", LQ queries {report['roc_auc_lq']:.3f}" if report.get("roc_auc_lq") is not None else ""
     print(f"held-out ({report['holdout']}) accuracy {report['accuracy']:.3f}  ROC AUC {report['roc_auc']:.3f}{lq}   "
           f"(training pairs: {report['train_accuracy']:.3f} / {report['train_roc_auc']:.3f})")
