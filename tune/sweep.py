@@ -161,7 +161,13 @@ def train_trial(config: dict[str, Any], base: dict[str, Any], train_storage: str
     # The trial id is stable across a sweep's restore, so a resumed trial continues its own Train run.
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(Config.from_dict(base), config, trial_id, train_storage)
-    fit(cfg, resume=run_exists(cfg.run), callbacks=[TuneReportCallback()], classifier_cache=Path(classifier_cache))
+    resumed = run_exists(cfg.run)
+    result = fit(cfg, resume=resumed, callbacks=[TuneReportCallback()], classifier_cache=Path(classifier_cache))
+    if resumed and result.metrics:
+        # A sweep interrupted after a trial's Train run had finished, but before Tune recorded it, resumes into a
+        # run with nothing left to train: fit reports nothing, and Tune refuses a final result without the
+        # metric. Report the latest checkpoint's metrics again (a repeat at the same step is harmless).
+        tune.report(dict(result.metrics))
 
 
 def trial_dirname(trial) -> str:
