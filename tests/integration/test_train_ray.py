@@ -106,6 +106,9 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+# 50-90 s on 2 cores: in -m slow, so the default run stays under 8 minutes; recovery from a failure stays in
+# the default run through test_worker_failure_is_survived_and_resumes_from_checkpoint.
+@pytest.mark.slow
 def test_killed_driver_resumes_with_resume_flag(tmp_path):
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     proc = subprocess.Popen(_train_cmd(tmp_path), env=env, start_new_session=True,
