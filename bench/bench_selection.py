@@ -91,9 +91,10 @@ class CorrelationScorer:
 def held_out_crops(sources: list[str], count: int, gt_size: int, region_size: int, scale: int,
                    seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``count`` (region, gt, lq) triples from the images of ``sources``, crops and degradations seeded."""
-    images = [img for source in sources for img in (lambda lst: [lst.load(i) for i in range(len(lst))])(
-        open_images(source))]
-    images = [img for img in images if min(img.shape[-2:]) >= region_size]
+    images = []
+    for source in sources:
+        listed = open_images(source)
+        images += [img for img in map(listed.load, range(len(listed))) if min(img.shape[-2:]) >= region_size]
     g = torch.Generator().manual_seed(seed)
     regions = []
     for n in range(count):

@@ -108,11 +108,11 @@ def load_study_config(path: str | Path, extra_overrides: list[str] | None = None
 
 def with_absolute_paths(study: StudyConfig) -> StudyConfig:
     """The study with its local data paths made absolute: Tune trials run in their own working directory."""
-    from tune.sweep import _absolute_local_paths
+    from tune.sweep import absolute_local_paths
     from xswinir.images import absolute_source
 
     base = study.arm_config(study.baseline, study.seeds[0])
-    fixed = _absolute_local_paths(base)
+    fixed = absolute_local_paths(base)
     extra = [f"{key}={value}" for key, value in (("data.train", fixed.data.train), ("data.val", fixed.data.val))
              if value != getattr(base.data, key.split(".")[1])]
     base_path = resolve_config_path(study.base)

@@ -236,7 +236,7 @@ def _classifier_cache(sweep: SweepConfig) -> str:
     return str(Path(sweep.experiment_path()) / "classifiers")
 
 
-def _absolute_local_paths(cfg: Config) -> Config:
+def absolute_local_paths(cfg: Config) -> Config:
     """Local data and classifier paths as absolute ones: a trial may run in another working directory."""
     from xswinir.images import absolute_source
 
@@ -559,7 +559,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, callbacks: list | None =
 
     from xswinir.trainer import init_ray
 
-    base = _absolute_local_paths(sweep.base_config())
+    base = absolute_local_paths(sweep.base_config())
     exp_path = sweep.experiment_path()
     local = "://" not in exp_path
     can_restore = tune.Tuner.can_restore(exp_path) if (not local or Path(exp_path).is_dir()) else False

@@ -26,6 +26,7 @@ from xswinir.errors import UserError
 
 PixelLoss = Literal["l1", "l2", "charbonnier"]
 TextureForm = Literal["projection", "pull"]
+TextureQuery = Literal["gt", "lq"]
 
 
 class ConfigError(UserError, ValueError):
@@ -232,7 +233,7 @@ class TextureConfig:
     region_size: int | None = 128  # HR search region around each patch; None: the whole HR image
     # Whose tiles the classifier compares with the HR windows: gt's own, or the degraded input up-sampled to
     # the HR grid (the seed's "sub-images of the low-quality input"; what `explain --lq` has for a real photo).
-    query: Literal["gt", "lq"] = "gt"
+    query: TextureQuery = "gt"
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def __post_init__(self) -> None:

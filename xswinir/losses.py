@@ -46,11 +46,9 @@ from torch import Tensor, nn
 from xswinir.config import Config, ConfigError
 
 if TYPE_CHECKING:
-    from xswinir.config import PixelLoss
+    from xswinir.config import PixelLoss, TextureForm, TextureQuery
 
 Dist = Literal["l1", "l2", "charbonnier"]
-TextureForm = Literal["projection", "pull"]
-Query = Literal["gt", "lq"]
 _PAIR_ELEMENTS = 2**26  # float32 elements of one broadcast pair-encoding chunk in texture_search
 
 
@@ -384,7 +382,7 @@ class CombinedLoss(nn.Module):
         texture_weight: float = 0.0,
         texture_form: TextureForm = "projection",
         texture_dist: PixelLoss = "l1",
-        query: Query = "gt",
+        query: TextureQuery = "gt",
         charbonnier_eps: float = 1e-3,
         stride: int = 4,
         top_k: int = 5,

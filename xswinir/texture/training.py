@@ -313,7 +313,6 @@ def degraded_views(images: list[Tensor], degrade: Callable[[Tensor, torch.Genera
     with torch.no_grad():
         for image in images:
             lq = degrade(image[None], generator)
-            lq = lq[0] if isinstance(lq, tuple) else lq
             up = F.interpolate(lq.float(), size=image.shape[-2:], mode="bicubic", align_corners=False)
             out.append(up[0].clamp(0, 1))
     return out
@@ -363,7 +362,10 @@ def train_texture_classifier(images: list[Tensor], patch_size: int, cfg: Classif
         order = torch.randperm(len(usable), generator=generator).tolist()
         n_test_images = max(1, round(len(usable) * cfg.holdout_fraction))
         test_ids, train_ids = order[:n_test_images], order[n_test_images:]
-        pick = lambda ids, views: [views[i] for i in ids] if views is not None else None  # noqa: E731
+
+        def pick(ids: list[int], views: list[Tensor] | None) -> list[Tensor] | None:
+            return [views[i] for i in ids] if views is not None else None
+
         train = _sample_pairs(pick(train_ids, usable), pick(train_ids, lq_views), cfg.num_pairs - n_test_pairs,
                               patch_size, max_iou, cfg, clf, generator, progress)
         test = _sample_pairs(pick(test_ids, usable), pick(test_ids, lq_views), n_test_pairs, patch_size,
