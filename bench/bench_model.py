@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from bench.common import measure, parse_args, print_table, sync, write_json
+from xswinir.checkpoint import load_state_dict_strict
 from xswinir.config import MODEL_PRESETS
-from xswinir.model import build_swinir, count_parameters, load_state_dict_strict, swinir_kwargs
+from xswinir.model import build_swinir, count_parameters, swinir_kwargs
 
 # (preset, mode, batch, LR side): training crops and test-size images as in the SwinIR papers' settings.
 FULL_CASES = [

@@ -48,7 +48,8 @@ def plain_pytorch_steps_per_s(cfg: Config, steps: int, warmup: int) -> float:
 
 def ray_steps_per_s(cfg: Config, workdir: Path, name: str) -> tuple[float, float]:
     """Steady-state steps/s and the whole wall time of one Ray Train run."""
-    from xswinir.trainer import fit, log_dir
+    from xswinir.storage import log_dir
+    from xswinir.trainer import fit
     from xswinir.training_log import METRICS_FILE, read_metrics
 
     cfg = apply_overrides(cfg, {"run.name": name, "run.storage": str(workdir / "runs"),
@@ -70,10 +71,10 @@ def main() -> None:
         cfg = apply_overrides(load_config("demo"), {**OVERRIDES, "train.total_steps": steps + 10,
                                                     "train.val_every": steps + 10})
         # One classifier for all variants, trained before any timing.
-        from xswinir.trainer import _classifier_payload
+        from xswinir.checkpoint import classifier_payload
 
         cfg = apply_overrides(cfg, {"run.storage": str(workdir / "runs")})
-        cfg, _ = _classifier_payload(cfg)
+        cfg, _ = classifier_payload(cfg)
         # Ray gives each worker OMP_NUM_THREADS = its CPUs (run.cpus_per_worker = 1): the plain loop gets the same.
         torch.set_num_threads(int(cfg.run.cpus_per_worker))
         plain = plain_pytorch_steps_per_s(cfg, steps, warmup=10)

@@ -11,11 +11,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from xswinir.checkpoint import save_weights
 from xswinir.cli import main
 from xswinir.config import ModelConfig
 from xswinir.evaluation import evaluate
 from xswinir.inference import bicubic_upscale
-from xswinir.model import build_swinir, save_weights
+from xswinir.model import build_swinir
 
 TINY = ModelConfig(upscale=2, window_size=4, depths=(1,), embed_dim=12, num_heads=(2,), img_size=16)
 

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xswinir.checkpoint import save_weights
 from xswinir.cli import main
 from xswinir.config import DEGRADATION_PRESETS, MODEL_PRESETS, Config, DataConfig, TextureConfig
 from xswinir.explain import ExplainError, consistency_map, explain, explain_lq, pick_tiles
 from xswinir.images import read_image, write_image
-from xswinir.model import build_swinir, save_weights
+from xswinir.model import build_swinir
 from xswinir.texture import TextureClassifier, save_texture_classifier
 
 
@@ -98,7 +99,7 @@ def test_cli_explains_a_low_quality_image(parts, tmp_path, capsys):
 
 
 def test_explain_core_finds_windows_outside_the_tile(parts, generator):
-    from xswinir.model import load_model
+    from xswinir.checkpoint import load_model
     from xswinir.texture import load_texture_classifier
 
     model, model_cfg = load_model(parts["model"])
@@ -131,7 +132,7 @@ def test_explain_core_finds_windows_outside_the_tile(parts, generator):
 
 
 def test_explain_lq_needs_no_hr_image(parts, generator, tmp_path):
-    from xswinir.model import load_model
+    from xswinir.checkpoint import load_model
     from xswinir.texture import load_texture_classifier
 
     model, _ = load_model(parts["model"])
@@ -231,7 +232,7 @@ def test_bad_image_gives_a_clear_error(parts, tmp_path, capsys):
 
 
 def test_explain_rejects_html_without_output(parts):
-    from xswinir.model import load_model
+    from xswinir.checkpoint import load_model
     from xswinir.texture import load_texture_classifier
 
     model, model_cfg = load_model(parts["model"])

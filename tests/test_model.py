@@ -9,19 +9,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xswinir.config import MODEL_PRESETS, ModelConfig
-from xswinir.errors import UserError
-from xswinir.model import (
+from xswinir.checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
-    SwinIR,
-    build_swinir,
-    count_parameters,
     infer_model_config,
     load_model,
     load_state_dict_strict,
-    pad_to_multiple,
     save_weights,
+)
+from xswinir.config import MODEL_PRESETS, ModelConfig
+from xswinir.errors import UserError
+from xswinir.model import (
+    SwinIR,
+    build_swinir,
+    count_parameters,
+    pad_to_multiple,
     shifted_window_mask,
     window_attention,
     window_order,

@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from xswinir.checkpoint import load_model, load_state_dict_strict
 from xswinir.config import ModelConfig
-from xswinir.model import REBUILT_BUFFERS, build_swinir, count_parameters, load_model, load_state_dict_strict
+from xswinir.model import REBUILT_BUFFERS, build_swinir, count_parameters
 
 VARIANTS = ["swinir_s_x2", "swinir_s_x4", "classical_small_x3", "real_small_x4", "denoise_gray_small", "jpeg_small"]
 

@@ -130,8 +130,8 @@ def study_trial(config: dict[str, Any], study: dict[str, Any], classifier_cache:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from xswinir.checkpoint import load_model
     from xswinir.evaluation import evaluate_model
-    from xswinir.model import load_model
     from xswinir.trainer import fit, run_exists
 
     s = StudyConfig(**study)

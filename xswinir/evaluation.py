@@ -24,6 +24,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ from xswinir.metrics import EVAL_METRICS, LPIPS, MS_SSIM_BETAS, SSIM_WINDOW
 if TYPE_CHECKING:
     from torch import nn
 
+    from xswinir.config import Config
     from xswinir.data import ImageList
     from xswinir.degradations import Degrader
 
@@ -429,3 +431,63 @@ def write_results(path: str | Path, rows: list[dict[str, Any]], info: dict[str, 
             writer.writerow({k: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else v
                              for k, v in row.items()})
     return path
+
+
+# The trainer's validation: the training degradation of a few images, Y-PSNR/SSIM against bicubic.
+
+
+@dataclass
+class ValidationSet:
+    """Validation images and their fixed degraded inputs, made once per run."""
+
+    names: list[str]
+    gt: list[torch.Tensor]  # (1, C, H, W), modcropped to the scale
+    lq: list[torch.Tensor]  # (1, C, H / scale, W / scale)
+
+
+def build_validation_set(cfg: Config, degrader: nn.Module, device: torch.device) -> ValidationSet:
+    """The training run's validation images, each degraded once with a fixed seed."""
+    from xswinir.data import load_val_images
+
+    names, gts, lqs = [], [], []
+    for index, (name, gt) in enumerate(load_val_images(cfg)):
+        gt = gt.unsqueeze(0).to(device)
+        # The same degradation of each image in every validation, so that the curve compares like with like.
+        generator = torch.Generator(device=device).manual_seed(10_000 + index)
+        with torch.no_grad():
+            lq, _ = degrader(gt, generator)
+        names.append(name)
+        gts.append(gt)
+        lqs.append(lq)
+    if not names:
+        raise UserError(f"no validation images in '{cfg.data.val}'")
+    return ValidationSet(names, gts, lqs)
+
+
+@torch.no_grad()
+def evaluate_images(model: nn.Module, val: ValidationSet, scale: int, tile: int | None) -> list[dict[str, Any]]:
+    """Y-PSNR / Y-SSIM of the model and of plain bicubic up-sampling, per validation image."""
+    from xswinir.inference import bicubic_upscale, restore
+    from xswinir.metrics import VAL_PSNR_BICUBIC_Y, VAL_PSNR_Y, VAL_SSIM_BICUBIC_Y, VAL_SSIM_Y, psnr, ssim
+
+    was_training = model.training
+    model.eval()
+    rows = []
+    for name, gt, lq in zip(val.names, val.gt, val.lq, strict=True):
+        sr = restore(model, lq, tile=tile).clamp(0, 1)
+        baseline = bicubic_upscale(lq, scale).clamp(0, 1) if scale > 1 else lq
+        rows.append({
+            "image": name,
+            VAL_PSNR_Y: psnr(sr, gt, crop_border=scale, y_channel=True).item(),
+            VAL_SSIM_Y: ssim(sr, gt, crop_border=scale, y_channel=True).item(),
+            VAL_PSNR_BICUBIC_Y: psnr(baseline, gt, crop_border=scale, y_channel=True).item(),
+            VAL_SSIM_BICUBIC_Y: ssim(baseline, gt, crop_border=scale, y_channel=True).item(),
+        })
+    model.train(was_training)
+    return rows
+
+
+def validate(model: nn.Module, val: ValidationSet, scale: int, tile: int | None) -> dict[str, float]:
+    """The means over the validation set of :func:`evaluate_images`."""
+    rows = evaluate_images(model, val, scale, tile)
+    return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0] if key != "image"}

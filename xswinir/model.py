@@ -1,4 +1,4 @@
-"""SwinIR: image restoration with shifted-window transformers, plus checkpoint loading and saving.
+"""SwinIR: image restoration with shifted-window transformers.
 
 Paper: Liang et al., "SwinIR: Image Restoration Using Swin Transformer", ICCVW 2021,
 https://arxiv.org/abs/2108.10257. This is an independent implementation with the module and parameter
@@ -19,26 +19,21 @@ What differs from the official code, all without changing a result:
   group see them as a channels-last ``NCHW`` view, so there is no transpose copy around them;
 * inputs whose size is not a multiple of the window are reflect-padded and the output cropped back.
 
-Layout: helpers -> attention -> block -> residual group -> upsamplers -> ``SwinIR`` -> ``build_swinir``
--> checkpoint I/O.
+Layout: helpers -> attention -> block -> residual group -> upsamplers -> ``SwinIR`` -> ``build_swinir``.
+Reading and writing weights lives in ``xswinir.checkpoint``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import re
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xswinir.config import MODEL_PRESETS, ModelConfig
-from xswinir.errors import UserError
+from xswinir.config import ModelConfig
 
 Upsampler = Literal["pixelshuffle", "pixelshuffledirect", "nearest+conv", ""]
 ResiConnection = Literal["1conv", "3conv"]
@@ -49,14 +44,6 @@ _RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean, as the official code subtrac
 _MASK_VALUE = -100.0  # the official code's value for "other region" in shifted windows (not -inf)
 _MAX_CACHED_SIZES = 8  # input sizes whose window layout stays cached
 _NUM_FEAT = 64  # channels of the reconstruction convs of the classical and real-world upsamplers
-
-
-class CheckpointMismatchError(UserError):
-    """A state dict that does not fit the model built from the given config."""
-
-
-class CheckpointError(UserError):
-    """A checkpoint file that is missing, unreadable or carries no usable config."""
 
 
 def relative_position_index(window_size: int, device: torch.device | None = None) -> Tensor:
@@ -571,232 +558,3 @@ def build_swinir(cfg: ModelConfig) -> SwinIR:
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters, counted as the official code does (SwinIR-S x2: 910,152)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def infer_model_config(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
-    """Architecture fields that can be read off a SwinIR state dict's shapes (best effort, for hints).
-
-    ``img_size`` and ``img_range`` leave no trace in the weights and are not returned.
-    """
-    found: dict[str, Any] = {}
-    if "conv_first.weight" in state_dict:
-        found["embed_dim"], found["in_chans"] = state_dict["conv_first.weight"].shape[:2]
-    blocks: dict[int, set[int]] = {}
-    heads: dict[int, int] = {}
-    for key, value in state_dict.items():
-        match = re.match(r"layers\.(\d+)\.residual_group\.blocks\.(\d+)\.", key)
-        if match:
-            layer, block = int(match[1]), int(match[2])
-            blocks.setdefault(layer, set()).add(block)
-            if key.endswith("attn.relative_position_bias_table"):
-                heads[layer] = value.shape[1]
-                found["window_size"] = (math.isqrt(value.shape[0]) + 1) // 2
-            if key.endswith("mlp.fc1.weight") and "embed_dim" in found:
-                found["mlp_ratio"] = value.shape[0] / found["embed_dim"]
-    if blocks:
-        found["depths"] = tuple(max(blocks[i]) + 1 for i in sorted(blocks))
-        found["num_heads"] = tuple(heads.get(i, 0) for i in sorted(blocks))
-    found["resi_connection"] = "3conv" if "conv_after_body.0.weight" in state_dict else "1conv"
-    if "conv_up1.weight" in state_dict:
-        found["upsampler"] = "nearest+conv"
-        found["upscale"] = 4 if "conv_up2.weight" in state_dict else 2
-    elif "conv_before_upsample.0.weight" in state_dict:
-        found["upsampler"] = "pixelshuffle"
-        convs = [v for k, v in state_dict.items() if re.fullmatch(r"upsample\.\d+\.weight", k)]
-        if len(convs) == 1 and convs[0].shape[0] == 9 * convs[0].shape[1]:
-            found["upscale"] = 3
-        elif convs:
-            found["upscale"] = 2 ** len(convs)
-    elif "upsample.0.weight" in state_dict:
-        found["upsampler"] = "pixelshuffledirect"
-        out_chans = found.get("in_chans", 3)
-        found["upscale"] = math.isqrt(state_dict["upsample.0.weight"].shape[0] // out_chans)
-    elif "conv_last.weight" in state_dict:
-        found["upsampler"], found["upscale"] = "", 1
-    return found
-
-
-_ARCH_FIELDS = ("upscale", "in_chans", "window_size", "depths", "embed_dim", "num_heads", "mlp_ratio", "upsampler",
-                "resi_connection")
-
-
-def matching_presets(found: Mapping[str, Any]) -> list[str]:
-    """Presets whose architecture agrees with every field of ``found`` (from :func:`infer_model_config`)."""
-    return [name for name, cfg in MODEL_PRESETS.items()
-            if all(getattr(cfg, f) == found[f] for f in _ARCH_FIELDS if f in found)]
-
-
-def _describe(found: Mapping[str, Any]) -> str:
-    parts = []
-    if "depths" in found:
-        parts.append(f"{len(found['depths'])} stages of depths {list(found['depths'])}")
-    if "embed_dim" in found:
-        parts.append(f"embed_dim {found['embed_dim']}")
-    if "upsampler" in found:
-        parts.append(f"upsampler {found['upsampler']!r} x{found.get('upscale', '?')}")
-    if "window_size" in found:
-        parts.append(f"window {found['window_size']}")
-    return ", ".join(parts)
-
-
-def _strip_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Drops the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes and the rebuilt buffers."""
-    clean = {}
-    for key, value in state_dict.items():
-        while key.startswith(("module.", "_orig_mod.")):
-            key = key.split(".", 1)[1]
-        if key.rsplit(".", 1)[-1] not in REBUILT_BUFFERS:
-            clean[key] = value
-    return clean
-
-
-def _listing(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
-
-
-def load_state_dict_strict(model: SwinIR, state_dict: Mapping[str, Tensor], source: str = "the checkpoint") -> None:
-    """Loads weights that must fit exactly, apart from the buffers SwinIR rebuilds.
-
-    Args:
-        model: the model to fill.
-        state_dict: official or our own layout; ``module.``/``_orig_mod.`` prefixes are accepted.
-        source: how to name the checkpoint in the error message.
-
-    Raises:
-        CheckpointMismatchError: on missing or unexpected keys or shape mismatches; the message lists a few of
-            each with counts and, where the shapes tell, which preset the checkpoint looks like.
-    """
-    state_dict = _strip_prefixes(state_dict)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong_shape = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                   if k in state_dict and state_dict[k].shape != v.shape]
-    if not (missing or unexpected or wrong_shape):
-        model.load_state_dict(state_dict, strict=True)
-        return
-    lines = [f"{source} does not fit the model:"]
-    if missing:
-        lines.append(f"  missing keys: {_listing(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected keys: {_listing(unexpected)}")
-    if wrong_shape:
-        lines.append(f"  shape mismatches (checkpoint vs model): {_listing(wrong_shape, 3)}")
-    found = infer_model_config(state_dict)
-    have = infer_model_config(expected)
-    if found:
-        lines.append(f"  the checkpoint has {_describe(found)}; the model has {_describe(have)}")
-        presets = matching_presets(found)
-        if presets:
-            lines.append(f"  it looks like preset {' or '.join(presets)}")
-        if found.get("upscale") != have.get("upscale") and "upscale" in found:
-            lines.append(f"  scale mismatch: the checkpoint upscales x{found['upscale']}, the model "
-                         f"x{have.get('upscale')}")
-    raise CheckpointMismatchError("\n".join(lines))
-
-
-def _config_to_json(cfg: ModelConfig) -> str:
-    return json.dumps(dataclasses.asdict(cfg))
-
-
-def _config_from_json(text: str, source: str) -> ModelConfig:
-    try:
-        data = json.loads(text)
-        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return ModelConfig(**data)
-    except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{source}: the model config in its metadata is not usable ({err})") from err
-
-
-def save_weights(model: nn.Module, cfg: ModelConfig, path: str | Path) -> None:
-    """Writes the weights as safetensors with ``cfg`` as JSON in the metadata (key ``model_config``).
-
-    Rebuilt buffers are left out, and a DDP/compile wrapper is looked through.
-    """
-    from safetensors.torch import save_file
-
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in _strip_prefixes(model.state_dict()).items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"model_config": _config_to_json(cfg), "format": "xswinir"})
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], ModelConfig | None]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from err
-    text = metadata.get("model_config")
-    return tensors, _config_from_json(text, str(path)) if text else None
-
-
-def _read_pth(path: Path, prefer_ema: bool) -> dict[str, Tensor]:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises many types for a garbled file
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} holds a {type(data).__name__}, not a state dict")
-    keys = ("params_ema", "params") if prefer_ema else ("params", "params_ema")
-    for key in (*keys, "state_dict", "model"):
-        if isinstance(data.get(key), dict):
-            return data[key]
-    if not all(isinstance(v, Tensor) for v in data.values()):
-        raise CheckpointError(f"{path} has no state dict under 'params'/'params_ema' and is not a bare one "
-                              f"(top-level keys: {sorted(data)[:8]})")
-    return data
-
-
-def load_model(path: str | Path, preset: str | None = None, prefer_ema: bool = True,
-               model_cfg: ModelConfig | None = None) -> tuple[SwinIR, ModelConfig]:
-    """Builds a SwinIR from a checkpoint, in eval mode on the CPU.
-
-    Args:
-        path: a published/official ``.pth`` (state dict under ``params_ema``/``params``, or bare); a
-            ``.safetensors`` written by :func:`save_weights`; or a training checkpoint directory holding
-            ``model_ema.safetensors`` and/or ``model.safetensors``.
-        preset: a name in ``MODEL_PRESETS``; needed for a ``.pth``, overrides the stored config otherwise.
-        prefer_ema: take the EMA weights when the checkpoint has both.
-        model_cfg: an explicit architecture; wins over ``preset`` and the stored config.
-
-    Returns:
-        The model and the config it was built from.
-
-    Raises:
-        CheckpointError: a missing, unreadable or config-less file.
-        CheckpointMismatchError: weights that do not fit the chosen architecture.
-    """
-    path = Path(path)
-    if preset is not None and preset not in MODEL_PRESETS:
-        raise CheckpointError(f"unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
-    if path.is_dir():
-        names = ("model_ema.safetensors", "model.safetensors") if prefer_ema else ("model.safetensors",
-                                                                                    "model_ema.safetensors")
-        files = [path / n for n in names if (path / n).is_file()]
-        if not files:
-            raise CheckpointError(f"{path} is a directory without model_ema.safetensors or model.safetensors")
-        path = files[0]
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    stored = None
-    if path.suffix == ".safetensors":
-        state_dict, stored = _read_safetensors(path)
-    else:
-        state_dict = _read_pth(path, prefer_ema)
-    cfg = model_cfg or (MODEL_PRESETS[preset] if preset else stored)
-    if cfg is None:
-        found = infer_model_config(_strip_prefixes(state_dict))
-        presets = matching_presets(found)
-        hint = f"; its shapes fit preset {' or '.join(presets)}" if presets else f" ({_describe(found)})"
-        raise CheckpointError(f"{path} carries no model config: pass a preset or a model config{hint}")
-    model = build_swinir(cfg)
-    load_state_dict_strict(model, state_dict, source=str(path))
-    return model.eval(), cfg

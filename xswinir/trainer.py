@@ -29,16 +29,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from xswinir.config import Config, RunConfig, TrainConfig, apply_overrides
+from xswinir.checkpoint import classifier_from_payload, classifier_payload, load_checkpoint, save_checkpoint
+from xswinir.config import Config, RunConfig, TrainConfig
 from xswinir.errors import UserError
+from xswinir.evaluation import build_validation_set, validate
+from xswinir.storage import is_remote, log_dir, storage_path
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"
-EMA_FILE = "model_ema.safetensors"
-STATE_FILE = "train_state.pt"
-CONFIG_FILE = "config.yaml"
-CLASSIFIER_DIR = "classifier"
 # Fault injection for the recovery tests and for trying out a cluster's failure handling: the first attempt
 # of a run raises in rank 0 after this many steps.
 FAILURE_ENV = "XSWINIR_INJECT_FAILURE_AT_STEP"
@@ -147,116 +145,6 @@ def run_step(parts: TrainingParts, model: nn.Module, cfg: TrainConfig, step: int
     return out
 
 
-@dataclass
-class ValidationSet:
-    """Validation images and their fixed degraded inputs, made once per run."""
-
-    names: list[str]
-    gt: list[torch.Tensor]  # (1, C, H, W), modcropped to the scale
-    lq: list[torch.Tensor]  # (1, C, H / scale, W / scale)
-
-
-def build_validation_set(cfg: Config, degrader: nn.Module, device: torch.device) -> ValidationSet:
-    from xswinir.data import load_val_images
-
-    names, gts, lqs = [], [], []
-    for index, (name, gt) in enumerate(load_val_images(cfg)):
-        gt = gt.unsqueeze(0).to(device)
-        # The same degradation of each image in every validation, so that the curve compares like with like.
-        generator = torch.Generator(device=device).manual_seed(10_000 + index)
-        with torch.no_grad():
-            lq, _ = degrader(gt, generator)
-        names.append(name)
-        gts.append(gt)
-        lqs.append(lq)
-    if not names:
-        raise UserError(f"no validation images in '{cfg.data.val}'")
-    return ValidationSet(names, gts, lqs)
-
-
-@torch.no_grad()
-def evaluate_images(model: nn.Module, val: ValidationSet, scale: int, tile: int | None) -> list[dict[str, Any]]:
-    """Y-PSNR / Y-SSIM of the model and of plain bicubic up-sampling, per validation image."""
-    from xswinir.inference import bicubic_upscale, restore
-    from xswinir.metrics import VAL_PSNR_BICUBIC_Y, VAL_PSNR_Y, VAL_SSIM_BICUBIC_Y, VAL_SSIM_Y, psnr, ssim
-
-    was_training = model.training
-    model.eval()
-    rows = []
-    for name, gt, lq in zip(val.names, val.gt, val.lq, strict=True):
-        sr = restore(model, lq, tile=tile).clamp(0, 1)
-        baseline = bicubic_upscale(lq, scale).clamp(0, 1) if scale > 1 else lq
-        rows.append({
-            "image": name,
-            VAL_PSNR_Y: psnr(sr, gt, crop_border=scale, y_channel=True).item(),
-            VAL_SSIM_Y: ssim(sr, gt, crop_border=scale, y_channel=True).item(),
-            VAL_PSNR_BICUBIC_Y: psnr(baseline, gt, crop_border=scale, y_channel=True).item(),
-            VAL_SSIM_BICUBIC_Y: ssim(baseline, gt, crop_border=scale, y_channel=True).item(),
-        })
-    model.train(was_training)
-    return rows
-
-
-def validate(model: nn.Module, val: ValidationSet, scale: int, tile: int | None) -> dict[str, float]:
-    """The means over the validation set of :func:`evaluate_images`."""
-    rows = evaluate_images(model, val, scale, tile)
-    return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0] if key != "image"}
-
-
-def save_checkpoint(
-    directory: Path, cfg: Config, model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer,
-    step: int, classifier_dir: Path | None,
-) -> None:
-    """Writes a self-contained checkpoint: weights, EMA weights, training state, config, classifier."""
-    import shutil
-
-    from xswinir.model import save_weights
-
-    save_weights(model, cfg.model, directory / MODEL_FILE)
-    save_weights(ema_model, cfg.model, directory / EMA_FILE)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    torch.save(state, directory / STATE_FILE)
-    (directory / CONFIG_FILE).write_text(cfg.to_yaml())
-    if classifier_dir is not None:
-        shutil.copytree(classifier_dir, directory / CLASSIFIER_DIR)
-
-
-def load_checkpoint(
-    directory: Path, model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer
-) -> int:
-    """Restores weights, EMA, optimizer and RNG states in place; returns the number of completed steps."""
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(directory / MODEL_FILE)))
-    ema_model.load_state_dict(load_file(str(directory / EMA_FILE)))
-    state = torch.load(directory / STATE_FILE, weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"])
-
-
-def _classifier_from_payload(payload: dict[str, bytes] | None, device: torch.device) -> tuple[Any, Path | None]:
-    """Writes the classifier files that travelled in the train-loop config to a local folder and loads them.
-
-    The files travel inside the config (a few KB) so that workers need no shared file system.
-    """
-    if payload is None:
-        return None, None
-    from xswinir.texture import load_texture_classifier
-
-    folder = Path(tempfile.mkdtemp(prefix="xswinir_classifier_"))
-    for name, data in payload.items():
-        (folder / name).write_bytes(data)
-    return load_texture_classifier(folder).to(device), folder
-
-
 def _train_batches(cfg: Config, rank: int, world_size: int, start_step: int) -> Iterator[dict[str, torch.Tensor]]:
     from xswinir.shards import is_shard_source
 
@@ -289,7 +177,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         log.info("world size %d: batch %d per worker, %d in total", world_size, per_worker_batch,
                  cfg.train.batch_size)
 
-    classifier, classifier_dir = _classifier_from_payload(loop_config.get("classifier"), device)
+    classifier, classifier_dir = classifier_from_payload(loop_config.get("classifier"), device)
     parts = build_training_parts(cfg, device, classifier)
     model, ema, optimizer = parts.model, parts.ema, parts.optimizer
 
@@ -369,39 +257,6 @@ def init_ray(run: RunConfig) -> None:
         raise UserError(f"cannot connect to the Ray cluster at {address}: {err}") from err
 
 
-def storage_path(run: RunConfig) -> str:
-    """The run's storage as Ray wants it: URIs as they are, local paths absolute."""
-    if "://" in run.storage:
-        return run.storage
-    return str(Path(run.storage).expanduser().resolve())
-
-
-def log_dir(run: RunConfig) -> Path:
-    if run.log_dir is not None:
-        return Path(run.log_dir).expanduser().resolve()
-    if "://" in run.storage:
-        return Path("xswinir_logs", run.name).resolve()
-    return Path(storage_path(run)) / run.name / "logs"
-
-
-def _classifier_payload(cfg: Config, cache: Path | None = None) -> tuple[Config, dict[str, bytes] | None]:
-    """Makes sure a classifier exists when the texture term is on, and packs its files for the workers.
-
-    Args:
-        cache: where classifiers trained on the fly are kept; None: ``<storage>/classifiers``.
-    """
-    if cfg.loss.texture_weight <= 0:
-        return cfg, None
-    from xswinir.texture import ensure_texture_classifier
-
-    if cache is None:
-        cache = Path(storage_path(cfg.run)) / "classifiers" if "://" not in cfg.run.storage else Path(
-            tempfile.gettempdir(), "xswinir_classifiers")
-    path = Path(ensure_texture_classifier(cfg, cache))
-    cfg = apply_overrides(cfg, {"texture.classifier.path": str(path)})
-    return cfg, {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
-
-
 def build_trainer(cfg: Config, callbacks: list | None = None, classifier: dict[str, bytes] | None = None):
     """A Ray Train ``TorchTrainer`` for the config; Ray Tune builds one per trial with this."""
     import ray.train
@@ -439,7 +294,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None, classifier: dict[s
 
 
 def run_exists(run: RunConfig) -> bool:
-    if "://" in run.storage:
+    if is_remote(run.storage):
         return False  # checked by Ray itself on remote storage
     return (Path(storage_path(run)) / run.name).is_dir() and any((Path(storage_path(run)) / run.name).iterdir())
 
@@ -461,9 +316,9 @@ def fit(cfg: Config, resume: bool = False, callbacks: list | None = None, classi
             f"run '{cfg.run.name}' already exists in {storage_path(cfg.run)}: pass --resume to continue it, or "
             "choose another run.name"
         )
-    if resume and "://" not in cfg.run.storage and not run_exists(cfg.run):
+    if resume and not is_remote(cfg.run.storage) and not run_exists(cfg.run):
         raise UserError(f"nothing to resume: no run '{cfg.run.name}' in {storage_path(cfg.run)}")
-    cfg, classifier = _classifier_payload(cfg, classifier_cache)
+    cfg, classifier = classifier_payload(cfg, classifier_cache)
     log.info("config:\n%s", cfg.to_yaml())
     init_ray(cfg.run)
     trainer = build_trainer(cfg, callbacks, classifier)

@@ -34,7 +34,8 @@ def tiny_config(tmp_path: Path, *extra: str):
 
 
 def test_two_workers_train_with_texture_term(ray_local, tmp_path):
-    from xswinir.trainer import EMA_FILE, fit
+    from xswinir.checkpoint import EMA_FILE
+    from xswinir.trainer import fit
 
     cfg = tiny_config(tmp_path, "run.num_workers=2", "train.total_steps=4", "train.val_every=2",
                       "loss.texture_weight=0.1")

@@ -27,15 +27,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from xswinir.checkpoint import CLASSIFIER_DIR, load_model
     from xswinir.config import load_config
     from xswinir.degradations import build_degrader
     from xswinir.errors import UserError
+    from xswinir.evaluation import build_validation_set, evaluate_images
     from xswinir.explain import explain
     from xswinir.images import read_image, resolve_image_files
     from xswinir.metrics import VAL_PSNR_BICUBIC_Y, VAL_PSNR_Y, VAL_SSIM_BICUBIC_Y, VAL_SSIM_Y
-    from xswinir.model import load_model
+    from xswinir.storage import log_dir
     from xswinir.texture import load_texture_classifier
-    from xswinir.trainer import CLASSIFIER_DIR, build_validation_set, evaluate_images, fit, log_dir
+    from xswinir.trainer import fit
 
     out = Path(args.out).expanduser().resolve()
     cfg = load_config(args.config, [f"run.storage={out / 'runs'}", f"run.log_dir={out / 'logs'}",

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     info: dict[str, Any] = {"hr": args.hr, "lr": args.lr, "degradation": args.degradation,
                             "seed": seed if args.degradation else None, "method": "bicubic"}
     if args.checkpoint:
-        from xswinir.model import load_model
+        from xswinir.checkpoint import load_model
 
         model, cfg = load_model(args.checkpoint, preset=args.preset)
         model = model.to(device).eval()

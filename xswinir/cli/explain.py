@@ -53,13 +53,12 @@ def _tiles(values: list[str] | None):
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from xswinir.checkpoint import CLASSIFIER_DIR, CONFIG_FILE, load_model
     from xswinir.config import DEGRADATION_PRESETS, Config, ConfigError, DataConfig, TextureConfig, load_config
     from xswinir.explain import ExplainError, explain, explain_lq
     from xswinir.images import read_image
     from xswinir.inference import resolve_device
-    from xswinir.model import load_model
     from xswinir.texture import load_texture_classifier
-    from xswinir.trainer import CLASSIFIER_DIR, CONFIG_FILE
 
     if args.patches < 1:
         raise ExplainError(f"--patches must be >= 1, got {args.patches}")

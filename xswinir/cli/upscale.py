@@ -77,9 +77,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from xswinir.checkpoint import load_model
     from xswinir.images import ImageReadError, read_image, rgb_to_gray, write_image
     from xswinir.inference import resolve_device, restore
-    from xswinir.model import load_model
 
     files = collect_inputs(args.inputs)
     device = resolve_device(args.device)
