@@ -44,6 +44,21 @@ class ImageReadError(UserError, ValueError):
     """An image file that is missing, unreadable or not an image."""
 
 
+def printable_path(path: str | Path | bytes) -> str:
+    """A path as it can always be printed: bytes that are not valid UTF-8 appear as ``\\xNN`` escapes.
+
+    POSIX file names are bytes; Python keeps undecodable ones as lone surrogates, which a UTF-8 console or log
+    file refuses with ``UnicodeEncodeError``. Every message that names a user's file goes through this.
+    """
+    if isinstance(path, bytes):
+        raw = path
+    else:
+        import os
+
+        raw = os.fsencode(str(path))
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
 def _to_tensor(image: Image.Image, channels: int, name: str) -> torch.Tensor:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
