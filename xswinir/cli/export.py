@@ -1,0 +1,35 @@
+"""``xswinir export CHECKPOINT --format official|safetensors|onnx --out FILE``: weights for other tools.
+
+* ``official``: a ``.pth`` in the official SwinIR layout (``params``, and ``params_ema`` when the checkpoint has
+  EMA weights), with every buffer the official code expects: ``network_swinir.SwinIR`` loads it with
+  ``strict=True``, and spandrel (chaiNNer, ComfyUI, the Stable Diffusion web UIs) recognises it;
+* ``safetensors``: the same keys (EMA weights if any) with our model config in the metadata;
+* ``onnx``: an ONNX graph with dynamic batch, height and width (multiples of the window), run it with
+  ``xswinir upscale --onnx FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "export a checkpoint as an official SwinIR .pth, safetensors or ONNX"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from xswinir.export import FORMATS
+
+    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="training checkpoint folder, .safetensors, or .pth (with --preset)")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="output layout")
+    parser.add_argument("--out", required=True, help="file to write")
+    parser.add_argument("--preset", help="architecture of a .pth checkpoint without a stored config")
+    parser.add_argument("--tile", type=int, default=64,
+                        help="onnx: side of the example input the graph is traced with (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from xswinir.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.format, args.out, preset=args.preset, tile=args.tile)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB, {args.format})")
+    return 0
