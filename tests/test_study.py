@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from tune.study import (
+from xswinir.config import ConfigError
+from xswinir.tune.study import (
     EVAL_FILE,
     StudyConfig,
     load_study_config,
@@ -17,7 +18,6 @@ from tune.study import (
     with_absolute_paths,
     write_report,
 )
-from xswinir.config import ConfigError
 
 
 def _write_yaml(path, text: str):
@@ -53,7 +53,11 @@ def test_arms_differ_only_in_their_overrides():
     ("arms: {lambda0: [loss.texture_weight=0]}\nseeds: [1, 1]\n", "seeds"),
     ("arms: {lambda0: [loss.texture_wieght=0]}\n", "texture_weight"),
     ("arms: {lambda0: loss.texture_weight=0}\n", "arms"),
-    ("arms: {lambda0: []}\nstudy_name: x\n", "unknown study keys"),
+    ("arms: {lambda0: []}\nstudy_name: x\n", "unknown config key 'study_name'"),
+    ("arms: {lambda0: []}\nname: 5\n", "name must be a string, got 5"),
+    ("arms: {lambda0: []}\nseeds: [0, a]\n", r"seeds\[1\] must be an integer"),
+    ("arms: {lambda0: [], ../x: []}\n", "an arm's name must be"),
+    ("arms: {lambda0: []}\nstorage: s3://bucket/studies\n", "local or mounted folder"),
 ])
 def test_bad_study_files_are_refused_before_anything_runs(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
@@ -125,6 +129,7 @@ def test_report_files_from_eval_json(tmp_path):
     text = report.read_text()
     assert "| S | x | psnr_y | -0.1000 |" in text and "0/2" in text
     assert (tmp_path / "s" / "study.parquet").is_file() and (tmp_path / "s" / "study_psnr.png").stat().st_size > 5000
+    assert not [p.name for p in (tmp_path / "s").iterdir() if ".tmp" in p.name]  # each file moved into place
     import pyarrow.parquet as pq
 
     table = pq.read_table(tmp_path / "s" / "study.parquet").to_pylist()
@@ -139,3 +144,33 @@ def test_the_command_is_listed_and_documents_itself(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["study", "--help"])
     assert exit_info.value.code == 0 and "--report-only" in capsys.readouterr().out
+
+
+def test_resume_of_a_study_without_our_manifest_is_refused_before_ray(tmp_path, monkeypatch, capsys):
+    import pickle
+
+    import ray
+
+    from xswinir.cli import main
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("XSWINIR_SWEEP_KEY", raising=False)
+    config = _write_yaml(tmp_path / "s.yaml", f"name: s\narms: {{lambda0: []}}\nstorage: {tmp_path / 'studies'}\n")
+    folder = tmp_path / "studies" / "s"
+    folder.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    (folder / "tuner.pkl").write_bytes(pickle.dumps(_Touch(marker)))  # copied in by someone else
+    assert main(["study", "--config", str(config), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to resume" in err and "xswinir_manifest.json is missing" in err
+    assert not marker.exists() and not ray.is_initialized()
+
+
+class _Touch:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return Path.touch, (Path(self.marker),)

@@ -1,32 +1,26 @@
-"""Sweeps: search-space parsing and checks (no Ray), and real Ray Tune + Optuna sweeps of a tiny model."""
+"""Sweeps without Ray: search spaces, the sweep YAML, the results table, importances, the searcher wrapper,
+the resume manifest and the packaging of tune/ (the real Ray sweep: tests/integration/test_sweep_ray.py)."""
 
 from __future__ import annotations
 
 import math
-import os
-import signal
+import pickle
+import shutil
+from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tune.search_space import Domain, check_search_space, parse_search_space, to_optuna, to_tune
-from tune.sweep import (
-    BEST_CONFIG_FILE,
-    PLOT_FILES,
-    TEXTURE_WEIGHT,
-    TRIALS_FILE,
-    BaselineFirst,
-    SweepConfig,
-    TrialRow,
-    format_table,
-    load_sweep_config,
-    param_importances,
-    run_sweep,
-)
 from xswinir.config import ConfigError, config_fields, load_config
-from xswinir.errors import UserError
 from xswinir.metrics import VAL_PSNR_Y
+from xswinir.tune.manifest import MANIFEST_FILE, ResumeRefused, verify_manifest, write_manifest
+from xswinir.tune.plots import param_importances
+from xswinir.tune.results import TrialRow, format_table
+from xswinir.tune.search_space import Domain, check_search_space, parse_search_space, to_optuna, to_tune
+from xswinir.tune.sweep import BaselineFirst
+from xswinir.tune.sweep_config import TEXTURE_WEIGHT, SweepConfig, load_sweep_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_sweep_keys_are_config_fields():
@@ -90,7 +84,7 @@ def test_sweep_yaml_errors(tmp_path):
     with pytest.raises(ConfigError, match="baseline: true needs loss.texture_weight"):
         load_sweep_config(path)
     path.write_text(yaml.safe_dump({"base": "demo", "samples": 3, "search": {}}))
-    with pytest.raises(ConfigError, match="unknown sweep keys"):
+    with pytest.raises(ConfigError, match="unknown config key 'samples'; did you mean 'num_samples'"):
         load_sweep_config(path)
     path.write_text(yaml.safe_dump({"base": "demo", "baseline": False, "overrides": ["train.nope=1"],
                                     "search": {"train.lr": {"type": "uniform", "low": 1e-4, "high": 1e-3}}}))
@@ -184,87 +178,117 @@ def test_seeded_tpe_proposes_the_same_sweep():
     assert runs[0] == runs[1]
 
 
-# ----- real sweeps: Ray Tune + Optuna + Ray Train on 2 CPUs -----
+def test_sweep_metrics_are_what_validation_reports():
+    """The metrics a sweep accepts are keys of the dict train_loop_per_worker reports at every validation."""
+    import torch
 
-def _tiny_sweep(tmp_path, name: str, num_samples: int) -> SweepConfig:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": name, "base": "demo", "num_samples": num_samples, "max_concurrent": 2, "seed": 0,
-        "overrides": [
-            "model.depths=[1]", "model.num_heads=[2]", "model.embed_dim=12", "data.gt_size=32",
-            "texture.region_size=64", "texture.classifier.num_pairs=256", "texture.classifier.steps=20",
-            "train.batch_size=2", "train.total_steps=4", "train.val_every=2", "train.warmup_steps=0",
-            "data.val_max_images=1", "run.cpus_per_worker=0.5",
-        ],
-        "search": {
-            TEXTURE_WEIGHT: {"type": "loguniform", "low": 0.01, "high": 1.0},
-            "texture.patch_size": {"type": "choice", "values": [16, 32]},
-        },
-        "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2},
-        "storage": str(tmp_path / "sweeps"),
-    }))
-    return load_sweep_config(path)
+    from xswinir.config import MODEL_PRESETS
+    from xswinir.evaluation import ValidationSet, validate
+    from xswinir.model import build_swinir
+    from xswinir.tune.sweep_config import SWEEP_METRICS
+
+    gt = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    val = ValidationSet(["a"], [gt], [torch.nn.functional.avg_pool2d(gt, 2)])
+    reported = validate(build_swinir(MODEL_PRESETS["tiny-x2"]), val, scale=2, tile=None)
+    assert set(SWEEP_METRICS) <= set(reported)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A fresh local Ray for this module: RAY_ADDRESS=local keeps ray.init() off other clusters on the host."""
+def test_tune_folder_installs_as_xswinir_tune_only():
+    """pyproject maps tune/ to xswinir.tune and lists every package: no top-level `tune`, nothing left out."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {"xswinir.tune": "tune"}
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "xswinir").rglob("__init__.py")}
+    assert set(setuptools["packages"]) == on_disk | {"xswinir.tune"}
+    import xswinir.tune.sweep
+
+    assert Path(xswinir.tune.sweep.__file__).parent == REPO / "tune"
+
+
+class _Boom:
+    """A pickle that leaves a file behind when loaded: what a tampered tuner.pkl could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def _saved_experiment(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "tuner.pkl").write_bytes(pickle.dumps({"trainable": "train_trial"}))
+    (folder / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": []}')
+    (folder / "t_00000").mkdir()
+    (folder / "t_00000" / "params.pkl").write_bytes(pickle.dumps({TEXTURE_WEIGHT: 0.0}))
+    (folder / "train").mkdir()
+    (folder / "train" / "big_checkpoint.bin").write_bytes(b"not hashed")
+    write_manifest(str(folder))
+    return folder
+
+
+def test_manifest_accepts_the_saved_sweep_and_refuses_every_change(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("XSWINIR_SWEEP_KEY", raising=False)
+    exp = _saved_experiment(tmp_path / "sweeps" / "s")
+    verify_manifest(str(exp))  # as saved: accepted
+    assert (tmp_path / "config" / "xswinir" / "sweep.key").stat().st_mode & 0o077 == 0
+    (exp / "train" / "big_checkpoint.bin").write_bytes(b"Train checkpoints are safetensors: not Ray's pickles")
+    verify_manifest(str(exp))
+
+    marker = tmp_path / "pwned"
+    for name, change, match in [
+        ("pickle", lambda d: (d / "tuner.pkl").write_bytes(pickle.dumps(_Boom(marker))), "tuner.pkl"),
+        ("added", lambda d: (d / "searcher-state-2026.pkl").write_bytes(b"x"), "searcher-state-2026.pkl"),
+        ("trial", lambda d: (d / "t_00000" / "error.pkl").write_bytes(b"x"), "t_00000/error.pkl"),
+        ("state", lambda d: (d / "experiment_state-2026-01-01_00-00-00.json").write_text("{}"), "experiment_state"),
+        ("no manifest", lambda d: (d / MANIFEST_FILE).unlink(), "is missing"),
+    ]:
+        copy = shutil.copytree(exp, tmp_path / "tampered" / name)
+        change(copy)
+        with pytest.raises(ResumeRefused, match=match):
+            verify_manifest(str(copy))
+    assert not marker.exists()
+
+    # A manifest rewritten by someone without the key does not pass either.
+    forged = tmp_path / "forged"
+    monkeypatch.setenv("XSWINIR_SWEEP_KEY", "the attacker's key")
+    _saved_experiment(forged)
+    monkeypatch.delenv("XSWINIR_SWEEP_KEY")
+    with pytest.raises(ResumeRefused, match="not signed with this machine's key"):
+        verify_manifest(str(forged))
+
+
+def test_resume_of_a_tampered_sweep_is_refused_before_ray_or_unpickling(tmp_path, monkeypatch, capsys):
     import ray
 
-    old = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = "local"
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    yield
-    ray.shutdown()
-    if old is None:
-        os.environ.pop("RAY_ADDRESS", None)
-    else:
-        os.environ["RAY_ADDRESS"] = old
+    from xswinir.cli import main
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("XSWINIR_SWEEP_KEY", raising=False)
+    exp = _saved_experiment(tmp_path / "sweeps" / "sweep_demo")
+    marker = tmp_path / "pwned"
+    (exp / "tuner.pkl").write_bytes(pickle.dumps(_Boom(marker)))
+    code = main(["tune", "--config", "sweep_demo", "--storage", str(tmp_path / "sweeps"), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "refusing to resume" in err and "tuner.pkl" in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists() and not ray.is_initialized()
 
 
-def _check_outputs(summary, sweep: SweepConfig) -> None:
-    out = summary.files["trials"].parent
-    table = pq.read_table(out / TRIALS_FILE).to_pylist()
-    assert len(table) == sweep.num_samples
-    baselines = [r for r in table if r["baseline"]]
-    assert len(baselines) == 1 and baselines[0][TEXTURE_WEIGHT] == 0.0 and baselines[0]["order"] == 0
-    assert all(r[TEXTURE_WEIGHT] > 0 for r in table if not r["baseline"])
-    assert all(r[f"best {VAL_PSNR_Y}"] is not None and r["status"] != "error" for r in table), table
-    for name in PLOT_FILES:
-        assert (out / name).stat().st_size > 1000
-    best = load_config(out / BEST_CONFIG_FILE)
-    assert best.loss.texture_weight == summary.best.texture_weight
-    assert best.model.embed_dim == 12  # the sweep's overrides are in it
+def test_exports_are_complete_files_and_best_config_trains(tmp_path):
+    import pyarrow.parquet as pq
 
+    from xswinir.tune.results import BEST_CONFIG_FILE, TRIALS_FILE, write_exports
 
-@pytest.mark.integration
-def test_sweep_interrupted_then_resumed_runs_baseline_and_exports(tmp_path, local_ray):
-    """One sweep of 4 tiny trials, stopped by Ctrl-C after its first finished trial, then resumed to the end.
-
-    One sweep instead of two keeps the file under ~4 minutes on 2 cores.
-    """
-    from ray.tune import Callback
-
-    marker = tmp_path / "interrupted"
-
-    class InterruptAfterFirstTrial(Callback):
-        """Ctrl-C as a user would press it, once, when the first trial has finished.
-
-        Tune saves the callbacks with the experiment and restores them, hence the marker file.
-        """
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            if not marker.exists():
-                marker.touch()
-                os.kill(os.getpid(), signal.SIGINT)
-
-    sweep = _tiny_sweep(tmp_path, "tiny", num_samples=4)
-    first = run_sweep(sweep, callbacks=[InterruptAfterFirstTrial()])
-    done_before = {r.trial_id for r in first.rows if r.status in ("completed", "stopped early")}
-    assert 1 <= len(done_before) < sweep.num_samples and not first.finished, [r.status for r in first.rows]
-    with pytest.raises(UserError, match="already exists"):
-        run_sweep(sweep)
-    resumed = run_sweep(sweep, resume=True)
-    assert resumed.finished
-    assert done_before <= {r.trial_id for r in resumed.rows}
-    _check_outputs(resumed, sweep)
+    sweep = SweepConfig(name="s", storage=str(tmp_path), search={
+        TEXTURE_WEIGHT: Domain("loguniform", 0.01, 1.0), "texture.patch_size": Domain("choice", values=(16, 32)),
+        "train.lr": Domain("uniform", 1e-4, 1e-3)})
+    # One texture trial: importance.png says "too few trials" instead of fitting fANOVA's forest (seconds).
+    rows = [_row("t_00000", 0.0, 16, 30.0, 0), _row("t_00001", 0.1, 32, 30.5, 1, lr=2e-4)]
+    summary = write_exports(rows, sweep, load_config("demo"), tmp_path / "s")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(
+        [TRIALS_FILE, BEST_CONFIG_FILE, "history.png", "lambda_psnr.png", "importance.png"])  # no temporaries
+    table = pq.read_table(tmp_path / "s" / TRIALS_FILE).to_pylist()
+    assert [r["trial_id"] for r in table] == ["t_00000", "t_00001"] and table[0]["baseline"]
+    best = load_config(summary.files["best_config"])
+    assert summary.best.trial_id == "t_00001" and best.loss.texture_weight == 0.1 and best.texture.patch_size == 32

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from xswinir.config import Config, ConfigError, apply_overrides, config_fields
+from xswinir.config import Config, ConfigError, apply_overrides, config_fields, show
 
 DomainType = Literal["loguniform", "uniform", "int", "choice"]
 DOMAIN_TYPES: tuple[str, ...] = ("loguniform", "uniform", "int", "choice")
@@ -36,7 +36,7 @@ class Domain:
 
     def __post_init__(self) -> None:
         if self.type not in DOMAIN_TYPES:
-            raise ConfigError(f"domain type '{self.type}' is unknown; choose one of {list(DOMAIN_TYPES)}")
+            raise ConfigError(f"domain type {show(self.type)} is unknown; choose one of {list(DOMAIN_TYPES)}")
         if self.type == "choice":
             if not self.values:
                 raise ConfigError("a choice domain needs a non-empty `values` list")
@@ -47,10 +47,13 @@ class Domain:
             raise ConfigError(f"a {self.type} domain takes `low` and `high`, not `values`")
         if self.low is None or self.high is None or not self.low < self.high:
             raise ConfigError(f"a {self.type} domain needs low < high, got low={self.low}, high={self.high}")
+        if not math.isfinite(self.high - self.low):
+            raise ConfigError(f"a {self.type} domain's width high - low overflows: {self.low}, {self.high}")
         if self.type == "loguniform" and self.low <= 0:
             raise ConfigError(f"a loguniform domain needs low > 0, got {self.low} (0 is the baseline: see baseline)")
-        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
-            raise ConfigError(f"an int domain needs integer bounds, got {self.low}, {self.high}")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)
+                                   or max(abs(self.low), abs(self.high)) > 2**53):
+            raise ConfigError(f"an int domain needs integer bounds within ±2**53, got {self.low}, {self.high}")
 
     def corners(self) -> list[Any]:
         """Values that exercise the domain's extremes: both bounds, or every choice."""
@@ -64,15 +67,27 @@ class Domain:
 def parse_domain(key: str, spec: Any) -> Domain:
     """A :class:`Domain` from its YAML mapping, e.g. ``{type: choice, values: [16, 32]}``."""
     if not isinstance(spec, dict):
-        raise ConfigError(f"search.{key} must be a mapping like {{type: loguniform, low: 0.01, high: 1}}, got {spec!r}")
+        raise ConfigError(f"search.{key} must be a mapping like {{type: loguniform, low: 0.01, high: 1}}, got "
+                          f"{show(spec)}")
     unknown = set(spec) - {"type", "low", "high", "values"}
     if unknown:
-        raise ConfigError(f"search.{key}: unknown domain keys {sorted(unknown)} (type, low, high, values)")
+        raise ConfigError(f"search.{key}: unknown domain keys {sorted(map(str, unknown))} (type, low, high, values)")
     if "type" not in spec:
         raise ConfigError(f"search.{key} needs a `type`: one of {list(DOMAIN_TYPES)}")
     values = spec.get("values")
     if values is not None and not isinstance(values, list):
-        raise ConfigError(f"search.{key}.values must be a list, got {values!r}")
+        raise ConfigError(f"search.{key}.values must be a list, got {show(values)}")
+    for bound in ("low", "high"):
+        value = spec.get(bound)
+        # Strings ("0.1"), booleans and inf would reach Tune's samplers and fail inside a trial.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise ConfigError(f"search.{key}.{bound} must be a finite number, got {show(value)}")
+    for value in values or ():
+        # Optuna's CategoricalDistribution takes these and nothing else.
+        if value is not None and not isinstance(value, (bool, int, float, str)) or (
+                isinstance(value, float) and not math.isfinite(value)):
+            raise ConfigError(f"search.{key}.values must be numbers, strings, booleans or null, got {show(value)}")
     try:
         return Domain(
             type=spec["type"], low=spec.get("low"), high=spec.get("high"),
@@ -88,12 +103,14 @@ def parse_search_space(search: dict[str, Any]) -> dict[str, Domain]:
         raise ConfigError("the sweep needs a non-empty `search` mapping of config keys to domains")
     known = set(config_fields())
     for key in search:
+        if not isinstance(key, str):
+            raise ConfigError(f"search key {show(key)} is not a dotted config key such as 'loss.texture_weight'")
         if key not in known:
             import difflib
 
             hint = difflib.get_close_matches(key, sorted(known), n=1)
             suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
-            raise ConfigError(f"search key '{key}' is not a config field{suggestion}")
+            raise ConfigError(f"search key {show(key)} is not a config field{suggestion}")
     return {key: parse_domain(key, spec) for key, spec in search.items()}
 
 
@@ -109,7 +126,7 @@ def check_search_space(base: Config, space: dict[str, Domain]) -> None:
             try:
                 apply_overrides(base, {**floor, key: value})
             except ConfigError as err:
-                raise ConfigError(f"search.{key}={value!r} makes an invalid config: {err}") from err
+                raise ConfigError(f"search.{key}={show(value)} makes an invalid config: {err}") from err
 
 
 def to_tune(space: dict[str, Domain]) -> dict[str, Any]:

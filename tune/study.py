@@ -4,7 +4,7 @@ A study is a *grid*, not a search: every arm (a named set of config overrides, e
 ``projection_l1``, ``pull_l0.1``) is trained once per seed, with the same steps, data and degradations, so
 that two arms with the same seed differ only in what the arm changes (the seed fixes the initial weights, the
 batches and the degradations of every step). Each trial is one ``xswinir train`` run (Ray Train inside a
-Tune function trainable, as in :mod:`tune.sweep`); after training, the final EMA weights are evaluated on
+Tune function trainable, as in :mod:`xswinir.tune.sweep`); after training, the final EMA weights are evaluated on
 every evaluation set with the ``eval_degradation`` at the fixed ``eval_seed``
 (:func:`xswinir.evaluation.evaluate_model`: each image degraded the same way for every model) and the
 per-image rows are written beside the run (``eval.json``), so nothing depends on Tune's result objects.
@@ -12,7 +12,8 @@ per-image rows are written beside the run (``eval.json``), so nothing depends on
 Outputs, in ``<storage>/<name>/``: ``train/<arm>_s<seed>/`` (each run with its checkpoints, kept for
 re-evaluation), ``study.parquet`` (one row per arm, seed, set and image, bicubic included), ``study.md``
 (per arm and set: the mean of every metric; per texture arm: the paired difference to the baseline arm with
-its 95 % confidence interval over seeds), ``study_psnr.png`` (paired differences per seed).
+its 95 % confidence interval over seeds), ``study_psnr.png`` (paired differences per seed), each written
+atomically, and ``xswinir_manifest.json`` (what ``--resume`` may unpickle: :mod:`xswinir.tune.manifest`).
 """
 
 from __future__ import annotations
@@ -26,9 +27,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xswinir.config import Config, ConfigError, apply_overrides, load_config, read_yaml_mapping, resolve_config_path
+from xswinir.atomic import atomic_path
+from xswinir.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    build_section,
+    check_name,
+    load_config,
+    read_yaml_mapping,
+    resolve_config_path,
+    show,
+)
 from xswinir.errors import UserError
 from xswinir.metrics import LPIPS, MS_SSIM_Y, PSNR_Y, SCC_Y, SSIM_Y
+from xswinir.storage import check_writable, is_remote
+from xswinir.tune.manifest import verify_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +50,7 @@ EVAL_FILE = "eval.json"
 STUDY_TABLE = "study.parquet"
 STUDY_REPORT = "study.md"
 STUDY_PLOT = "study_psnr.png"
+STUDY_SUMMARY = "study_summary.json"
 # Metrics compared between arms, higher is better for all but LPIPS.
 COMPARED = (PSNR_Y, SSIM_Y, MS_SSIM_Y, SCC_Y, LPIPS)
 
@@ -46,24 +61,30 @@ class StudyConfig:
 
     name: str = "study"
     base: str = "demo"  # a shipped training config's name or a YAML path
-    overrides: list[str] = field(default_factory=list)  # applied to base for every arm
+    overrides: tuple[str, ...] = ()  # applied to base for every arm
     arms: dict[str, list[str]] = field(default_factory=dict)  # arm name -> `section.key=value` overrides
     baseline: str = "lambda0"  # the arm every other arm is compared with, paired by seed
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    eval_sets: list[str] = field(default_factory=lambda: ["skimage:val"])
+    seeds: tuple[int, ...] = (0, 1, 2)
+    eval_sets: tuple[str, ...] = ("skimage:val",)
     eval_degradation: str = "blur-noise"
     eval_seed: int = 0
     max_concurrent: int = 2
-    storage: str = "outputs/studies"
+    storage: str = "outputs/studies"  # a local folder: the report is made from the trials' files
     address: str | None = None
 
     def __post_init__(self) -> None:
+        check_name(self.name, "name")
+        for arm in self.arms:
+            check_name(arm, "an arm's name")  # it names the runs' folders, <arm>_s<seed>
         if not self.arms or self.baseline not in self.arms:
-            raise ConfigError(f"the study needs arms, one of them the baseline '{self.baseline}'")
+            raise ConfigError(f"the study needs arms, one of them the baseline {show(self.baseline)}")
         if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"a study needs at least 2 distinct seeds for a confidence interval, got {self.seeds}")
+            raise ConfigError(f"a study needs at least 2 distinct seeds for a confidence interval, got "
+                              f"{show(list(self.seeds))}")
         if not self.eval_sets or self.max_concurrent < 1:
             raise ConfigError("a study needs eval_sets and max_concurrent >= 1")
+        if is_remote(self.storage):
+            raise ConfigError(f"study storage must be a local or mounted folder, got {show(self.storage)}")
 
     def arm_config(self, arm: str, seed: int) -> Config:
         """The training config of one trial, validated."""
@@ -74,42 +95,42 @@ class StudyConfig:
         return Path(self.storage).expanduser().resolve() / self.name
 
 
-_STUDY_KEYS = {f.name for f in dataclasses.fields(StudyConfig)}
-
-
 def load_study_config(path: str | Path, extra_overrides: list[str] | None = None, **changes: Any) -> StudyConfig:
     """Reads a study YAML (a path or a shipped config's name, ``study_cpu``) and checks every arm's config.
 
+    The file goes through the training config's typed loader (:func:`xswinir.config.build_section`).
+
     Raises:
-        ConfigError: unknown keys, or an arm whose overrides make an invalid training config.
+        ConfigError: unknown keys, wrong types, or an arm whose overrides make an invalid training config.
     """
+    from xswinir.images import printable_path
+
     file = resolve_config_path(path)
-    data = read_yaml_mapping(file)
-    unknown = set(data) - _STUDY_KEYS
-    if unknown:
-        raise ConfigError(f"{file}: unknown study keys {sorted(unknown)}; known: {sorted(_STUDY_KEYS)}")
-    arms = data.get("arms")
-    if not isinstance(arms, dict) or not all(isinstance(v, list) and all(isinstance(o, str) for o in v)
-                                             for v in arms.values()):
-        raise ConfigError(f"{file}: arms must map names to lists of 'section.key=value' strings")
-    data["overrides"] = [*(data.get("overrides") or []), *(extra_overrides or [])]
-    data.update({k: v for k, v in changes.items() if v is not None})
+    data = {**read_yaml_mapping(file), **{k: v for k, v in changes.items() if v is not None}}
     try:
-        study = StudyConfig(**data)
-    except TypeError as err:
-        raise ConfigError(f"{file}: {err}") from err
-    for arm in study.arms:
-        try:
-            study.arm_config(arm, study.seeds[0])
-        except ConfigError as err:
-            raise ConfigError(f"{file}: arm '{arm}': {err}") from err
+        arms = data.get("arms")
+        if not isinstance(arms, dict) or not all(isinstance(k, str) and isinstance(v, list)
+                                                 and all(isinstance(o, str) for o in v) for k, v in arms.items()):
+            raise ConfigError(f"arms must map names to lists of 'section.key=value' strings, got {show(arms)}")
+        overrides = data.get("overrides") or []
+        if not isinstance(overrides, list):
+            raise ConfigError(f"overrides must be a list of 'section.key=value' strings, got {show(overrides)}")
+        data["overrides"] = [*overrides, *(extra_overrides or [])]
+        study = build_section(StudyConfig, data, "")
+        for arm in study.arms:
+            try:
+                study.arm_config(arm, study.seeds[0])
+            except ConfigError as err:
+                raise ConfigError(f"arm '{arm}': {err}") from err
+    except ConfigError as err:
+        raise ConfigError(f"{printable_path(file)}: {err}") from err
     return study
 
 
 def with_absolute_paths(study: StudyConfig) -> StudyConfig:
     """The study with its local data paths made absolute: Tune trials run in their own working directory."""
-    from tune.sweep import absolute_local_paths
     from xswinir.images import absolute_source
+    from xswinir.tune.sweep import absolute_local_paths
 
     base = study.arm_config(study.baseline, study.seeds[0])
     fixed = absolute_local_paths(base)
@@ -184,6 +205,9 @@ def run_study(study: StudyConfig, resume: bool = False) -> Path:
     if not resume and can_restore:
         raise UserError(f"study '{study.name}' already exists in {study.storage}: pass --resume to continue it, "
                         "or choose another name")
+    if resume:
+        verify_manifest(str(exp_path))  # Tuner.restore unpickles the folder's files
+    check_writable(study.storage)
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
     study = with_absolute_paths(study)
     base = study.arm_config(study.baseline, study.seeds[0])
@@ -204,7 +228,10 @@ def run_study(study: StudyConfig, resume: bool = False) -> Path:
                                         trial_dirname_creator=lambda t: run_name(t.config["arm"], t.config["seed"])),
             run_config=tune.RunConfig(name=study.name, storage_path=str(exp_path.parent), verbose=1),
         )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        write_manifest(str(exp_path))  # sign what a --resume will unpickle
     return write_report(study)
 
 
@@ -278,7 +305,7 @@ def summarise(study: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def display_set(source: str) -> str:
     """A short name for an evaluation set: ``Set5/HR`` for ``/data/Set5/HR``, ``skimage:val`` as it is."""
-    if "://" in source or source.startswith("skimage:") or "/" not in source:
+    if is_remote(source) or source.startswith("skimage:") or "/" not in source:
         return source
     parts = Path(source).parts
     return "/".join(parts[-2:]) if parts[-1].lower() in ("hr", "gt") else parts[-1]
@@ -324,12 +351,17 @@ def write_report(study: StudyConfig) -> Path:
     out = study.experiment_path()
     columns = sorted({k for r in rows for k in r})
     table = pa.table({c: [r.get(c) for r in rows] for c in columns})
-    pq.write_table(table, out / STUDY_TABLE)
+    # Each file appears complete or not at all: a reader never sees half a report from an interrupted write.
+    with atomic_path(out / STUDY_TABLE) as tmp:
+        pq.write_table(table, tmp)
     summary = summarise(study, rows)
     report = out / STUDY_REPORT
-    report.write_text(format_report(study, summary))
-    (out / "study_summary.json").write_text(json.dumps(summary, indent=1))
-    plot_differences(study, summary, out / STUDY_PLOT)
+    with atomic_path(report) as tmp:
+        tmp.write_text(format_report(study, summary))
+    with atomic_path(out / STUDY_SUMMARY) as tmp:
+        tmp.write_text(json.dumps(summary, indent=1))
+    with atomic_path(out / STUDY_PLOT) as tmp:
+        plot_differences(study, summary, tmp)
     return report
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tune.study import EVAL_FILE
+from xswinir.tune.study import EVAL_FILE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from xswinir.cli.train import add_set_argument
+
 HELP = "controlled study on Ray Tune: λ=0 against texture-term arms, several seeds, paired 95%% intervals"
 
 
@@ -17,12 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", help="folder the study goes under")
     parser.add_argument("--name", help="study name: its folder under the storage")
     parser.add_argument("--seeds", type=int, nargs="+", help="replace the study's seeds")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a training config value in every arm, e.g. --set train.total_steps=100")
+    add_set_argument(parser, "a training config value in every arm", "train.total_steps=100")
 
 
 def run(args: argparse.Namespace) -> int:
-    from tune.study import load_study_config, run_study, write_report
+    from xswinir.tune.study import load_study_config, run_study, write_report
 
     study = load_study_config(args.config, args.overrides, storage=args.storage, name=args.name, seeds=args.seeds,
                               address=args.address)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from xswinir.cli.train import add_set_argument
+
 HELP = "hyper-parameter sweep on Ray Tune + Optuna (λ, patch size, ...), always against a λ=0 baseline"
 
 
@@ -11,17 +13,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default="sweep_demo",
                         help="sweep YAML, or the name of a shipped one (default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the interrupted sweep <storage>/<name>; errored trials run again")
+                        help="continue the interrupted sweep <storage>/<name>; errored trials run again. Refused if "
+                             "the files Ray would unpickle differ from the manifest this machine's key signed")
     parser.add_argument("--address", help="join the Ray cluster at this address instead of starting a local one")
     parser.add_argument("--storage", help="folder or URI (s3://, gs://) the sweep goes under (sweep storage)")
     parser.add_argument("--name", help="sweep name: its folder under the storage")
     parser.add_argument("--num-samples", type=int, help="trials in all, the baseline included")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a training config value in every trial, e.g. --set run.use_gpu=true")
+    add_set_argument(parser, "a training config value in every trial", "run.use_gpu=true")
 
 
 def run(args: argparse.Namespace) -> int:
-    from tune.sweep import format_table, load_sweep_config, run_sweep
+    from xswinir.tune.results import format_table
+    from xswinir.tune.sweep import run_sweep
+    from xswinir.tune.sweep_config import load_sweep_config
 
     sweep = load_sweep_config(args.config, args.overrides, storage=args.storage, name=args.name,
                               num_samples=args.num_samples, address=args.address)

@@ -1,0 +1,103 @@
+"""A real sweep: Ray Tune + Optuna + Ray Train on 2 CPUs, interrupted, refused when tampered, then resumed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from xswinir.config import load_config
+from xswinir.errors import UserError
+from xswinir.metrics import VAL_PSNR_Y
+from xswinir.tune.manifest import MANIFEST_FILE, ResumeRefused, verify_manifest
+from xswinir.tune.plots import PLOT_FILES
+from xswinir.tune.results import BEST_CONFIG_FILE, TRIALS_FILE
+from xswinir.tune.sweep import run_sweep
+from xswinir.tune.sweep_config import TEXTURE_WEIGHT, SweepConfig, load_sweep_config
+
+pytestmark = pytest.mark.integration
+
+
+def _tiny_sweep(tmp_path, name: str, num_samples: int) -> SweepConfig:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": name, "base": "demo", "num_samples": num_samples, "max_concurrent": 2, "seed": 0,
+        "overrides": [
+            "model.depths=[1]", "model.num_heads=[2]", "model.embed_dim=12", "data.gt_size=32",
+            "texture.region_size=64", "texture.classifier.num_pairs=256", "texture.classifier.steps=20",
+            "train.batch_size=2", "train.total_steps=4", "train.val_every=2", "train.warmup_steps=0",
+            "data.val_max_images=1", "run.cpus_per_worker=0.5",
+        ],
+        "search": {
+            TEXTURE_WEIGHT: {"type": "loguniform", "low": 0.01, "high": 1.0},
+            "texture.patch_size": {"type": "choice", "values": [16, 32]},
+        },
+        "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2},
+        "storage": str(tmp_path / "sweeps"),
+    }))
+    return load_sweep_config(path)
+
+
+def _check_outputs(summary, sweep: SweepConfig) -> None:
+    out = summary.files["trials"].parent
+    table = pq.read_table(out / TRIALS_FILE).to_pylist()
+    assert len(table) == sweep.num_samples
+    baselines = [r for r in table if r["baseline"]]
+    assert len(baselines) == 1 and baselines[0][TEXTURE_WEIGHT] == 0.0 and baselines[0]["order"] == 0
+    assert all(r[TEXTURE_WEIGHT] > 0 for r in table if not r["baseline"])
+    assert all(r[f"best {VAL_PSNR_Y}"] is not None and r["status"] != "error" for r in table), table
+    for name in PLOT_FILES:
+        assert (out / name).stat().st_size > 1000
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]  # every export moved into place
+    best = load_config(out / BEST_CONFIG_FILE)
+    assert best.loss.texture_weight == summary.best.texture_weight
+    assert best.model.embed_dim == 12  # the sweep's overrides are in it
+
+
+def test_sweep_interrupted_then_resumed_runs_baseline_and_exports(tmp_path, ray_local, monkeypatch):
+    """One sweep of 4 tiny trials, stopped by Ctrl-C after its first finished trial, then resumed to the end.
+
+    One sweep instead of two keeps the file under ~4 minutes on 2 cores.
+    """
+    from ray.tune import Callback
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))  # the manifest's key
+    monkeypatch.delenv("XSWINIR_SWEEP_KEY", raising=False)
+    marker = tmp_path / "interrupted"
+
+    class InterruptAfterFirstTrial(Callback):
+        """Ctrl-C as a user would press it, once, when the first trial has finished.
+
+        Tune saves the callbacks with the experiment and restores them, hence the marker file.
+        """
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGINT)
+
+    sweep = _tiny_sweep(tmp_path, "tiny", num_samples=4)
+    first = run_sweep(sweep, callbacks=[InterruptAfterFirstTrial()])
+    done_before = {r.trial_id for r in first.rows if r.status in ("completed", "stopped early")}
+    assert 1 <= len(done_before) < sweep.num_samples and not first.finished, [r.status for r in first.rows]
+    with pytest.raises(UserError, match="already exists"):
+        run_sweep(sweep)
+
+    # The interrupted driver signed what Ray will unpickle; a copy with one changed pickle is refused.
+    exp = tmp_path / "sweeps" / "tiny"
+    assert (exp / MANIFEST_FILE).is_file() and (exp / "tuner.pkl").is_file()
+    verify_manifest(str(exp))
+    copy = shutil.copytree(exp, tmp_path / "copied" / "tiny")
+    (copy / "tuner.pkl").write_bytes((copy / "tuner.pkl").read_bytes() + b"\n")
+    with pytest.raises(ResumeRefused, match="tuner.pkl"):
+        run_sweep(load_sweep_config(tmp_path / "tiny.yaml", storage=str(tmp_path / "copied")), resume=True)
+
+    resumed = run_sweep(sweep, resume=True)
+    assert resumed.finished
+    assert done_before <= {r.trial_id for r in resumed.rows}
+    _check_outputs(resumed, sweep)
+    verify_manifest(str(exp))  # re-signed after the resumed run
