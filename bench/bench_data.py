@@ -3,9 +3,13 @@
 (a) The batched :class:`~xswinir.degradations.Degrader` against the same operations applied image by image
     in a Python loop (the Degrader called with batches of one), for the ``blur-noise`` and ``realistic``
     presets on 16 x 3 x 192 x 192 gt batches.
-(b) Training batches cut from Parquet shards (plain pyarrow reader) against batches cut from the PNG files of
-    a folder, with the decoded-image cache off so that every item is read and decoded; plus the start-up
-    scan, which decodes every file of a folder but only reads the recorded sizes of shards.
+(b) Training patches per CPU core from Parquet shards of large (DIV2K-sized, 2040 x 1356) PNGs: one decode
+    per crop from whole images (the data path before sub-images and multi-crop), against shards of 480-pixel
+    sub-images (``xswinir pack --sub-image 480``) with ``data.crops_per_image`` crops per decode, with and
+    without the sha256 check. Every variant runs the real dataset, sampler and collate in this process with
+    one torch thread and the decoded-image cache off; the rate is patches per CPU-second of this process
+    (``time.process_time``), so it holds on a busy machine. One GPU that trains at N patches/s needs about
+    N / rate cores of DataLoader workers (``data.loader_workers``).
 
     python -m bench.bench_data [--quick] [--device cuda]
 """
@@ -28,6 +32,7 @@ from xswinir.degradations import build_degrader, make_generator
 from xswinir.shards import pack_images
 
 SHARED_BSD = Path(__file__).resolve().parents[2] / "shared" / "data" / "BSD200"
+LARGE = (2040, 1356)  # a DIV2K training image
 
 
 def bench_degrader(device: str, batch: int, size: int, repeat: int) -> list[dict]:
@@ -53,49 +58,85 @@ def bench_degrader(device: str, batch: int, size: int, repeat: int) -> list[dict
     return rows
 
 
-def _image_folder(root: Path, count: int) -> Path:
-    """``count`` PNGs: BSD200 photographs when the shared data is there, else smooth random images."""
-    folder = root / "png"
-    folder.mkdir()
-    if SHARED_BSD.is_dir():
-        for path in sorted(SHARED_BSD.glob("*.png"))[:count]:
-            shutil.copy(path, folder / path.name)
+def _large_images(folder: Path, count: int) -> Path:
+    """``count`` 2040 x 1356 PNGs: mosaics of BSD200 photographs when the shared data is there (PNG decoding
+    costs what it costs on photographs), else smooth random images."""
+    folder.mkdir(parents=True)
+    photos = sorted(SHARED_BSD.glob("*.png")) if SHARED_BSD.is_dir() else []
     rng = np.random.default_rng(0)
-    for i in range(len(list(folder.iterdir())), count):
-        base = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
-        Image.fromarray(base).resize((480, 320), Image.BICUBIC).save(folder / f"synthetic{i:03d}.png")
+    for i in range(count):
+        canvas = Image.new("RGB", LARGE)
+        for k, (x, y) in enumerate((x, y) for y in range(0, LARGE[1], 321) for x in range(0, LARGE[0], 481)):
+            if photos:
+                tile = Image.open(photos[(i * 20 + k) % len(photos)]).convert("RGB")
+                tile = tile if tile.size == (481, 321) else tile.transpose(Image.Transpose.TRANSPOSE)
+            else:
+                tile = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).resize((481, 321),
+                                                                                                  Image.BICUBIC)
+            canvas.paste(tile, (x, y))
+        canvas.save(folder / f"{i:04d}.png")
     return folder
 
 
-def bench_loading(count: int, batch: int, steps: int, repeat: int) -> list[dict]:
+def _cpu_seconds(dataset: PatchDataset, sampler: StepBatchSampler, steps: range) -> float:
+    start = time.process_time()
+    for step in steps:
+        collate([dataset[key] for key in sampler.batch(step)])
+    return time.process_time() - start
+
+
+def bench_shards(count: int, batch: int, steps: int, repeat: int, gt_size: int = 128) -> list[dict]:
     root = Path(tempfile.mkdtemp(prefix="bench_data_"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core: DataLoader workers run one torch thread each
     try:
-        folder = _image_folder(root, count)
-        pack_images(folder, root / "shards", progress=False)
-        cutter = PatchCutter(gt_size=96)
+        folder = _large_images(root / "png", count)
         start = time.perf_counter()
-        files = PatchDataset(open_images(str(folder)), cutter, cache_mb=0)
-        scan_files = time.perf_counter() - start
+        whole = pack_images(folder, root / "whole", progress=False)
+        pack_whole = time.perf_counter() - start
         start = time.perf_counter()
-        shards = PatchDataset(open_images(str(root / "shards")), cutter, cache_mb=0)
-        scan_shards = time.perf_counter() - start
-        sampler = StepBatchSampler(len(files), batch, seed=0, rank=0)
+        subs = pack_images(folder, root / "sub480", sub_image=480, sub_step=240, progress=False)
+        pack_subs = time.perf_counter() - start
+        cutter = PatchCutter(gt_size=gt_size)
 
-        def batches(dataset: PatchDataset) -> None:
-            for step in range(steps):
-                collate([dataset[key] for key in sampler.batch(step)])
+        def dataset(name: str, verify: bool) -> PatchDataset:
+            return PatchDataset(open_images(str(root / name), verify_checksums=verify), cutter, cache_mb=0)
 
-        times = measure({"files": lambda: batches(files), "shards": lambda: batches(shards)}, repeat=repeat)
-        patches = batch * steps
-        return [{
-            "part": "load", "variant": f"{count} PNGs, batch {batch} x 96px",
-            "batched_per_s": patches / times["shards"], "loop_per_s": patches / times["files"],
-            "speedup": times["files"] / times["shards"],
-        }, {
-            "part": "scan", "variant": f"start-up check of {count} images (s)",
-            "batched_per_s": scan_shards, "loop_per_s": scan_files, "speedup": scan_files / scan_shards,
-        }]
+        variants = [  # (label, shards, crops per decode, verify sha256)
+            ("before: whole 2040x1356 PNGs, 1 crop per decode", "whole", 1, False),
+            ("whole PNGs, 4 crops per decode", "whole", 4, True),
+            ("480 px sub-images, 1 crop per decode", "sub480", 1, True),
+            ("after: 480 px sub-images, 4 crops per decode", "sub480", 4, True),
+            ("after, data.verify_checksums=false", "sub480", 4, False),
+            ("480 px sub-images, 8 crops per decode", "sub480", 8, True),
+        ]
+        runs = []
+        for _, name, crops, verify in variants:
+            data = dataset(name, verify)
+            runs.append((data, StepBatchSampler(len(data), batch, seed=0, rank=0, crops_per_image=crops)))
+        seconds: list[list[float]] = [[] for _ in variants]
+        for r in range(repeat):  # interleaved, so that machine noise hits every variant alike
+            for i, (data, sampler) in enumerate(runs):
+                seconds[i].append(_cpu_seconds(data, sampler, range(r * steps, (r + 1) * steps)))
+        rows = [{"part": "load", "variant": label, "patches_per_core_s": batch * steps / float(np.median(s)),
+                 "vs_before": None, "value": None} for (label, *_), s in zip(variants, seconds, strict=True)]
+        for row in rows:
+            row["vs_before"] = row["patches_per_core_s"] / rows[0]["patches_per_core_s"]
+        mib = {name: sum(p.stat().st_size for p in (root / name).glob("*.parquet")) / 2**20
+               for name in ("whole", "sub480")}
+        rows += [
+            {"part": "pack (s)", "variant": f"{count} images -> {whole.images} rows", "patches_per_core_s": None,
+             "vs_before": None, "value": pack_whole},
+            {"part": "pack (s)", "variant": f"{count} images -> {subs.images} sub-images of 480 px, step 240",
+             "patches_per_core_s": None, "vs_before": pack_subs / pack_whole, "value": pack_subs},
+            {"part": "shards (MiB)", "variant": "whole images", "patches_per_core_s": None, "vs_before": None,
+             "value": mib["whole"]},
+            {"part": "shards (MiB)", "variant": "sub-images", "patches_per_core_s": None,
+             "vs_before": mib["sub480"] / mib["whole"], "value": mib["sub480"]},
+        ]
+        return rows
     finally:
+        torch.set_num_threads(threads)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -103,11 +144,12 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0], "bench/results/bench_data.json")
     torch.manual_seed(0)
     rows = bench_degrader(args.device, batch=16, size=192, repeat=2 if args.quick else 10)
-    rows += bench_loading(count=16 if args.quick else 64, batch=16, steps=2 if args.quick else 8,
-                          repeat=3 if args.quick else 5)
-    print_table(rows, "data pipeline: 'batched' = batched Degrader / Parquet shards, "
-                      "'loop' = per-image loop / PNG folder (patches per second; scan rows: seconds)")
-    write_json(args.json, "bench_data", rows, quick=args.quick, device=args.device)
+    print_table(rows, "degradations: batched Degrader vs per-image loop (images per second)")
+    shard_rows = bench_shards(count=2 if args.quick else 8, batch=64, steps=1 if args.quick else 2,
+                              repeat=1 if args.quick else 3)
+    print_table(shard_rows, "training patches (128 px) per CPU-second from shards of 2040x1356 PNGs; "
+                            "vs_before: ratio to the first row")
+    write_json(args.json, "bench_data", rows + shard_rows, quick=args.quick, device=args.device)
 
 
 if __name__ == "__main__":

@@ -1,46 +1,46 @@
-"""Parquet shards: pack/read round trip, determinism, bad files, the CLI, training from shards, Ray Data."""
+"""Parquet shards: pack/read round trip, determinism, sub-images, bad files and schemas, checksums, overwriting
+safely, the CLI, training from shards."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
+import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from xswinir.cli import main
-from xswinir.config import Config, apply_overrides
-from xswinir.data import build_train_batches, load_val_images
+from xswinir.data import build_train_batches, check_train_source, load_val_images
 from xswinir.images import read_image
 from xswinir.shards import (
     SCHEMA,
     ShardError,
     ShardImages,
-    batches_from_ray_shard,
     is_shard_source,
     pack_images,
-    read_shards,
+    sub_image_boxes,
 )
 
 
 @pytest.fixture
 def folder(tmp_path):
-    root = tmp_path / "hr"
+    return write_images(tmp_path / "hr")
+
+
+def write_images(root):
+    """Four images of three kinds, one in a sub-folder, one 16-bit gray."""
     (root / "sub").mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name, (h, w) in {"a.png": (24, 32), "sub/b.png": (40, 20), "c.jpg": (32, 32)}.items():
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name, quality=90)
     Image.fromarray(np.full((20, 20), 50000, dtype=np.uint16)).save(root / "deep.png")
     return root
-
-
-def _cfg(source, **overrides) -> Config:
-    base = {"data.train": str(source), "data.val": str(source), "data.gt_size": 16, "data.loader_workers": 0,
-            "train.batch_size": 4, "model.upscale": 2, "model.window_size": 4}
-    return apply_overrides(Config(), {**base, **overrides})
 
 
 def test_round_trip_is_lossless(folder, tmp_path):
@@ -110,55 +110,148 @@ def test_is_shard_source(folder, tmp_path):
         ShardImages(tmp_path / "nothing.parquet")
 
 
-def test_training_from_shards_equals_training_from_files(folder, tmp_path):
+def test_training_from_shards_equals_training_from_files(folder, tmp_path, tiny_config):
     pack_images(folder, tmp_path / "shards", progress=False)
     for overrides in ({}, {"loss.texture_weight": 0.1, "texture.region_size": None}):
-        from_files = itertools.islice(build_train_batches(_cfg(folder, **overrides), 0, 1), 3)
-        from_shards = itertools.islice(build_train_batches(_cfg(tmp_path / "shards", **overrides), 0, 1), 3)
+        from_files = itertools.islice(build_train_batches(tiny_config(folder, **overrides), 0, 1), 3)
+        from_shards = itertools.islice(build_train_batches(tiny_config(tmp_path / "shards", **overrides), 0, 1), 3)
         for a, b in zip(from_files, from_shards, strict=True):
             assert a.keys() == b.keys()
             for key in a:
                 torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
-    names = [name for name, _ in load_val_images(_cfg(tmp_path / "shards"))]
+    names = [name for name, _ in load_val_images(tiny_config(tmp_path / "shards"))]
     assert names == ["a", "c", "deep", "b"]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    import os
-
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    started = not ray.is_initialized()  # another test module may hold a local Ray already: reuse it
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    context = ray.data.DataContext.get_current()
-    preserve_order = context.execution_options.preserve_order
-    context.execution_options.preserve_order = True
-    yield ray
-    context.execution_options.preserve_order = preserve_order
-    if started:
-        ray.shutdown()
+def test_sub_image_boxes_cover_the_image_as_basicsr():
+    assert sub_image_boxes(1000, 480, 480, 240) == [(0, 0, 480, 480), (240, 0, 720, 480), (480, 0, 960, 480),
+                                                    (520, 0, 1000, 480)]
+    assert sub_image_boxes(300, 200, 480, 240) == [(0, 0, 300, 200)]  # smaller than a sub-image: whole
+    for width, height, size, step in ((1000, 700, 480, 240), (97, 61, 32, 20)):
+        covered = np.zeros((height, width), dtype=bool)
+        for left, top, right, bottom in sub_image_boxes(width, height, size, step):
+            assert right - left == size and bottom - top == size
+            covered[top:bottom, left:right] = True
+        assert covered.all()
 
 
-@pytest.mark.integration
-def test_ray_data_reads_shards(folder, tmp_path, ray_local):
+def test_sub_images_are_lossless_crops(folder, tmp_path):
+    summary = pack_images(folder, tmp_path / "shards", sub_image=16, sub_step=12, progress=False)
+    assert summary.files == 4 and summary.images > 4
+    assert "sub-images of 4 images" in str(summary)
+    images = ShardImages(tmp_path / "shards")
+    assert images.names[:4] == ["a_s001.png", "a_s002.png", "a_s003.png", "a_s004.png"]  # a.png is 32x24
+    a = read_image(folder / "a.png")
+    for i, (left, top, right, bottom) in enumerate(sub_image_boxes(32, 24, 16, 12)):
+        assert images.sizes[i] == (16, 16)
+        torch.testing.assert_close(images.load(i), a[:, top:bottom, left:right], rtol=0, atol=0)
+    deep = images.names.index("deep_s001.png")  # 16-bit stays 16-bit
+    torch.testing.assert_close(images.load(deep), read_image(folder / "deep.png")[:, :16, :16], rtol=0, atol=0)
+    assert images.names[-1].startswith("sub/b_s")
+    again = pack_images(folder, tmp_path / "again", sub_image=16, sub_step=12, progress=False, workers=2)
+    assert [p.read_bytes() for p in summary.shards] == [p.read_bytes() for p in again.shards]  # any worker count
+    with pytest.raises(ShardError, match="step"):
+        pack_images(folder, tmp_path / "x", sub_image=16, sub_step=20, progress=False)
+
+
+def test_overwrite_keeps_the_old_shards_until_the_new_ones_are_complete(folder, tmp_path):
+    out = tmp_path / "shards"
+    first = pack_images(folder, out, shard_size_mb=0.002, progress=False)
+    before = {p.name: p.read_bytes() for p in first.shards}
+    (out / "notes.txt").write_text("mine")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.png").write_bytes(b"not an image")
+    with pytest.raises(ShardError, match="no readable images"):
+        pack_images(broken, out, overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*.parquet")} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "hr", "shards"]  # no temporary left over
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "a.png").write_bytes((folder / "a.png").read_bytes())
+    second = pack_images(one, out, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "shard-00000.parquet"]  # stale shards gone
+    assert second.shards == [out / "shard-00000.parquet"] and ShardImages(out).names == ["a.png"]
+    fresh = pack_images(one, tmp_path / "new" / "shards", progress=False)
+    assert fresh.shards == [tmp_path / "new" / "shards" / "shard-00000.parquet"]
+
+
+def test_pack_into_a_file_is_a_user_error(folder, tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert main(["pack", str(folder), str(target), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a file" in err and len(err.splitlines()) == 1
+    assert target.read_text() == "x"
+
+
+def test_file_names_that_are_not_utf8(folder, tmp_path, capfd):
+    (folder / os.fsdecode(b"caf\xe9.png")).write_bytes((folder / "a.png").read_bytes())
+    (folder / os.fsdecode(b"bad\xff.png")).write_bytes(b"junk")
+    assert main(["pack", str(folder), str(tmp_path / "shards"), "--no-progress"]) == 0
+    out = capfd.readouterr().out
+    assert "bad\\xff.png: not a readable image" in out
+    assert "caf\\xe9.png" in ShardImages(tmp_path / "shards").names
+
+
+def test_decompression_bombs_are_named_and_skipped(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("XSWINIR_MAX_PIXELS", "600")  # 32 x 24 pixels is a "bomb" here
+    summary = pack_images(folder, tmp_path / "shards", progress=False)
+    assert [name for name, _ in summary.skipped] == ["a.png", "c.jpg", "sub/b.png"]
+    assert summary.images == 1  # deep.png, 20 x 20
+
+
+def _rewrite(path, change):
+    pq.write_table(change(pq.read_table(path)), path)
+
+
+def test_wrong_schema_is_refused_before_training(folder, tmp_path, tiny_config):
     pack_images(folder, tmp_path / "shards", shard_size_mb=0.002, progress=False)
-    ds = read_shards(tmp_path / "shards")
-    rows = sorted(ds.take_all(), key=lambda row: row["name"])
-    assert [row["name"] for row in rows] == ["a.png", "c.jpg", "deep.png", "sub/b.png"]
-    for row in rows:
-        assert bytes(row["image"]) == (folder / row["name"]).read_bytes()
-        assert row["sha256"] == hashlib.sha256(bytes(row["image"])).hexdigest()
+    last = sorted((tmp_path / "shards").glob("*.parquet"))[-1]
+    _rewrite(last, lambda t: t.rename_columns(["pixels" if c == "image" else c for c in t.column_names]))
+    cfg = tiny_config(tmp_path / "shards", **{"run.storage": str(tmp_path / "runs")})
+    with pytest.raises(ShardError, match=f"{last.name} is not an xswinir shard: no column 'image'"):
+        check_train_source(cfg)
+    with pytest.raises(ShardError, match="no column 'image'"):
+        ShardImages(tmp_path / "shards")
+    from xswinir.trainer import fit
 
-    cfg = _cfg(tmp_path / "shards", **{"loss.texture_weight": 0.1, "texture.region_size": 16,
-                                       "train.batch_size": 3})
-    batches = list(itertools.islice(batches_from_ray_shard(ds.iterator(), cfg, rank=0), 3))  # wraps an epoch
-    for batch in batches:
-        assert batch["gt"].shape == (3, 3, 16, 16)
-        assert batch["region"].shape == (3, 3, 16, 16) and batch["gt_offset"].shape == (3, 2)
-    # With Ray Data's order preserved, the stream and a resumed stream are reproducible.
-    resumed = list(itertools.islice(batches_from_ray_shard(ds.iterator(), cfg, rank=0, start_step=1), 2))
-    for a, b in zip(batches[1:], resumed, strict=True):
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    with pytest.raises(ShardError, match="no column 'image'"):  # raised before Ray starts
+        fit(cfg)
+    check_train_source(tiny_config(folder))
+
+
+def test_checksum_mismatch_is_a_named_skip(folder, tmp_path, caplog, tiny_config):
+    pack_images(folder, tmp_path / "shards", progress=False)
+
+    def corrupt(table):
+        sums = table.column("sha256").to_pylist()
+        sums[1] = "0" * 64  # c.jpg
+        return table.set_column(table.column_names.index("sha256"), "sha256", pa.array(sums, pa.string()))
+
+    _rewrite(next((tmp_path / "shards").glob("*.parquet")), corrupt)
+    cfg = tiny_config(tmp_path / "shards", **{"data.crops_per_image": 1})  # 24 draws of 4 images
+    with caplog.at_level(logging.WARNING):
+        batches = list(itertools.islice(build_train_batches(cfg, 0, 1), 6))
+    assert all(b["gt"].shape == batches[0]["gt"].shape for b in batches)
+    assert "c.jpg: sha256 does not match" in caplog.text
+    caplog.clear()
+    unchecked = tiny_config(tmp_path / "shards", **{"data.crops_per_image": 1, "data.verify_checksums": False})
+    with caplog.at_level(logging.WARNING):
+        list(itertools.islice(build_train_batches(unchecked, 0, 1), 6))
+    assert "sha256" not in caplog.text
+
+
+def test_sub_images_of_a_rotated_photo_are_cut_upright(tmp_path):
+    folder = tmp_path / "hr"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: shown rotated by 90 degrees
+    pixels = np.random.default_rng(1).integers(0, 256, (20, 36, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "phone.jpg", exif=exif, quality=95)
+    upright = read_image(folder / "phone.jpg")
+    assert upright.shape[1:] == (36, 20)  # the decoder turns it upright
+    pack_images(folder, tmp_path / "shards", sub_image=16, sub_step=16, progress=False)
+    images = ShardImages(tmp_path / "shards")
+    for i, (left, top, right, bottom) in enumerate(sub_image_boxes(20, 36, 16, 16)):
+        torch.testing.assert_close(images.load(i), upright[:, top:bottom, left:right], rtol=0, atol=0)

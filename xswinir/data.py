@@ -1,12 +1,13 @@
 """Training batches and validation images: HR files -> random gt crops (+ flips/rotations), float32 in [0, 1].
 
-Decoding and cropping run in DataLoader workers; degradations run later, batched on the device
-(:mod:`xswinir.degradations`). When the texture term is on (``cfg.loss.texture_weight > 0``) every item also
-carries its search region: the region is cut first and augmented, then the gt patch is a random sub-crop of
-it, so both see the same flips by construction.
+Decoding and cropping run in DataLoader worker processes, several crops per decoded image; degradations run
+later, batched on the device (:mod:`xswinir.degradations`). Paired data (``data.train_lq``, or shards packed
+with ``--lq``) brings its own LQ crops instead, aligned with the gt crops. When the texture term is on
+(``cfg.loss.texture_weight > 0``) every item also carries its HR search region: the region is cut first and
+augmented, then the gt patch is a random sub-crop of it, so both see the same flips by construction.
 
 The order is deterministic and resumable: the batch for step ``t`` on rank ``r`` is drawn from a generator
-seeded with a hash of ``(cfg.train.seed, t, r)`` - which images, and one crop seed per item - so a run
+seeded with a hash of ``(cfg.train.seed, t, r)`` - which images, and one crop seed per image - so a run
 resumed at step ``t`` sees exactly the batches it would have seen.
 """
 
@@ -26,8 +27,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from xswinir.config import Config, ConfigError
 from xswinir.errors import UserError
-from xswinir.images import ImageReadError, read_image, resolve_image_files
+from xswinir.images import ImageReadError, lq_candidates, printable_path, read_image, resolve_image_files
 from xswinir.resize import modcrop
+from xswinir.shards import ShardImages, check_shards, is_shard_source
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +42,18 @@ class SmallImageError(ImageReadError):
     """An image smaller than the training patch (or search region), with ``data.small_images: skip``."""
 
 
+class PairMismatchError(ImageReadError):
+    """A paired HR image whose LQ partner is missing or not its size divided by the scale."""
+
+
 class ImageList(Protocol):
-    """What the dataset needs from a source: names and decoding by index (files or Parquet shards)."""
+    """What the dataset needs from a source: names and decoding by index (files or Parquet shards).
+
+    ``paired`` sources also decode the LQ partner of each image with ``load_lq(index)``.
+    """
 
     names: list[str]
+    paired: bool
 
     def __len__(self) -> int: ...
 
@@ -52,6 +62,8 @@ class ImageList(Protocol):
 
 class FileImages:
     """Image files read with :func:`xswinir.images.read_image`; names are paths relative to the folder."""
+
+    paired = False
 
     def __init__(self, paths: list[Path], channels: int = 3, root: Path | None = None) -> None:
         self.paths = paths
@@ -66,22 +78,90 @@ class FileImages:
         return read_image(self.paths[index], self.channels)
 
 
-def open_images(source: str, channels: int = 3) -> ImageList:
+class PairedFiles:
+    """HR image files with their LQ partners from another folder, matched by file stem.
+
+    An HR image without a partner stays listed; decoding its LQ raises :class:`PairMismatchError`, so the
+    dataset names and skips it like any unreadable image.
+    """
+
+    paired = True
+
+    def __init__(self, hr: FileImages, lq_source: str, scale: int) -> None:
+        try:
+            lq_files = {p.stem: p for p in resolve_image_files(lq_source)}
+        except FileNotFoundError as err:
+            raise DataError(f"data.train_lq '{printable_path(lq_source)}': {printable_path(str(err))}") from err
+        self.hr = hr
+        self.names = hr.names
+        self.sizes = None
+        self.lq_source = lq_source
+        self.lq_paths: list[Path | None] = []
+        for name in hr.names:
+            found = [lq_files[stem] for stem in lq_candidates(name, scale) if stem in lq_files]
+            self.lq_paths.append(found[0] if found else None)
+        self.scale = scale
+
+    def __len__(self) -> int:
+        return len(self.hr)
+
+    def load(self, index: int) -> Tensor:
+        return self.hr.load(index)
+
+    def load_lq(self, index: int) -> Tensor:
+        path = self.lq_paths[index]
+        if path is None:
+            looked = printable_path(", ".join(lq_candidates(self.names[index], self.scale)))
+            raise PairMismatchError(f"{printable_path(self.names[index])}: no LQ partner in "
+                                    f"{printable_path(self.lq_source)} (looked for {looked})")
+        return read_image(path, self.hr.channels)
+
+
+def open_images(source: str, channels: int = 3, lq_source: str | None = None, scale: int = 1,
+                verify_checksums: bool = True) -> ImageList:
     """The images of a source: an image folder or file, ``skimage:NAMES``, or Parquet shards (path or URI).
 
-    Raises:
-        DataError: the source names nothing.
-    """
-    from xswinir.shards import ShardImages, is_shard_source
+    Args:
+        lq_source: a folder of LQ partners matched by file stem (:func:`lq_candidates`); shards carry their
+            own (``xswinir pack --lq``).
+        scale: the HR / LQ size ratio of paired images.
+        verify_checksums: check each shard row's sha256 when it is decoded.
 
+    Raises:
+        DataError: the source names nothing, or ``lq_source`` is given for shards.
+    """
     if is_shard_source(source):
-        return ShardImages(source, channels)
+        if lq_source is not None:
+            raise DataError(f"data.train_lq is for image folders: the shards {source} carry their own LQ images "
+                            "when packed with `xswinir pack --lq`")
+        return ShardImages(source, channels, verify_checksums=verify_checksums)
     try:
         paths = resolve_image_files(source)
     except FileNotFoundError as err:
         raise DataError(f"data source '{source}': {err}") from err
     root = Path(source).expanduser()
-    return FileImages(paths, channels, root if root.is_dir() else None)
+    images = FileImages(paths, channels, root if root.is_dir() else None)
+    return images if lq_source is None else PairedFiles(images, lq_source, scale)
+
+
+def check_train_source(cfg: Config) -> None:
+    """Refuses a training source that cannot work, with one line, before Ray starts (cheap: no decoding).
+
+    Raises:
+        DataError: ``data.train`` or ``data.train_lq`` names nothing.
+        ShardError: a shard file is unreadable or lacks a column (named).
+    """
+    if is_shard_source(cfg.data.train):
+        check_shards(cfg.data.train)
+        if cfg.data.train_lq is not None:
+            raise DataError(f"data.train_lq is for image folders: the shards {cfg.data.train} carry their own LQ "
+                            "images when packed with `xswinir pack --lq`")
+        return
+    for source in filter(None, (cfg.data.train, cfg.data.train_lq)):
+        try:
+            resolve_image_files(source)
+        except FileNotFoundError as err:
+            raise DataError(f"data source '{source}': {err}") from err
 
 
 def sample_seed(*parts: int) -> int:
@@ -92,7 +172,7 @@ def sample_seed(*parts: int) -> int:
 
 @dataclass
 class PatchCutter:
-    """Cuts one training item from a decoded HR image, with all randomness from one integer seed.
+    """Cuts training items from a decoded HR image (and its LQ partner), with all randomness from one seed.
 
     Args:
         gt_size: side of the square gt patch.
@@ -101,8 +181,9 @@ class PatchCutter:
         use_flip: random horizontal and vertical flips.
         use_rot: random 90-degree rotation (transpose).
         small_images: ``skip`` raises :class:`SmallImageError` for an image smaller than needed; ``pad``
-            reflect-pads it.
+            reflect-pads it (unpaired images only: padding an HR image would not match its LQ partner).
         channels: 1 or 3.
+        scale: HR / LQ size ratio of paired images; crops then start on multiples of it.
     """
 
     gt_size: int
@@ -112,12 +193,13 @@ class PatchCutter:
     use_rot: bool = True
     small_images: Literal["skip", "pad"] = "skip"
     channels: int = 3
+    scale: int = 1
 
     @classmethod
     def from_config(cls, cfg: Config) -> PatchCutter:
-        return cls(gt_size=cfg.data.gt_size, with_region=cfg.loss.texture_weight > 0,
+        return cls(gt_size=cfg.data.gt_size, with_region=cfg.texture_enabled,
                    region_size=cfg.texture.region_size, use_flip=cfg.data.use_flip, use_rot=cfg.data.use_rot,
-                   small_images=cfg.data.small_images, channels=cfg.model.in_chans)
+                   small_images=cfg.data.small_images, channels=cfg.model.in_chans, scale=cfg.scale)
 
     @property
     def min_size(self) -> int:
@@ -126,15 +208,16 @@ class PatchCutter:
             return self.region_size
         return self.gt_size
 
-    def check_size(self, image: Tensor, name: str) -> Tensor:
+    def check_size(self, image: Tensor, name: str, paired: bool = False) -> Tensor:
         """``image`` itself, reflect-padded to ``min_size`` in ``pad`` mode; raises SmallImageError in ``skip``."""
         _, H, W = image.shape
         need = self.min_size
         if H >= need and W >= need:
             return image
-        if self.small_images == "skip":
-            raise SmallImageError(f"{name}: {W}x{H} is smaller than the {need}x{need} patch/region "
-                                  f"(set data.small_images=pad to pad it instead)")
+        if self.small_images == "skip" or paired:
+            hint = "paired images are never padded" if paired else "set data.small_images=pad to pad it instead"
+            raise SmallImageError(f"{printable_path(name)}: {W}x{H} is smaller than the {need}x{need} patch/region "
+                                  f"({hint})")
         while image.shape[1] < need or image.shape[2] < need:
             # Reflection needs pad < side, so very small images grow in several rounds.
             pad_h = min(max(0, need - image.shape[1]), image.shape[1] - 1)
@@ -146,20 +229,38 @@ class PatchCutter:
             image = F.pad(image[None], (0, pad_w, 0, pad_h), mode="reflect")[0]
         return image
 
-    def __call__(self, image: Tensor, seed: int) -> dict[str, Tensor]:
-        """One item: ``gt`` (C, gt_size, gt_size) and, with a region, ``region`` (C, R, R') and ``gt_offset`` (2,)."""
+    def __call__(self, image: Tensor, seed: int, lq: Tensor | None = None) -> dict[str, Tensor]:
+        """One item: ``gt`` (C, gt_size, gt_size) and, with a region, ``region`` (C, R, R') and ``gt_offset`` (2,).
+
+        With ``lq`` (the LQ partner of a modcropped ``image``, ``scale`` times smaller) the item also holds
+        ``lq`` (C, gt_size / scale, gt_size / scale), the LQ pixels of ``gt``, augmented alike.
+        """
         g = torch.Generator().manual_seed(seed)
         flips = torch.rand(3, generator=g) < 0.5  # hflip, vflip, transpose: always drawn, used if enabled
+        s = self.scale if lq is not None else 1
         if self.with_region:
             size = self.region_size
-            region = image if size is None else _random_crop(image, size, size, g)
-            region = self._augment(region, flips)
-            top, left = _random_offset(region.shape[1], region.shape[2], self.gt_size, g)
-            gt = region[:, top:top + self.gt_size, left:left + self.gt_size]
-            return {"gt": gt.contiguous(), "region": region.contiguous(),
-                    "gt_offset": torch.tensor([top, left], dtype=torch.long)}
-        gt = _random_crop(image, self.gt_size, self.gt_size, g)
-        return {"gt": self._augment(gt, flips).contiguous()}
+            top, left, height, width = 0, 0, image.shape[1], image.shape[2]
+            if size is not None:
+                top, left = _random_offset(height, width, size, g, s)
+                height = width = size
+            region = self._augment(image[:, top:top + height, left:left + width], flips)
+            gt_top, gt_left = _random_offset(region.shape[1], region.shape[2], self.gt_size, g, s)
+            gt = region[:, gt_top:gt_top + self.gt_size, gt_left:gt_left + self.gt_size]
+            item = {"gt": gt.contiguous(), "region": region.contiguous(),
+                    "gt_offset": torch.tensor([gt_top, gt_left], dtype=torch.long)}
+            if lq is not None:
+                # Flips of a region whose sides are multiples of s map the LQ pixel grid onto itself.
+                lq_region = self._augment(lq[:, top // s:(top + height) // s, left // s:(left + width) // s], flips)
+                n = self.gt_size // s
+                item["lq"] = lq_region[:, gt_top // s:gt_top // s + n, gt_left // s:gt_left // s + n].contiguous()
+            return item
+        top, left = _random_offset(image.shape[1], image.shape[2], self.gt_size, g, s)
+        item = {"gt": self._augment(image[:, top:top + self.gt_size, left:left + self.gt_size], flips).contiguous()}
+        if lq is not None:
+            n = self.gt_size // s
+            item["lq"] = self._augment(lq[:, top // s:top // s + n, left // s:left // s + n], flips).contiguous()
+        return item
 
     def _augment(self, x: Tensor, flips: Tensor) -> Tensor:
         hflip, vflip, transpose = flips.tolist()
@@ -172,26 +273,28 @@ class PatchCutter:
         return x
 
 
-def _random_offset(H: int, W: int, size: int, g: torch.Generator) -> tuple[int, int]:
-    top = int(torch.randint(H - size + 1, (1,), generator=g))
-    left = int(torch.randint(W - size + 1, (1,), generator=g))
+def _random_offset(H: int, W: int, size: int, g: torch.Generator, step: int = 1) -> tuple[int, int]:
+    """A random (top, left) of a ``size`` window inside ``H x W``, on multiples of ``step``."""
+    top = int(torch.randint((H - size) // step + 1, (1,), generator=g)) * step
+    left = int(torch.randint((W - size) // step + 1, (1,), generator=g)) * step
     return top, left
 
 
-def _random_crop(image: Tensor, h: int, w: int, g: torch.Generator) -> Tensor:
-    top = int(torch.randint(image.shape[1] - h + 1, (1,), generator=g))
-    left = int(torch.randint(image.shape[2] - w + 1, (1,), generator=g))
-    return image[:, top:top + h, left:left + w]
+def collate(items: list[dict[str, Tensor]] | list[list[dict[str, Tensor]]]) -> dict[str, Tensor]:
+    """Stacks items (or lists of items, the crops of one image each) into a batch.
 
-
-def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Stacks items into a batch; regions of different sizes are zero-padded to the largest.
+    Regions of different sizes are zero-padded to the largest.
 
     Returns:
-        ``gt`` (B, C, H, W) float32; with regions also ``region`` (B, C, R, R') float32, ``region_valid``
-        (B, 1, R, R') bool (False on padding) and ``gt_offset`` (B, 2) long, (top, left) inside the region.
+        ``gt`` (B, C, H, W) float32; for paired data ``lq`` (B, C, H / s, W / s); with regions also ``region``
+        (B, C, R, R') float32, ``region_valid`` (B, 1, R, R') bool (False on padding) and ``gt_offset``
+        (B, 2) long, (top, left) inside the region.
     """
+    if items and isinstance(items[0], list):
+        items = [item for crops in items for item in crops]
     batch = {"gt": torch.stack([item["gt"] for item in items])}
+    if "lq" in items[0]:
+        batch["lq"] = torch.stack([item["lq"] for item in items])
     if "region" in items[0]:
         R = max(item["region"].shape[1] for item in items)
         R2 = max(item["region"].shape[2] for item in items)
@@ -208,16 +311,18 @@ def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 
 class PatchDataset(Dataset):
-    """Map-style dataset of training items, indexed by ``(image index, crop seed)`` pairs.
+    """Map-style dataset: key ``(image index, seed, count)`` -> ``count`` items cut from one decoded image.
 
-    On construction every image is checked once (decoded, or for shards their recorded size), so unusable
-    files are reported up front; decoded images are kept in memory up to ``cache_mb`` (DataLoader workers
-    inherit the cache and add to their own copy).
+    Decoding dominates the cost of an item (a 2K PNG takes tens of milliseconds, a crop microseconds), so one
+    decode gives several crops. On construction every image is checked once (decoded, or for shards their
+    recorded size), so unusable files are reported up front; decoded images are kept in memory up to
+    ``cache_mb`` (DataLoader workers inherit the cache and add to their own copy).
 
     Args:
-        images: the source's images.
+        images: the source's images; a ``paired`` source also gives each image's LQ partner.
         cutter: how an item is cut.
         cache_mb: memory for decoded images, in MiB.
+        source: the source's name for messages.
 
     Raises:
         DataError: no image is usable.
@@ -227,77 +332,111 @@ class PatchDataset(Dataset):
                  source: str = "the data source") -> None:
         self.images = images
         self.cutter = cutter
+        self.paired = images.paired
         self.cache_limit = int(cache_mb * 2**20)
         self.cache_bytes = 0
-        self.cache: dict[int, Tensor] = {}
+        self.cache: dict[int, tuple[Tensor, Tensor | None]] = {}
         self.usable: list[int] = []
         self.skipped: list[tuple[str, str]] = []
+        self.failed: set[int] = set()  # images that failed after the scan, warned about once per process
         sizes = getattr(images, "sizes", None)
         for i, name in enumerate(images.names):
             try:
                 if sizes is not None:
                     H, W = sizes[i]
-                    self.cutter.check_size(torch.empty(0, H, W), name)
+                    s = cutter.scale if self.paired else 1
+                    self.cutter.check_size(torch.empty(0, H - H % s, W - W % s), name, self.paired)
                 else:
-                    self._remember(i, self.cutter.check_size(images.load(i), name))
+                    self._remember(i, self._decode(i))
                 self.usable.append(i)
             except ImageReadError as err:
-                self.skipped.append((name, str(err)))
+                self.skipped.append((printable_path(name), str(err)))
                 log.warning("skipping %s", err)
         if self.skipped:
-            log.warning("%s: skipped %d of %d images", source, len(self.skipped), len(images))
+            log.warning("%s: skipped %d of %d images", printable_path(source), len(self.skipped), len(images))
         if not self.usable:
-            raise DataError(f"{source}: none of its {len(images)} images is usable "
+            raise DataError(f"{printable_path(source)}: none of its {len(images)} images is usable "
                             f"({len(self.skipped)} skipped; first: {self.skipped[0][1] if self.skipped else '-'})")
 
-    def _remember(self, index: int, image: Tensor) -> None:
-        size = image.numel() * image.element_size()
+    def _decode(self, i: int) -> tuple[Tensor, Tensor | None]:
+        """Image ``i`` (modcropped when paired) and its LQ partner, size-checked; raises ImageReadError."""
+        name = self.images.names[i]
+        image = self.images.load(i)
+        if not self.paired:
+            return self.cutter.check_size(image, name), None
+        s = self.cutter.scale
+        image = modcrop(image, s)
+        lq = self.images.load_lq(i)
+        if tuple(lq.shape[1:]) != (image.shape[1] // s, image.shape[2] // s):
+            raise PairMismatchError(f"{printable_path(name)}: its LQ image is {lq.shape[2]}x{lq.shape[1]}, not "
+                                    f"{image.shape[2]}x{image.shape[1]} (after modcrop) / {s}")
+        return self.cutter.check_size(image, name, paired=True), lq
+
+    def _remember(self, index: int, pair: tuple[Tensor, Tensor | None]) -> None:
+        size = sum(x.numel() * x.element_size() for x in pair if x is not None)
         if self.cache_bytes + size <= self.cache_limit:
-            self.cache[index] = image
+            self.cache[index] = pair
             self.cache_bytes += size
 
     def __len__(self) -> int:
         return len(self.usable)
 
-    def image(self, index: int) -> Tensor:
-        """Usable image ``index`` (position in ``usable``), decoded and size-checked."""
+    def image(self, index: int) -> tuple[Tensor, Tensor | None]:
+        """Usable image ``index`` (position in ``usable``), decoded and size-checked, with its LQ (or None)."""
         i = self.usable[index]
         cached = self.cache.get(i)
         if cached is not None:
             return cached
-        image = self.cutter.check_size(self.images.load(i), self.images.names[i])
-        self._remember(i, image)
-        return image
+        pair = self._decode(i)
+        self._remember(i, pair)
+        return pair
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Tensor]:
-        index, seed = key
+    def __getitem__(self, key: tuple[int, int, int]) -> list[dict[str, Tensor]]:
+        """``count`` items cut from usable image ``index``: the first with ``seed``, the others with seeds
+        derived from it, so that the items depend on the key alone."""
+        index, seed, count = key
         for attempt in range(len(self.usable)):
             j = (index + attempt) % len(self.usable)
+            if self.usable[j] in self.failed:
+                continue
             try:
-                return self.cutter(self.image(j), seed)
+                image, lq = self.image(j)
             except ImageReadError as err:
-                # Only reachable for a file that changed since the scan; the substitute is deterministic.
+                # A file that changed since the scan, or a shard row whose checksum does not match; the
+                # substitute is deterministic, so batches still depend on (seed, step, rank) alone.
+                self.failed.add(self.usable[j])
                 log.warning("skipping %s; using the next image instead", err)
+                continue
+            return [self.cutter(image, seed if c == 0 else sample_seed(seed, c), lq) for c in range(count)]
         raise DataError("no image of the data source can be read any more")
 
 
 class StepBatchSampler:
-    """Infinite batches of ``(index, crop seed)`` pairs; batch ``t`` depends only on ``(seed, t, rank)``."""
+    """Infinite batches of ``(index, crop seed, crop count)`` keys; batch ``t`` depends only on ``(seed, t, rank)``.
 
-    def __init__(self, num_images: int, batch_size: int, seed: int, rank: int, start_step: int = 0) -> None:
+    Each key asks for ``crops_per_image`` items from one image (fewer for the last key), so a batch of
+    ``batch_size`` items decodes ``ceil(batch_size / crops_per_image)`` images.
+    """
+
+    def __init__(self, num_images: int, batch_size: int, seed: int, rank: int, start_step: int = 0,
+                 crops_per_image: int = 1) -> None:
         self.num_images = num_images
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.start_step = start_step
+        self.crops_per_image = crops_per_image
 
-    def batch(self, step: int) -> list[tuple[int, int]]:
+    def batch(self, step: int) -> list[tuple[int, int, int]]:
         g = torch.Generator().manual_seed(sample_seed(self.seed, step, self.rank))
-        indices = torch.randint(self.num_images, (self.batch_size,), generator=g)
-        seeds = torch.randint(2**62, (self.batch_size,), generator=g)
-        return list(zip(indices.tolist(), seeds.tolist(), strict=True))
+        k = self.crops_per_image
+        n = -(-self.batch_size // k)
+        indices = torch.randint(self.num_images, (n,), generator=g)
+        seeds = torch.randint(2**62, (n,), generator=g)
+        counts = [k] * (n - 1) + [self.batch_size - k * (n - 1)]
+        return list(zip(indices.tolist(), seeds.tolist(), counts, strict=True))
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         step = self.start_step
         while True:
             yield self.batch(step)
@@ -307,16 +446,20 @@ class StepBatchSampler:
 def build_train_batches(cfg: Config, rank: int, world_size: int, start_step: int = 0) -> Iterator[dict[str, Tensor]]:
     """This worker's training batches, forever, starting at ``start_step``.
 
+    Image folders and Parquet shards (local or remote) take the same path: DataLoader worker processes
+    (``data.loader_workers``) decode images and cut ``data.crops_per_image`` items from each, so the training
+    loop only moves finished batches.
+
     Args:
         cfg: the run's config (``data``, ``texture.region_size``, ``loss.texture_weight``, ``train.seed``,
-            ``train.batch_size``, ``model.in_chans``).
+            ``train.batch_size``, ``model.in_chans``, ``model.upscale`` for paired data).
         rank: this worker's rank in ``[0, world_size)``.
         world_size: number of workers; each gets ``cfg.train.batch_size // world_size`` items per step.
         start_step: the first step, to resume a run.
 
     Yields:
-        dicts as :func:`collate` makes them, on the CPU: ``gt`` (B, C, gt_size, gt_size) float32 in [0, 1],
-        and with the texture term ``region``, ``region_valid``, ``gt_offset``.
+        dicts as :func:`collate` makes them, on the CPU: ``gt`` (B, C, gt_size, gt_size) float32 in [0, 1];
+        for paired data ``lq``; with the texture term ``region``, ``region_valid``, ``gt_offset``.
 
     Raises:
         DataError: the source names nothing or no image is usable.
@@ -324,11 +467,19 @@ def build_train_batches(cfg: Config, rank: int, world_size: int, start_step: int
     if cfg.train.batch_size % world_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over {world_size} workers")
     cutter = PatchCutter.from_config(cfg)
-    dataset = PatchDataset(open_images(cfg.data.train, cfg.model.in_chans), cutter, source=cfg.data.train)
-    sampler = StepBatchSampler(len(dataset), cfg.train.batch_size // world_size, cfg.train.seed, rank, start_step)
+    images = open_images(cfg.data.train, cfg.model.in_chans, cfg.data.train_lq, cfg.scale,
+                         cfg.data.verify_checksums)
+    if images.paired:
+        log.info("paired data: LQ crops come from %s; no degradations in training",
+                 printable_path(cfg.data.train_lq or cfg.data.train))
+    dataset = PatchDataset(images, cutter, source=cfg.data.train)
+    sampler = StepBatchSampler(len(dataset), cfg.train.batch_size // world_size, cfg.train.seed, rank, start_step,
+                               cfg.data.crops_per_image)
     workers = cfg.data.loader_workers
+    # Its own generator: starting the iterator (on resume, too) must not draw from the global RNG.
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
-                        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
+                        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
+                        generator=torch.Generator().manual_seed(sample_seed(cfg.train.seed, rank)))
     return iter(loader)
 
 
