@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+import time
+
 import pytest
 
 from xswinir.config import (
     MODEL_PRESETS,
     Config,
     ConfigError,
+    ModelConfig,
     apply_overrides,
     config_fields,
+    estimate_parameters,
     load_config,
     parse_override,
     resolve_config_path,
 )
+from xswinir.model import SwinIR, build_swinir, count_parameters, swinir_kwargs
 
 
 def test_defaults_round_trip_through_dict_and_yaml(tmp_path):
@@ -108,3 +115,161 @@ def test_texture_patch_must_hold_the_classifiers_widest_filter():
         load_config("demo", ["texture.patch_size=8"])
     # With the texture term off the patch size is unused and not checked.
     assert load_config("demo", ["texture.patch_size=8", "loss.texture_weight=0"]).texture.patch_size == 8
+
+
+# --- every value range-checked before anything runs (each of these was accepted and failed later in Ray) ---
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.gt_size=0"], "data.gt_size must be >= 1"),
+        (["data.gt_size=-64"], "data.gt_size must be >= 1"),
+        (["train.lr=.nan"], "train.lr must be a finite number"),
+        (["train.lr=.inf"], "train.lr must be a finite number"),
+        (["train.lr=1e400"], "train.lr must be a finite number"),
+        (["loss.texture_weight=.nan"], "loss.texture_weight must be a finite number"),
+        (["model.depths=[]", "model.num_heads=[]"], "must be non-empty"),
+        (["model.embed_dim=0"], "model.embed_dim must be >= 1"),
+        (["model.num_heads=[0, 0, 0, 0]"], "model.num_heads must be >= 1"),
+        (["model.mlp_ratio=0"], "model.mlp_ratio"),
+        (["model.img_range=-1"], "model.img_range"),
+        (["degradation.noise_sigma=[-5, 10]"], "degradation.noise_sigma must be >= 0"),
+        (["degradation.second_noise_sigma=[-1, 0]"], "degradation.second_noise_sigma must be >= 0"),
+        (["degradation.blur_kernel_size=-3"], "degradation.blur_kernel_size must be odd and >= 1"),
+        (["degradation.motion_kernel_size=-1"], "degradation.motion_kernel_size must be odd and >= 1"),
+        (["degradation.blur_sigma=[0, 1]"], "degradation.blur_sigma must be > 0"),
+        (["degradation.jpeg_quality=[0, 200]"], "degradation.jpeg_quality must lie in [1, 100]"),
+        (["degradation.blur_sigma=[.nan, 1]"], "must be a finite number"),
+        (["run.keep_checkpoints=0"], "run.keep_checkpoints must be >= 1"),
+        (["run.name=../escape"], "run.name must be"),
+        (["run.name=a/b"], "run.name must be"),
+        (["run.name=.."], "run.name must be"),
+        (["run.storage="], "run.storage"),
+        (["train.betas=[0.9, 1.5]"], "train.betas"),
+        (["train.grad_clip=0"], "train.grad_clip"),
+        (["train.gamma=-1"], "train.gamma"),
+        (["train.seed=-1"], "seed must be >= 0"),
+        (["loss.charbonnier_eps=0"], "loss.charbonnier_eps"),
+        (["data.val_tile=0"], "data.val_tile"),
+        (["texture.region_size=8"], "texture.region_size"),
+        (["data.gt_size=100000000000000000000000"], "must fit in 64 bits"),
+    ],
+)
+def test_out_of_range_values_are_refused_before_anything_runs(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("texture.classifier=5", "texture.classifier is a section, not a value"),
+        ("texture=3", "texture is a section, not a value"),
+        ("texture.classifier.path.x=1", "texture.classifier.path is a value, not a section"),
+        ("model.depths.x=1", "model.depths is a value, not a section"),
+        ("run.name.x.y=2", "run.name is a value, not a section"),
+        ("model.preset=[1]", "model.preset [1] is unknown"),
+    ],
+)
+def test_overrides_that_do_not_fit_the_tree_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_model_rules_are_shared_with_swinir():
+    # One rule for both: nearest+conv at x2 (the official real-world x2 models) is accepted by both, and
+    # pixelshuffle at x32 refused by both.
+    assert ModelConfig(upscale=2, upsampler="nearest+conv").upscale == 2
+    SwinIR(upscale=2, upsampler="nearest+conv", depths=(1,), num_heads=(1,), embed_dim=4, img_size=8)
+    for kwargs in (dict(upscale=32, upsampler="pixelshuffle"), dict(upscale=6, upsampler="pixelshuffle"),
+                   dict(num_heads=(0, 0, 0, 0)), dict(embed_dim=60_000)):
+        with pytest.raises(ConfigError) as from_config:
+            ModelConfig(**kwargs)
+        with pytest.raises(ValueError) as from_model:
+            SwinIR(**kwargs)
+        assert str(from_model.value) == str(from_config.value)
+
+
+@pytest.mark.parametrize("variant", [
+    MODEL_PRESETS["tiny-x2"],
+    MODEL_PRESETS["swinir-s-x3"],
+    ModelConfig(depths=(2, 1), num_heads=(3, 2), embed_dim=12, upsampler="pixelshuffle", upscale=8,
+                resi_connection="3conv", img_size=4, mlp_ratio=1.5),
+    ModelConfig(depths=(1,), num_heads=(2,), embed_dim=8, upsampler="nearest+conv", upscale=4, in_chans=1),
+    ModelConfig(depths=(1, 1), num_heads=(1, 1), embed_dim=8, upsampler="", upscale=1, window_size=7),
+    ModelConfig(depths=(1,), num_heads=(1,), embed_dim=8, upsampler="pixelshuffle", upscale=3),
+])
+def test_parameter_estimate_is_exact(variant):
+    kwargs = swinir_kwargs(variant)
+    del kwargs["img_range"], kwargs["drop_path_rate"]
+    assert estimate_parameters(**kwargs) == count_parameters(build_swinir(variant))
+
+
+def test_model_size_is_bounded_before_anything_is_allocated():
+    with pytest.raises(ConfigError, match="parameters, more than"):
+        load_config(None, ["model.embed_dim=6000"])  # 4 B parameters: refused in microseconds
+    with pytest.raises(ConfigError, match="at most 256 in all"):
+        load_config(None, ["model.depths=[1000]", "model.num_heads=[6]"])
+    with pytest.raises(ConfigError, match=r"model.window_size must lie in \[1, 64\]"):
+        load_config(None, ["model.window_size=1000"])
+
+
+def test_swinir_defaults_are_the_model_configs():
+    defaults = {n: p.default for n, p in inspect.signature(SwinIR.__init__).parameters.items() if n != "self"}
+    assert defaults == {n: getattr(ModelConfig(), n) for n in defaults}
+
+
+def test_texture_enabled_is_the_one_rule():
+    assert not Config().texture_enabled
+    assert apply_overrides(Config(), {"loss.texture_weight": 1e-6}).texture_enabled
+
+
+# --- hostile YAML ---
+
+
+def _billion_laughs(levels: int = 9) -> str:
+    anchors = ["&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    anchors += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return f"run:\n  name: [{', '.join(anchors)}]\n"
+
+
+def test_nested_aliases_are_refused_quickly_with_a_short_message(tmp_path):
+    path = tmp_path / "laughs.yaml"
+    path.write_text(_billion_laughs())  # ~400 bytes that expand to 9**9 values
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="expands to more than") as info:
+        load_config(path)
+    assert time.perf_counter() - start < 2 and len(str(info.value)) < 400
+    with pytest.raises(ConfigError, match="expands to more than"):
+        parse_override("run.name=" + _billion_laughs().split("name: ", 1)[1])
+
+
+def test_a_few_aliases_are_fine_and_recursive_ones_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  milestones: &m [10, 20]\n  betas: [0.9, 0.99]\nrun:\n  name: n\n")
+    assert load_config(path).train.milestones == (10, 20)
+    path.write_text("run: &r\n  name: *r\n")
+    with pytest.raises(ConfigError, match="recursive"):
+        load_config(path)
+
+
+def test_error_messages_never_repeat_a_long_value(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run:\n  name: {[list(range(100))] * 50}\n")
+    with pytest.raises(ConfigError, match="run.name must be a string") as info:
+        load_config(path)
+    assert len(str(info.value)) < len(str(path)) + 200
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["run.name=" + "x" * 100_000])
+    assert len(str(info.value)) < 400
+
+
+def test_a_config_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 16"):
+        load_config(path)
+    path.write_bytes(b"a: 1\n" + b"#" * 2_000_000)
+    with pytest.raises(ConfigError, match="at most 1,000,000"):
+        load_config(path)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from xswinir.config import DEGRADATION_PRESETS
+from xswinir.config import DEGRADATION_PRESETS, DegradationConfig
 from xswinir.degradations import (
     Degrader,
     build_degrader,
@@ -16,7 +19,12 @@ from xswinir.degradations import (
     resize_per_sample,
 )
 
-OFF = dict(blur_prob=0.0, noise_prob=0.0)  # the Degrader's defaults blur and add noise
+OFF = dict(blur_prob=0.0, noise_prob=0.0)  # the default degradations blur and add noise
+
+
+def _degrader(scale: int, **overrides) -> Degrader:
+    """The Degrader of the default config with some fields changed (the config holds the only defaults)."""
+    return build_degrader(DegradationConfig(**overrides), scale)
 
 
 def _texture(B: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -48,7 +56,7 @@ OPS = {
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_shape_and_range(op, scale, generator):
     gt = _texture()
-    lq, params = Degrader(scale=scale, **OPS[op])(gt, generator)
+    lq, params = _degrader(scale, **OPS[op])(gt, generator)
     assert lq.shape == (4, 3, 32 // scale, 32 // scale)
     assert lq.dtype == torch.float32
     assert lq.min() >= 0 and lq.max() <= 1
@@ -57,14 +65,14 @@ def test_shape_and_range(op, scale, generator):
 
 def test_prob_zero_is_identity(generator):
     gt = _texture()
-    lq, params = Degrader(scale=1, **OFF)(gt, generator)
+    lq, params = _degrader(1, **OFF)(gt, generator)
     torch.testing.assert_close(lq, gt, rtol=0, atol=0)
     assert describe_params(params, 0) == "identity"
 
 
 def test_blur_lowers_high_frequencies(generator):
     gt = _texture()
-    lq, params = Degrader(scale=1, noise_prob=0.0, blur_sigma=(1.0, 2.0))(gt, generator)
+    lq, params = _degrader(1, noise_prob=0.0, blur_sigma=(1.0, 2.0))(gt, generator)
     assert (_high_freq_energy(lq) < 0.5 * _high_freq_energy(gt)).all()
     assert ((params["blur_sigma_x"] >= 1.0) & (params["blur_sigma_x"] <= 2.0)).all()
 
@@ -82,14 +90,14 @@ def test_gaussian_kernel_matches_formula():
 
 def test_motion_blur_lowers_high_frequencies(generator):
     gt = _texture()
-    lq, params = Degrader(scale=1, **dict(OFF, motion_blur_prob=1.0))(gt, generator)
+    lq, params = _degrader(1, **dict(OFF, motion_blur_prob=1.0))(gt, generator)
     assert (_high_freq_energy(lq) < 0.7 * _high_freq_energy(gt)).all()
     assert (params["motion_kernel_size"] == 9).all()
 
 
 def test_noise_std_matches_sigma(generator):
     gt = torch.full((4, 3, 64, 64), 0.5)
-    lq, params = Degrader(scale=1, blur_prob=0.0, noise_sigma=(10.0, 10.0), noise_gray_prob=0.0)(gt, generator)
+    lq, params = _degrader(1, blur_prob=0.0, noise_sigma=(10.0, 10.0), noise_gray_prob=0.0)(gt, generator)
     std = (lq - gt).std(dim=(1, 2, 3))
     torch.testing.assert_close(std, torch.full((4,), 10.0 / 255), rtol=0.05, atol=0)
     assert (params["noise_sigma"] == 10.0).all() and (params["noise_gray"] == 0).all()
@@ -97,7 +105,7 @@ def test_noise_std_matches_sigma(generator):
 
 def test_gray_noise_is_equal_across_channels(generator):
     gt = torch.full((2, 3, 16, 16), 0.5)
-    lq, params = Degrader(scale=1, blur_prob=0.0, noise_gray_prob=1.0)(gt, generator)
+    lq, params = _degrader(1, blur_prob=0.0, noise_gray_prob=1.0)(gt, generator)
     torch.testing.assert_close(lq[:, 0], lq[:, 1])
     torch.testing.assert_close(lq[:, 0], lq[:, 2])
     assert (params["noise_gray"] == 1).all()
@@ -106,7 +114,7 @@ def test_gray_noise_is_equal_across_channels(generator):
 def test_poisson_noise_std(generator):
     level = 0.4
     gt = torch.full((4, 3, 64, 64), level)
-    lq, params = Degrader(scale=1, **dict(OFF, poisson_prob=1.0, poisson_scale=(1.0, 1.0),
+    lq, params = _degrader(1, **dict(OFF, poisson_prob=1.0, poisson_scale=(1.0, 1.0),
                                           noise_gray_prob=0.0))(gt, generator)
     expected = (level * 255) ** 0.5 / 255  # Poisson(255 x) / 255 has std sqrt(255 x) / 255
     std = (lq - gt).std(dim=(1, 2, 3))
@@ -118,7 +126,7 @@ def test_lower_jpeg_quality_gives_larger_error():
     gt = _texture(B=2, size=32)
     errors = []
     for quality in (10.0, 50.0, 95.0):
-        degrader = Degrader(scale=1, **dict(OFF, jpeg_prob=1.0, jpeg_quality=(quality, quality)))
+        degrader = _degrader(1, **dict(OFF, jpeg_prob=1.0, jpeg_quality=(quality, quality)))
         lq, params = degrader(gt, torch.Generator().manual_seed(0))
         assert (params["jpeg_quality"] == quality).all()
         errors.append((lq - gt).abs().mean())
@@ -145,24 +153,24 @@ def test_parameters_differ_within_a_batch(generator):
 
 def test_probability_masks_per_sample():
     gt = _texture(B=16)
-    lq, params = Degrader(scale=1, blur_prob=0.5, noise_prob=0.0)(gt, torch.Generator().manual_seed(3))
+    lq, params = _degrader(1, blur_prob=0.5, noise_prob=0.0)(gt, torch.Generator().manual_seed(3))
     blurred = params["blur_sigma_x"] > 0
     assert 0 < blurred.sum() < 16  # 2**-16 chance of a false failure per seed; seed 3 is fixed
     torch.testing.assert_close(lq[~blurred], gt[~blurred], rtol=0, atol=0)
     assert ((lq[blurred] - gt[blurred]).abs().amax(dim=(1, 2, 3)) > 0).all()
     # Probabilities are honoured on average.
-    _, params = Degrader(scale=1, blur_prob=0.0, noise_prob=0.3)(torch.zeros(2000, 1, 4, 4),
+    _, params = _degrader(1, blur_prob=0.0, noise_prob=0.3)(torch.zeros(2000, 1, 4, 4),
                                                                   torch.Generator().manual_seed(0))
     assert abs((params["noise_sigma"] > 0).float().mean() - 0.3) < 0.05
 
 
 def test_second_order_applies_per_sample():
     gt = _texture(B=8)
-    degrader = Degrader(scale=2, **dict(OFF, second_order_prob=0.5))
+    degrader = _degrader(2, **dict(OFF, second_order_prob=0.5))
     lq, params = degrader(gt, torch.Generator().manual_seed(1))
     applied = params["second_order"] > 0
     assert 0 < applied.sum() < 8
-    plain, _ = Degrader(scale=2, **OFF)(gt, torch.Generator().manual_seed(1))
+    plain, _ = _degrader(2, **OFF)(gt, torch.Generator().manual_seed(1))
     torch.testing.assert_close(lq[~applied], plain[~applied], rtol=0, atol=0)
     assert (params["second_jpeg_quality"][applied] > 0).all()
     assert (params["second_jpeg_quality"][~applied] == 0).all()
@@ -221,7 +229,7 @@ def test_generator_on_another_device_is_refused(generator):
     # A batch on another device type than the generator (meta here; CUDA in the gpu test) is refused up front.
     gt = torch.empty(1, 3, 8, 8, device="meta")
     with pytest.raises(ValueError, match="generator"):
-        Degrader(scale=2)(gt, generator)
+        _degrader(2)(gt, generator)
 
 
 @pytest.mark.gpu
@@ -236,3 +244,15 @@ def test_cuda_batch_with_cuda_generator():
         degrader(gt, torch.Generator().manual_seed(0))
     lq_bf16, _ = degrader(gt.bfloat16(), make_generator(0, "cuda"))
     assert lq_bf16.dtype == torch.bfloat16
+
+
+def test_degrader_takes_exactly_the_config_fields_without_defaults():
+    # One source of truth: the config holds the defaults, build_degrader passes every field by name.
+    params = dict(inspect.signature(Degrader.__init__).parameters)
+    del params["self"], params["scale"]
+    fields = {f.name: f.type for f in dataclasses.fields(DegradationConfig) if f.name != "preset"}
+    assert {name: p.annotation for name, p in params.items()} == fields
+    assert all(p.default is inspect.Parameter.empty for p in params.values())
+    degrader = build_degrader(DEGRADATION_PRESETS["realistic"], 3)
+    assert degrader.scale == 3 and all(getattr(degrader, n) == getattr(DEGRADATION_PRESETS["realistic"], n)
+                                       for n in fields)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xswinir.config import Config, ConfigError, apply_overrides
+from xswinir.config import Config, ConfigError, LossConfig, TextureConfig, apply_overrides
 from xswinir.losses import CombinedLoss, build_loss, candidate_mask, solve_coefficients, texture_search
 
 
@@ -466,3 +468,17 @@ def test_mask_covers_explained_whole_tiles_only(generator):
     expected[..., :32, :32] = True
     assert torch.equal(match.mask, expected)
     assert (match.target[..., 32:, :] == 0).all() and (match.target[..., :, 32:] == 0).all()
+
+
+@pytest.mark.parametrize("function", [texture_search, CombinedLoss.__init__])
+def test_search_and_loss_defaults_are_the_configs(function):
+    # The config is the source of truth; a default here that drifted from it would change what a run means.
+    loss, texture = LossConfig(), TextureConfig()
+    checked = []
+    for name, param in inspect.signature(function).parameters.items():
+        if param.default is inspect.Parameter.empty or param.default is None:
+            continue
+        source = texture if hasattr(texture, name) else loss
+        assert param.default == getattr(source, name), name
+        checked.append(name)
+    assert {"stride", "top_k", "min_score", "max_iou", "ridge"} <= set(checked)

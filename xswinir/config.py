@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,10 +29,81 @@ from xswinir.errors import UserError
 PixelLoss = Literal["l1", "l2", "charbonnier"]
 TextureForm = Literal["projection", "pull"]
 TextureQuery = Literal["gt", "lq"]
+Upsampler = Literal["pixelshuffle", "pixelshuffledirect", "nearest+conv", ""]
+ResiConnection = Literal["1conv", "3conv"]
+ResizeMode = Literal["bicubic", "bilinear", "area", "matlab"]
+
+# Bounds that keep a config (or a checkpoint's metadata, which goes through the same loader) from asking for
+# more than a machine has before anything is allocated. The largest published SwinIR (real-world L x4) has
+# 28 M parameters in 54 blocks with 8 px windows.
+MAX_MODEL_PARAMETERS = 100_000_000  # 400 MB of float32 weights
+MAX_MODEL_BLOCKS = 256  # transformer blocks in all residual groups together
+MAX_WINDOW_SIZE = 64  # the position index and shift mask of a window grow as window_size**4
+MAX_UPSCALE = 16
+# A config or sweep file holds a few hundred values; YAML aliases can make a 400-byte file expand to billions.
+MAX_YAML_VALUES = 10_000
+MAX_YAML_BYTES = 1_000_000
 
 
 class ConfigError(UserError, ValueError):
     """A configuration value, key or combination that cannot work; raised before any work starts."""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 6, 6, 4, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 60, 60, 40
+
+
+def show(value: Any) -> str:
+    """``repr(value)`` cut to at most ~120 characters, whatever its size: error messages repeat user values."""
+    text = _REPR.repr(value)  # bounded work: reprlib never looks past its limits
+    return text if len(text) <= 120 else f"{text[:117]}..."
+
+
+class _AliasLimitedLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml when PyYAML has it
+    """PyYAML's safe loader that refuses documents whose aliases expand beyond :data:`MAX_YAML_VALUES` values."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_expansion(node)
+        return super().construct_document(node)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    # Counts every value as often as aliases repeat it, memoised per node: linear in the file, not the expansion.
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    active: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            active.discard(key)
+            children = _children(node)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[key] > MAX_YAML_VALUES:
+                raise yaml.YAMLError(f"the document expands to more than {MAX_YAML_VALUES:,} values "
+                                     "(nested aliases?); write the values out")
+            continue
+        if key in sizes:
+            continue
+        if key in active:
+            raise yaml.YAMLError("the document has an alias inside its own anchor (a recursive value)")
+        active.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with aliases bounded (see :data:`MAX_YAML_VALUES`); raises ``yaml.YAMLError``."""
+    return yaml.load(text, Loader=_AliasLimitedLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -47,25 +120,107 @@ class ModelConfig:
     embed_dim: int = 60
     num_heads: tuple[int, ...] = (6, 6, 6, 6)
     mlp_ratio: float = 2.0
-    upsampler: Literal["pixelshuffle", "pixelshuffledirect", "nearest+conv", ""] = "pixelshuffledirect"
-    resi_connection: Literal["1conv", "3conv"] = "1conv"
+    upsampler: Upsampler = "pixelshuffledirect"
+    resi_connection: ResiConnection = "1conv"
     drop_path_rate: float = 0.1  # stochastic depth while training, as the official SwinIR; no effect at inference
+    # Fine-tuning: start from these weights (official .pth, our checkpoint folder or .safetensors) instead of a
+    # random init. Weights only: optimizer state and step come from --resume, never from here.
+    init_from: str | None = None
+    # True: every tensor must fit, so a wrong architecture fails at once. False: load what fits by name and shape
+    # and initialise the rest afresh (KAIR starts x4 models from x2 ones this way), listing both in the log.
+    init_strict: bool = True
 
     def __post_init__(self) -> None:
-        if len(self.depths) != len(self.num_heads):
-            raise ConfigError(f"model.depths {self.depths} and model.num_heads {self.num_heads} differ in length")
-        if any(self.embed_dim % h for h in self.num_heads):
-            raise ConfigError(f"model.embed_dim={self.embed_dim} is not divisible by every num_heads {self.num_heads}")
-        if self.in_chans not in (1, 3):
-            raise ConfigError(f"model.in_chans must be 1 or 3, got {self.in_chans}")
-        if self.window_size < 1 or self.upscale < 1:
-            raise ConfigError("model.window_size and model.upscale must be positive")
-        if self.upsampler == "" and self.upscale != 1:
-            raise ConfigError(f"model.upscale={self.upscale} needs an upsampler; '' is only for upscale=1")
-        if self.upsampler == "pixelshuffle" and self.upscale not in (2, 3, 4, 8, 16):
-            raise ConfigError(f"upsampler 'pixelshuffle' supports upscale 2, 3 or a power of 2, got {self.upscale}")
-        if self.upsampler == "nearest+conv" and self.upscale != 4:
-            raise ConfigError(f"upsampler 'nearest+conv' supports upscale 4 only, got {self.upscale}")
+        check_model_args(
+            upscale=self.upscale, in_chans=self.in_chans, img_size=self.img_size, window_size=self.window_size,
+            img_range=self.img_range, depths=self.depths, embed_dim=self.embed_dim, num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio, upsampler=self.upsampler, resi_connection=self.resi_connection,
+            drop_path_rate=self.drop_path_rate,
+        )
+
+
+def check_model_args(*, upscale: int, in_chans: int, img_size: int, window_size: int, img_range: float,
+                     depths: tuple[int, ...], embed_dim: int, num_heads: tuple[int, ...], mlp_ratio: float,
+                     upsampler: str, resi_connection: str, drop_path_rate: float) -> None:
+    """The rules for SwinIR's arguments, shared by :class:`ModelConfig` and ``SwinIR.__init__``.
+
+    Sizes are bounded (:data:`MAX_MODEL_PARAMETERS` and the other ``MAX_*``) before anything is allocated, so
+    that a config or a checkpoint's metadata cannot ask for hundreds of GB. Raises :class:`ConfigError`.
+    """
+    if upsampler not in typing.get_args(Upsampler):
+        raise ConfigError(f"model.upsampler must be one of {list(typing.get_args(Upsampler))}, got {show(upsampler)}")
+    if resi_connection not in typing.get_args(ResiConnection):
+        raise ConfigError(f"model.resi_connection must be one of {list(typing.get_args(ResiConnection))}, got "
+                          f"{show(resi_connection)}")
+    if in_chans not in (1, 3):
+        raise ConfigError(f"model.in_chans must be 1 or 3, got {show(in_chans)}")
+    if not 1 <= upscale <= MAX_UPSCALE:
+        raise ConfigError(f"model.upscale must lie in [1, {MAX_UPSCALE}], got {show(upscale)}")
+    if not 1 <= window_size <= MAX_WINDOW_SIZE:
+        raise ConfigError(f"model.window_size must lie in [1, {MAX_WINDOW_SIZE}], got {show(window_size)}")
+    if img_size < 1 or embed_dim < 1:
+        raise ConfigError(f"model.img_size and model.embed_dim must be >= 1, got {show(img_size)} and "
+                          f"{show(embed_dim)}")
+    if not (math.isfinite(img_range) and img_range > 0):
+        raise ConfigError(f"model.img_range must be a finite number > 0, got {show(img_range)}")
+    if not (math.isfinite(mlp_ratio) and embed_dim * mlp_ratio >= 1):
+        raise ConfigError(f"model.mlp_ratio must be finite and give an MLP of >= 1 channel, got {show(mlp_ratio)}")
+    if not (math.isfinite(drop_path_rate) and 0.0 <= drop_path_rate < 1.0):
+        raise ConfigError(f"model.drop_path_rate must lie in [0, 1), got {show(drop_path_rate)}")
+    if not depths or len(depths) != len(num_heads):
+        raise ConfigError(f"model.depths {show(depths)} and model.num_heads {show(num_heads)} must be non-empty "
+                          "lists of the same length")
+    if any(d < 1 for d in depths) or sum(depths) > MAX_MODEL_BLOCKS:
+        raise ConfigError(f"model.depths must be >= 1 each and at most {MAX_MODEL_BLOCKS} in all, got {show(depths)}")
+    if any(h < 1 or embed_dim % h for h in num_heads):
+        raise ConfigError(f"model.num_heads must be >= 1 and divide model.embed_dim={embed_dim}, got "
+                          f"{show(num_heads)}")
+    if resi_connection == "3conv" and embed_dim < 4:
+        raise ConfigError(f"model.resi_connection '3conv' needs model.embed_dim >= 4, got {embed_dim}")
+    if upsampler == "" and upscale != 1:
+        raise ConfigError(f"model.upscale={upscale} needs an upsampler; '' is only for upscale=1")
+    if upsampler == "pixelshuffle" and not (upscale == 3 or (upscale >= 2 and upscale & (upscale - 1) == 0)):
+        raise ConfigError(f"upsampler 'pixelshuffle' supports upscale 3 or a power of 2, got {upscale}")
+    if upsampler == "nearest+conv" and upscale not in (2, 4):
+        raise ConfigError(f"upsampler 'nearest+conv' supports upscale 2 or 4, got {upscale}")
+    params = estimate_parameters(upscale=upscale, in_chans=in_chans, img_size=img_size, window_size=window_size,
+                                 depths=depths, embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                                 upsampler=upsampler, resi_connection=resi_connection)
+    if params > MAX_MODEL_PARAMETERS:
+        raise ConfigError(f"the model would have {params:,} parameters, more than the {MAX_MODEL_PARAMETERS:,} "
+                          "allowed (xswinir.config.MAX_MODEL_PARAMETERS)")
+
+
+_NUM_FEAT = 64  # channels of the reconstruction convs of the classical and real-world upsamplers (as model.py)
+
+
+def estimate_parameters(*, upscale: int, in_chans: int, img_size: int, window_size: int, depths: tuple[int, ...],
+                        embed_dim: int, num_heads: tuple[int, ...], mlp_ratio: float, upsampler: str,
+                        resi_connection: str) -> int:
+    """SwinIR's parameter count, from its arguments alone (equal to ``count_parameters``; tested)."""
+    d, c, f = embed_dim, in_chans, _NUM_FEAT
+    w = min(window_size, img_size)
+    hidden = int(d * mlp_ratio)
+
+    def conv(cin: int, cout: int, k: int = 3) -> int:
+        return cin * cout * k * k + cout
+
+    closing = conv(d, d) if resi_connection == "1conv" else conv(d, d // 4) + conv(d // 4, d // 4, 1) + conv(d // 4, d)
+    # A block: two LayerNorms, the position bias table, qkv, proj and the two MLP layers.
+    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d)
+    total = conv(c, d) + 2 * d + 2 * d + closing  # conv_first, patch norm, final norm, conv_after_body
+    total += sum(depth * (block + (2 * w - 1) ** 2 * heads) + closing
+                 for depth, heads in zip(depths, num_heads, strict=True))
+    if upsampler == "pixelshuffle":
+        steps = [conv(f, 9 * f)] if upscale == 3 else [conv(f, 4 * f)] * int(math.log2(upscale))
+        total += conv(d, f) + sum(steps) + conv(f, c)
+    elif upsampler == "pixelshuffledirect":
+        total += conv(d, upscale * upscale * c)
+    elif upsampler == "nearest+conv":
+        total += conv(d, f) + conv(f, f) * (3 if upscale == 4 else 2) + conv(f, c)
+    else:
+        total += conv(d, c)
+    return total
 
 
 def _classical(scale: int) -> ModelConfig:
@@ -110,7 +265,7 @@ class DataConfig:
     """Where training and validation images come from and how training patches are cut.
 
     A source is an image folder, Parquet shards written by ``xswinir pack`` (a local path or any URI that
-    pyarrow and Ray Data read, such as ``s3://``), or ``skimage:NAME,NAME,...`` for images that ship inside
+    pyarrow reads, such as ``s3://``), or ``skimage:NAME,NAME,...`` for images that ship inside
     the scikit-image wheel (``skimage:train`` and ``skimage:val`` name two disjoint default sets).
     """
 
@@ -120,9 +275,27 @@ class DataConfig:
     use_flip: bool = True
     use_rot: bool = True
     small_images: Literal["skip", "pad"] = "skip"  # images smaller than the patch or search region
+    # LQ partners of data.train's images (a folder, matched by file stem as `eval --lr` does): training then
+    # learns from these real pairs and the degradation pipeline is off. Shards carry theirs (`pack --lq`).
+    train_lq: str | None = None
+    # Items cut from each decoded image: decoding a 2K PNG costs tens of ms, a crop microseconds, so several
+    # crops per decode is what lets a few CPU cores feed a GPU; the images of a batch are still drawn at random.
+    crops_per_image: int = 4
+    verify_checksums: bool = True  # check each shard row's sha256 when it is decoded (a mismatch is skipped)
     loader_workers: int = 2
     val_max_images: int | None = None
     val_tile: int | None = None  # LR tile size for validation inference; None: whole images
+
+    def __post_init__(self) -> None:
+        if not self.train or not self.val:
+            raise ConfigError("data.train and data.val must name a source")
+        if self.gt_size < 1:
+            raise ConfigError(f"data.gt_size must be >= 1, got {self.gt_size}")
+        for name in ("val_max_images", "val_tile"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1 or null, got {getattr(self, name)}")
+        if self.crops_per_image < 1 or self.loader_workers < 0:
+            raise ConfigError("data.crops_per_image must be >= 1 and data.loader_workers >= 0")
 
 
 @dataclass
@@ -140,7 +313,7 @@ class DegradationConfig:
     blur_anisotropic_prob: float = 0.5
     motion_blur_prob: float = 0.0
     motion_kernel_size: int = 9
-    resize: Literal["bicubic", "bilinear", "area", "matlab"] = "bicubic"
+    resize: ResizeMode = "bicubic"
     noise_prob: float = 1.0
     noise_sigma: tuple[float, float] = (1.0, 25.0)
     noise_gray_prob: float = 0.4
@@ -159,10 +332,24 @@ class DegradationConfig:
             value = getattr(self, f.name)
             if f.name.endswith("_prob") and not 0.0 <= value <= 1.0:
                 raise ConfigError(f"degradation.{f.name} must lie in [0, 1], got {value}")
-            if isinstance(value, tuple) and len(value) == 2 and value[0] > value[1]:
+            if isinstance(value, tuple) and not value[0] <= value[1]:
                 raise ConfigError(f"degradation.{f.name} must be (low, high) with low <= high, got {value}")
-        if self.blur_kernel_size % 2 == 0 or self.motion_kernel_size % 2 == 0:
-            raise ConfigError("degradation kernel sizes must be odd")
+        for name in ("blur_kernel_size", "motion_kernel_size"):
+            if getattr(self, name) < 1 or getattr(self, name) % 2 == 0:
+                raise ConfigError(f"degradation.{name} must be odd and >= 1, got {getattr(self, name)}")
+        # A Gaussian of sigma 0 divides by zero; a resize by 0 has no pixels; the second round's canvas is
+        # sized for the largest resize factor.
+        for name in ("blur_sigma", "second_blur_sigma", "second_resize_range"):
+            if not getattr(self, name)[0] > 0:
+                raise ConfigError(f"degradation.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("noise_sigma", "second_noise_sigma", "poisson_scale"):
+            if getattr(self, name)[0] < 0:
+                raise ConfigError(f"degradation.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("jpeg_quality", "second_jpeg_quality"):
+            if not 1 <= getattr(self, name)[0] <= getattr(self, name)[1] <= 100:
+                raise ConfigError(f"degradation.{name} must lie in [1, 100], got {getattr(self, name)}")
+        if self.second_resize_range[1] > 4:
+            raise ConfigError(f"degradation.second_resize_range must be at most 4, got {self.second_resize_range}")
 
 
 DEGRADATION_PRESETS: dict[str, DegradationConfig] = {
@@ -218,6 +405,8 @@ class ClassifierConfig:
                               f"{self.positive_max_shift}")
         if any(s < 1 for s in self.scales) or self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError("texture.classifier.scales must be positive, lr > 0 and weight_decay >= 0")
+        if self.seed < 0 or self.path == "":
+            raise ConfigError("texture.classifier.seed must be >= 0 and texture.classifier.path not empty")
 
 
 @dataclass
@@ -244,6 +433,9 @@ class TextureConfig:
         if not 0.0 <= self.min_score <= 1.0 or self.ridge < 0:
             raise ConfigError(f"texture.min_score must lie in [0, 1] and texture.ridge be >= 0, got "
                               f"{self.min_score} and {self.ridge}")
+        if self.region_size is not None and self.region_size < self.patch_size:
+            raise ConfigError(f"texture.region_size must be >= texture.patch_size={self.patch_size} or null, got "
+                              f"{self.region_size}")
 
 
 @dataclass
@@ -258,8 +450,10 @@ class LossConfig:
     charbonnier_eps: float = 1e-3
 
     def __post_init__(self) -> None:
-        if self.texture_weight < 0:
+        if not self.texture_weight >= 0:
             raise ConfigError(f"loss.texture_weight must be >= 0, got {self.texture_weight}")
+        if not self.charbonnier_eps > 0:
+            raise ConfigError(f"loss.charbonnier_eps must be > 0, got {self.charbonnier_eps}")
 
 
 @dataclass
@@ -286,8 +480,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.total_steps < 1 or self.batch_size < 1 or self.val_every < 1 or self.log_every < 1:
             raise ConfigError("train.total_steps, batch_size, val_every and log_every must be >= 1")
-        if self.lr <= 0:
+        if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas must lie in [0, 1), got {self.betas}")
+        if self.weight_decay < 0 or self.min_lr < 0 or self.warmup_steps < 0 or self.seed < 0:
+            raise ConfigError("train.weight_decay, min_lr, warmup_steps and seed must be >= 0")
+        if not self.gamma > 0 or (self.grad_clip is not None and not self.grad_clip > 0):
+            raise ConfigError(f"train.gamma and train.grad_clip must be > 0, got {self.gamma} and {self.grad_clip}")
+        if any(m < 0 for m in self.milestones):
+            raise ConfigError(f"train.milestones must be >= 0, got {show(self.milestones)}")
         if list(self.milestones) != sorted(self.milestones):
             raise ConfigError(f"train.milestones must be increasing, got {self.milestones}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -304,7 +506,9 @@ class RunConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    max_failures: int = 0  # worker-group restarts from the latest checkpoint before the run fails
+    # Worker-group restarts from the newest good checkpoint before the run fails; -1: no limit. None: 5 when
+    # joining a cluster (preemptions, lost nodes), 2 on a local Ray (a failure there is mostly a bug).
+    max_failures: int | None = None
     keep_checkpoints: int = 2
     log_dir: str | None = None  # metrics.jsonl, TensorBoard, curves; None: <storage>/<name>/logs (local storage)
     progress: bool = True  # a progress bar on the driver for local runs
@@ -312,8 +516,14 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ConfigError(f"run.num_workers must be >= 1, got {self.num_workers}")
-        if self.cpus_per_worker <= 0:
+        if not self.cpus_per_worker > 0:
             raise ConfigError(f"run.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"run.keep_checkpoints must be >= 1 (the latest is what --resume needs), got "
+                              f"{self.keep_checkpoints}")
+        check_name(self.name, "run.name")
+        if not self.storage or self.log_dir == "" or self.address == "":
+            raise ConfigError("run.storage, run.log_dir and run.address must not be empty")
 
 
 @dataclass
@@ -337,7 +547,7 @@ class Config:
                 f"train.batch_size={self.train.batch_size} (the total) does not split evenly over "
                 f"run.num_workers={self.run.num_workers}"
             )
-        if self.loss.texture_weight > 0:
+        if self.texture_enabled:
             p = self.texture.patch_size
             if self.data.gt_size % p:
                 raise ConfigError(f"data.gt_size={self.data.gt_size} is not a multiple of texture.patch_size={p}")
@@ -350,23 +560,40 @@ class Config:
             region = self.texture.region_size
             if region is not None and region < self.data.gt_size:
                 raise ConfigError(f"texture.region_size={region} is smaller than data.gt_size={self.data.gt_size}")
+            if self.data.train_lq is not None and region is not None and region % scale:
+                # Paired regions are cut on the LQ pixel grid.
+                raise ConfigError(f"texture.region_size={region} is not a multiple of model.upscale={scale} "
+                                  "(needed with data.train_lq)")
 
     @property
     def scale(self) -> int:
         return self.model.upscale
+
+    @property
+    def texture_enabled(self) -> bool:
+        """Whether the loss has its texture term: only then is a classifier loaded and a search region cut."""
+        return self.loss.texture_weight > 0
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
-        return _build(cls, data, "")
+        return build_section(cls, data, "")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 _PRESETS: dict[type, dict[str, Any]] = {ModelConfig: MODEL_PRESETS, DegradationConfig: DEGRADATION_PRESETS}
+
+
+def check_name(name: str, where: str) -> None:
+    """A run name becomes a folder (and Ray's experiment name): no path separators, no ``..``, no control codes."""
+    if (not name or len(name) > 200 or name in (".", "..") or any(c in name for c in "/\\")
+            or any(ord(c) < 32 for c in name)):
+        raise ConfigError(f"{where} must be 1-200 characters without '/', '\\' or control characters and not "
+                          f"'.' or '..' (it names a folder), got {show(name)}")
 
 
 def _to_plain(value: Any) -> Any:
@@ -382,7 +609,10 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
-    """Checks ``value`` against the annotation ``tp``; converts lists to tuples and ints to floats."""
+    """Checks ``value`` against the annotation ``tp``; converts lists to tuples and ints to floats.
+
+    Numbers must be finite and integers fit in 64 bits, so that no later comparison or conversion fails.
+    """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -398,58 +628,69 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return _coerce(arg, value, where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} does not fit {_type_name(tp)}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {show(value)} does not fit {_type_name(tp)}")
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
+        if not isinstance(value, (str, int, float, bool)) or value not in choices:
+            raise ConfigError(f"{where} must be one of {list(choices)}, got {show(value)}")
         return value
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
+            raise ConfigError(f"{where} must be a list, got {show(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{where} must have {len(args)} items, got {list(value)}")
+            raise ConfigError(f"{where} must have {len(args)} items, got {show(list(value))}")
         return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return _build(tp, value, where)
+            raise ConfigError(f"{where} is a section: give it a mapping of its keys, got {show(value)}")
+        return build_section(tp, value, where)
     if value is None:
         raise ConfigError(f"{where} may not be null")
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
+            raise ConfigError(f"{where} must be true or false, got {show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
+            raise ConfigError(f"{where} must be an integer, got {show(value)}")
+        if abs(value) >= 2**63:
+            raise ConfigError(f"{where} must fit in 64 bits, got {show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
+            raise ConfigError(f"{where} must be a number, got {show(value)}")
+        if isinstance(value, int) and abs(value) >= 2**63 or not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {show(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, Path)):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
+            raise ConfigError(f"{where} must be a string, got {show(value)}")
         return str(value)
     return value
 
 
-def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
+def _unknown_key(cls: type, key: Any, where: str) -> ConfigError:
     names = [f.name for f in dataclasses.fields(cls)]
-    hint = difflib.get_close_matches(key, names, n=1)
+    hint = difflib.get_close_matches(str(key), names, n=1)
     suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; known keys: {', '.join(names)}"
-    return ConfigError(f"unknown config key '{where + '.' if where else ''}{key}'{suggestion}")
+    shown = key if isinstance(key, str) and len(key) <= 80 and key.isprintable() else show(key)
+    return ConfigError(f"unknown config key '{where + '.' if where else ''}{shown}'{suggestion}")
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+def build_section(cls: type, data: Any, where: str) -> Any:
+    """The dataclass ``cls`` built from a plain mapping (parsed YAML/JSON), every value checked against its type.
+
+    ``where`` is the dotted name used in error messages (``"model"``; ``""`` for a root). Sections with a
+    ``preset`` field start from the named preset. Raises :class:`ConfigError` for an unknown key, a value of
+    the wrong type, or a value the section's ``__post_init__`` refuses.
+    """
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'the config'} must be a mapping, got {data!r}")
+        raise ConfigError(f"{where or 'the config'} must be a mapping, got {show(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
@@ -459,8 +700,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     preset_name = data.get("preset")
     if cls in _PRESETS and preset_name is not None:
         presets = _PRESETS[cls]
-        if preset_name not in presets:
-            raise ConfigError(f"{where}.preset '{preset_name}' is unknown; choose one of {sorted(presets)}")
+        if not isinstance(preset_name, str) or preset_name not in presets:
+            raise ConfigError(f"{where}.preset {show(preset_name)} is unknown; choose one of {sorted(presets)}")
         base = {f: getattr(presets[preset_name], f) for f in fields}
     kwargs = {}
     for name in fields:
@@ -474,18 +715,27 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: {err}") from err
 
 
+_build = build_section  # the name the sweep config used first
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """One line of at most ``limit`` characters (PyYAML's messages span several; a value may be huge)."""
+    text = " ".join(text[: 4 * limit].split()) + (" ..." if len(text) > 4 * limit else "")
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Splits ``"a.b=value"`` into (["a", "b"], value), the value parsed as YAML (``1e-4``, ``[1, 2]``, ``null``)."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+        raise ConfigError(f"override '{_clip(text)}' is not of the form section.key=value")
     key, raw = text.split("=", 1)
     path = key.strip().split(".")
     if not all(path):
-        raise ConfigError(f"override '{text}' has an empty key")
+        raise ConfigError(f"override '{_clip(text)}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override '{text}': the value is not valid YAML ({err})") from err
+        raise ConfigError(f"override '{_clip(text)}': the value is not valid YAML ({_clip(str(err))})") from err
     # YAML reads 1e-4 as a string (YAML 1.1 wants a dot); numbers are what people mean.
     if isinstance(value, str):
         try:
@@ -504,37 +754,40 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str]) -> Confi
             (the CLI's ``--set``). Setting a section's ``preset`` first resets that section to the preset.
     """
     if isinstance(overrides, dict):
-        items = [(key.split("."), value) for key, value in overrides.items()]
+        items = [(str(key).split("."), value) for key, value in overrides.items()]
     else:
         items = [parse_override(text) for text in overrides]
     data = cfg.to_dict()
     # Presets first, so that `--set model.preset=swinir-m-x4 --set model.depths=[6,6]` means what it says.
     items.sort(key=lambda item: item[0][-1] != "preset")
     for path, value in items:
-        node: Any = data
-        for depth, part in enumerate(path[:-1]):
-            if not isinstance(node, dict) or part not in node:
-                raise _unknown_key(_section_class(path[:depth]), part, ".".join(path[:depth]))
-            node = node[part]
+        # Walk the sections (dicts) with their classes; a key below a plain value does not exist.
+        node: dict[str, Any] = data
+        section: type = Config
+        for depth, part in enumerate(path):
+            where = ".".join(path[:depth])
+            if part not in node:
+                raise _unknown_key(section, part, where)
+            if depth == len(path) - 1:
+                break
+            child = typing.get_type_hints(section)[part]
+            if not dataclasses.is_dataclass(child):
+                raise ConfigError(f"{'.'.join(path[:depth + 1])} is a value, not a section: "
+                                  f"'{_clip('.'.join(path))}' does not exist")
+            node, section = node[part], child
         leaf = path[-1]
-        if not isinstance(node, dict) or leaf not in node:
-            raise _unknown_key(_section_class(path[:-1]), leaf, ".".join(path[:-1]))
-        section = _section_class(path[:-1])
+        if dataclasses.is_dataclass(typing.get_type_hints(section)[leaf]) and not isinstance(value, dict):
+            raise ConfigError(f"{'.'.join(path)} is a section, not a value: set one of its keys "
+                              f"({'.'.join(path)}.<key>=...), got {show(value)}")
         if leaf == "preset" and section in _PRESETS and value is not None:
             # The section restarts from the new preset; later overrides then apply on top of it.
-            if value not in _PRESETS[section]:
-                raise ConfigError(f"{'.'.join(path)} '{value}' is unknown; choose one of {sorted(_PRESETS[section])}")
+            if not isinstance(value, str) or value not in _PRESETS[section]:
+                raise ConfigError(f"{'.'.join(path)} {show(value)} is unknown; choose one of "
+                                  f"{sorted(_PRESETS[section])}")
             node.clear()
             node.update(_to_plain(_PRESETS[section][value]))
         node[leaf] = value
     return Config.from_dict(data)
-
-
-def _section_class(path: list[str]) -> type:
-    cls: type = Config
-    for part in path:
-        cls = typing.get_type_hints(cls)[part]
-    return cls
 
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
@@ -549,17 +802,43 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     if packaged.is_file() and len(path.parts) == 1:
         return packaged
     shipped = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
-    raise ConfigError(f"config '{name_or_path}' is neither a file nor a shipped config ({', '.join(shipped)})")
+    raise ConfigError(f"config '{_printable(name_or_path)}' is neither a file nor a shipped config "
+                      f"({', '.join(shipped)})")
+
+
+def _printable(path: str | Path) -> str:
+    from xswinir.images import printable_path  # lazy: only error messages need it, and it imports torch
+
+    return printable_path(path)
 
 
 def read_yaml_mapping(path: Path, error: type[UserError] = ConfigError, what: str = "a mapping") -> dict[str, Any]:
-    """The mapping a YAML file holds (an empty file: ``{}``); ``error`` names the file otherwise."""
+    """The mapping a YAML file holds (an empty file: ``{}``); ``error`` names the file otherwise.
+
+    The file must be UTF-8, at most :data:`MAX_YAML_BYTES`, and its aliases may not expand beyond
+    :data:`MAX_YAML_VALUES` values; every failure is one ``error`` line.
+    """
+    path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise error(f"{_printable(path)} has {size:,} bytes; a config file may have at most {MAX_YAML_BYTES:,}")
+        raw = path.read_bytes()
+    except OSError as err:
+        raise error(f"{_printable(path)} cannot be read: {err.strerror or err}") from err
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise error(f"{_printable(path)} is not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 1]!r}); "
+                    "save it as UTF-8") from err
+    try:
+        data = load_yaml(text)
     except yaml.YAMLError as err:
-        raise error(f"{path} is not valid YAML: {err}") from err
+        raise error(f"{_printable(path)} is not valid YAML: {_clip(str(err), 400)}") from err
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise error(f"{path} must hold {what}")
+        raise error(f"{_printable(path)} must hold {what}, not {type(data).__name__} {show(data)}")
     return data
 
 
@@ -572,7 +851,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             cfg = Config.from_dict(data)
         except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from err
+            raise ConfigError(f"{_printable(path)}: {err}") from err
     return apply_overrides(cfg, overrides or [])
 
 

@@ -20,16 +20,16 @@ generators produce different streams.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 
 import kornia
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xswinir.config import DegradationConfig
-
-ResizeMode = str  # "bicubic" | "bilinear" | "area" | "matlab"
+from xswinir.config import DegradationConfig, ResizeMode
 
 
 def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
@@ -88,6 +88,9 @@ def _mask(apply: Tensor, new: Tensor, old: Tensor) -> Tensor:
 class Degrader(nn.Module):
     """Batched random degradation of gt images into lq inputs.
 
+    The arguments after ``scale`` are the fields of :class:`~xswinir.config.DegradationConfig` (which holds
+    their defaults and checks their ranges; :func:`build_degrader` passes them all).
+
     Args:
         scale: down-sampling factor (1 for denoising / JPEG artifact removal).
         blur_prob: chance of a Gaussian blur per sample.
@@ -114,29 +117,30 @@ class Degrader(nn.Module):
     def __init__(
         self,
         scale: int,
-        blur_prob: float = 1.0,
-        blur_kernel_size: int = 21,
-        blur_sigma: tuple[float, float] = (0.2, 3.0),
-        blur_anisotropic_prob: float = 0.5,
-        motion_blur_prob: float = 0.0,
-        motion_kernel_size: int = 9,
-        resize: ResizeMode = "bicubic",
-        noise_prob: float = 1.0,
-        noise_sigma: tuple[float, float] = (1.0, 25.0),
-        noise_gray_prob: float = 0.4,
-        poisson_prob: float = 0.0,
-        poisson_scale: tuple[float, float] = (0.05, 3.0),
-        jpeg_prob: float = 0.0,
-        jpeg_quality: tuple[float, float] = (30.0, 95.0),
-        second_order_prob: float = 0.0,
-        second_blur_sigma: tuple[float, float] = (0.2, 1.5),
-        second_resize_range: tuple[float, float] = (0.3, 1.2),
-        second_noise_sigma: tuple[float, float] = (1.0, 25.0),
-        second_jpeg_quality: tuple[float, float] = (30.0, 95.0),
+        *,
+        blur_prob: float,
+        blur_kernel_size: int,
+        blur_sigma: tuple[float, float],
+        blur_anisotropic_prob: float,
+        motion_blur_prob: float,
+        motion_kernel_size: int,
+        resize: ResizeMode,
+        noise_prob: float,
+        noise_sigma: tuple[float, float],
+        noise_gray_prob: float,
+        poisson_prob: float,
+        poisson_scale: tuple[float, float],
+        jpeg_prob: float,
+        jpeg_quality: tuple[float, float],
+        second_order_prob: float,
+        second_blur_sigma: tuple[float, float],
+        second_resize_range: tuple[float, float],
+        second_noise_sigma: tuple[float, float],
+        second_jpeg_quality: tuple[float, float],
     ) -> None:
         super().__init__()
-        if resize not in ("bicubic", "bilinear", "area", "matlab"):
-            raise ValueError(f"resize must be bicubic, bilinear, area or matlab, got {resize!r}")
+        if resize not in typing.get_args(ResizeMode):
+            raise ValueError(f"resize must be one of {typing.get_args(ResizeMode)}, got {resize!r}")
         self.scale = scale
         self.blur_prob = blur_prob
         self.blur_kernel_size = blur_kernel_size
@@ -348,29 +352,8 @@ def resize_per_sample(x: Tensor, factor: Tensor, size: tuple[int, int], inverse:
 
 
 def build_degrader(cfg: DegradationConfig, scale: int) -> Degrader:
-    """The :class:`Degrader` a config describes, for down-sampling by ``scale``."""
-    return Degrader(
-        scale=scale,
-        blur_prob=cfg.blur_prob,
-        blur_kernel_size=cfg.blur_kernel_size,
-        blur_sigma=tuple(cfg.blur_sigma),
-        blur_anisotropic_prob=cfg.blur_anisotropic_prob,
-        motion_blur_prob=cfg.motion_blur_prob,
-        motion_kernel_size=cfg.motion_kernel_size,
-        resize=cfg.resize,
-        noise_prob=cfg.noise_prob,
-        noise_sigma=tuple(cfg.noise_sigma),
-        noise_gray_prob=cfg.noise_gray_prob,
-        poisson_prob=cfg.poisson_prob,
-        poisson_scale=tuple(cfg.poisson_scale),
-        jpeg_prob=cfg.jpeg_prob,
-        jpeg_quality=tuple(cfg.jpeg_quality),
-        second_order_prob=cfg.second_order_prob,
-        second_blur_sigma=tuple(cfg.second_blur_sigma),
-        second_resize_range=tuple(cfg.second_resize_range),
-        second_noise_sigma=tuple(cfg.second_noise_sigma),
-        second_jpeg_quality=tuple(cfg.second_jpeg_quality),
-    )
+    """The :class:`Degrader` a config describes, for down-sampling by ``scale``: every field but ``preset``."""
+    return Degrader(scale, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "preset"})
 
 
 def describe_params(params: dict[str, Tensor], index: int) -> str:

@@ -36,17 +36,15 @@ gradients; only ``sr`` receives them.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xswinir.config import Config, ConfigError
-
-if TYPE_CHECKING:
-    from xswinir.config import PixelLoss, TextureForm, TextureQuery
+from xswinir.config import Config, ConfigError, PixelLoss, TextureForm, TextureQuery
 
 Dist = Literal["l1", "l2", "charbonnier"]
 _PAIR_ELEMENTS = 2**26  # float32 elements of one broadcast pair-encoding chunk in texture_search
@@ -364,6 +362,9 @@ def upsample_query(lq: Tensor, size: tuple[int, int]) -> Tensor:
 class CombinedLoss(nn.Module):
     """``pixel(sr, gt) + texture_weight * texture(sr, gt)`` with the diagnostics of the search.
 
+    The defaults are those of ``LossConfig`` and ``TextureConfig`` (``tests/test_losses.py`` compares them);
+    :func:`build_loss` passes every one from the config.
+
     Args:
         classifier: the frozen texture classifier; may be None when ``texture_weight`` is 0.
         pixel: the pixel loss (SwinIR: l1), a mean over all elements.
@@ -393,8 +394,9 @@ class CombinedLoss(nn.Module):
         super().__init__()
         if texture_weight > 0 and classifier is None:
             raise ConfigError("loss.texture_weight > 0 needs a texture classifier")
-        if texture_form not in ("projection", "pull"):
-            raise ConfigError(f"unknown loss.texture_form {texture_form!r}; choose projection or pull")
+        if texture_form not in typing.get_args(TextureForm):
+            raise ConfigError(f"unknown loss.texture_form {texture_form!r}; choose one of "
+                              f"{list(typing.get_args(TextureForm))}")
         self.classifier = classifier
         if classifier is not None:
             # Frozen: the search is a fixed measurement, never something the optimiser may bend.
@@ -492,7 +494,7 @@ class CombinedLoss(nn.Module):
 
 def build_loss(cfg: Config, classifier: nn.Module | None) -> CombinedLoss:
     """The loss of a run: ``cfg.loss`` and ``cfg.texture``; ``classifier`` may be None when lambda is 0."""
-    if classifier is not None and cfg.loss.texture_weight > 0:
+    if classifier is not None and cfg.texture_enabled:
         p = getattr(classifier, "patch_size", None)
         if p != cfg.texture.patch_size:
             raise ConfigError(

@@ -27,16 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xswinir.config import ModelConfig
-
-Upsampler = Literal["pixelshuffle", "pixelshuffledirect", "nearest+conv", ""]
-ResiConnection = Literal["1conv", "3conv"]
+from xswinir.config import ModelConfig, ResiConnection, Upsampler, check_model_args
 
 # Buffers of the official code that we rebuild instead of loading: they depend on the input size only.
 REBUILT_BUFFERS = ("attn_mask", "relative_position_index")
@@ -393,7 +390,7 @@ class SwinIR(nn.Module):
         num_heads: attention heads per residual group.
         mlp_ratio: MLP width relative to ``embed_dim``.
         upsampler: ``"pixelshuffle"`` (classical), ``"pixelshuffledirect"`` (lightweight), ``"nearest+conv"``
-            (real-world, x4), or ``""`` (upscale 1).
+            (real-world, x2 or x4), or ``""`` (upscale 1).
         resi_connection: ``"1conv"`` or ``"3conv"``.
         drop_path_rate: stochastic depth, rising linearly to this over the blocks; 0.1 as in the official code.
     """
@@ -404,12 +401,11 @@ class SwinIR(nn.Module):
                  upsampler: Upsampler = "pixelshuffledirect", resi_connection: ResiConnection = "1conv",
                  drop_path_rate: float = 0.1) -> None:
         super().__init__()
-        if upsampler not in ("pixelshuffle", "pixelshuffledirect", "nearest+conv", ""):
-            raise ValueError(f"unknown upsampler {upsampler!r}")
-        if upsampler == "" and upscale != 1:
-            raise ValueError(f"upscale={upscale} needs an upsampler; '' is for upscale=1 only")
-        if upsampler == "nearest+conv" and upscale not in (2, 4):
-            raise ValueError(f"upsampler 'nearest+conv' supports upscale 2 or 4, got {upscale}")
+        # The config's rules (a ConfigError is a ValueError), sizes bounded before anything is allocated.
+        check_model_args(upscale=upscale, in_chans=in_chans, img_size=img_size, window_size=window_size,
+                         img_range=img_range, depths=depths, embed_dim=embed_dim, num_heads=num_heads,
+                         mlp_ratio=mlp_ratio, upsampler=upsampler, resi_connection=resi_connection,
+                         drop_path_rate=drop_path_rate)
         self.upscale = upscale
         self.in_chans = in_chans
         self.img_range = img_range

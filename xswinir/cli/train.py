@@ -7,11 +7,17 @@ import argparse
 HELP = "train SwinIR on Ray Train, locally or on a cluster"
 
 
+def add_set_argument(parser: argparse.ArgumentParser, what: str = "a config value",
+                     example: str = "train.lr=1e-4") -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``: the one definition every sub-command uses."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override {what}, e.g. --set {example} (repeatable; the value is YAML)")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     parser.add_argument("--config", "-c", default=default,
                         help="YAML config file, or the name of a shipped one (demo, swinir_s_x2, xswinir_blur_noise)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+    add_set_argument(parser)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,16 +46,17 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)  # before Ray is imported: a bad config is refused in a second
+    if args.print_config:
+        print(cfg.to_yaml())
+        return 0
+
     import ray.train
 
     from xswinir.errors import UserError
     from xswinir.metrics import VAL_PSNR_BICUBIC_Y, VAL_PSNR_Y
     from xswinir.trainer import fit
 
-    cfg = config_from_args(args)
-    if args.print_config:
-        print(cfg.to_yaml())
-        return 0
     try:
         result = fit(cfg, resume=args.resume)
     except ray.train.TrainingFailedError as err:
