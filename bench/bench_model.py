@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +35,12 @@ QUICK_CASES = [
 ]
 
 
-def _extra_args() -> argparse.Namespace:
-    """Options beyond bench.common's; removed from sys.argv so that its parser accepts the rest."""
-    parser = argparse.ArgumentParser(add_help=False)
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--original", type=Path, default=None,
                         help="folder with the official network_swinir.py to compare against")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA); outputs are then not compared")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads; 1 gives steadier numbers on a shared machine (default: torch's)")
-    extra, rest = parser.parse_known_args()
-    sys.argv = [sys.argv[0], *rest]
-    return extra
 
 
 def _load_original(folder: Path) -> Any:
@@ -135,21 +129,20 @@ def run_case(preset: str, mode: str, batch: int, side: int, device: torch.device
 
 
 def main() -> None:
-    extra = _extra_args()
-    args = parse_args(__doc__.splitlines()[0], "bench/results/bench_model.json")
+    args = parse_args(__doc__.splitlines()[0], "bench/results/bench_model.json", _add_arguments)
     device = torch.device(args.device)
-    if extra.threads:
-        torch.set_num_threads(extra.threads)
-    original = _load_original(extra.original) if extra.original else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    original = _load_original(args.original) if args.original else None
     cases = QUICK_CASES if args.quick else FULL_CASES
     repeat = 3 if args.quick else 7
     rows = []
     for preset, mode, batch, side in cases:
-        rows += run_case(preset, mode, batch, side, device, original, extra.bf16, repeat)
-    title = f"SwinIR on {device.type}{' (bf16 autocast)' if extra.bf16 else ''}: images/s, speedup = ours/official"
+        rows += run_case(preset, mode, batch, side, device, original, args.bf16, repeat)
+    title = f"SwinIR on {device.type}{' (bf16 autocast)' if args.bf16 else ''}: images/s, speedup = ours/official"
     print_table(rows, title)
     notes = [] if device.type == "cuda" else ["memory not measured on CPU"]
-    write_json(args.json, "bench_model", rows, bf16=extra.bf16, quick=args.quick, notes=notes)
+    write_json(args.json, "bench_model", rows, bf16=args.bf16, quick=args.quick, notes=notes)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,16 @@ from typing import Any
 import torch
 
 
-def parse_args(description: str, default_json: str) -> argparse.Namespace:
+def parse_args(description: str, default_json: str,
+               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The options every benchmark has, plus those ``add_arguments`` adds, so that ``--help`` lists them all."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--json", default=default_json, help="where to write the results (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes, for a smoke run")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: %(default)s)")
+    if add_arguments is not None:
+        add_arguments(parser)
     return parser.parse_args()
 
 

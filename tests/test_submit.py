@@ -1,18 +1,14 @@
-"""``xswinir submit`` and the cluster configs: entrypoint building, YAML checks, and a real Ray Jobs round trip."""
+"""``xswinir submit`` and the cluster configs: entrypoint building, YAML checks (the real Ray Jobs round trip:
+tests/integration/test_submit_ray.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -148,121 +144,3 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _processes_under(marker: str) -> list[int]:
-    """PIDs whose command line names ``marker`` (our head's temp dir), read from /proc."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _kill_processes_under(marker: str) -> None:
-    """Ends the processes of our own head (found by its temp dir): the GCS, raylet, dashboard and workers.
-
-    `ray stop` would end every Ray instance on the machine, other people's included.
-    """
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _processes_under(marker)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 10
-        while pids and time.time() < deadline:
-            pids = [pid for pid in pids if Path(f"/proc/{pid}").exists() and not _is_zombie(pid)]
-            time.sleep(0.2)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    """A throwaway Ray head on free ports with its own temp dir and authentication off; yields its job URL."""
-    # A short path: Ray's unix sockets live under it and socket paths are limited to ~107 bytes.
-    temp_dir = tempfile.mkdtemp(prefix="xsub", dir="/tmp")
-    ports = {name: _free_port() for name in (
-        "port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-    )}
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    cmd = ["ray", "start", "--head", "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-           *(f"--{name}={port}" for name, port in ports.items())]
-    try:
-        subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=180)
-        address = f"http://127.0.0.1:{ports['dashboard-port']}"
-        yield address, env
-    finally:
-        _kill_processes_under(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _submit(address: str, env: dict, *command: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "xswinir", "submit", "--address", address, "--runtime-env",
-         str(CLUSTER / "runtime_env.yaml"), "--working-dir", str(REPO_ROOT), "--", *command],
-        env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
-    )
-
-
-@pytest.mark.integration
-def test_job_succeeds_and_failure_exits_nonzero(ray_head):
-    address, env = ray_head
-    ok = _submit(address, env, "--help")
-    assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert re.search(r"submitted job (\S+)", ok.stdout)
-    assert "ray job logs -f" in ok.stdout and "SUCCEEDED" in ok.stdout
-    assert "usage: xswinir" in ok.stdout  # the job's own output, followed to the end
-    bad = _submit(address, env, "no-such-command")
-    assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert "FAILED" in bad.stdout
-
-
-@pytest.mark.integration
-def test_no_wait_returns_the_job_id(ray_head):
-    address, env = ray_head
-    proc = subprocess.run(
-        [sys.executable, "-m", "xswinir", "submit", "--address", address, "--no-wait", "--submission-id",
-         "xswinir-test-nowait", "--", "--help"],
-        env=env, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "submitted job xswinir-test-nowait" in proc.stdout
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
-    deadline = time.time() + 120
-    while str(client.get_job_status("xswinir-test-nowait").value) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-        assert time.time() < deadline
-        time.sleep(1)
-    assert str(client.get_job_status("xswinir-test-nowait").value) == "SUCCEEDED"
-
-
-# About a minute on 2 cores; the default run keeps a real job through the two tests above.
-@pytest.mark.integration
-@pytest.mark.slow
-def test_tiny_training_job_writes_a_checkpoint(ray_head, tmp_path):
-    address, env = ray_head
-    storage = tmp_path / "runs"
-    proc = _submit(
-        address, env, "train", "--config", "demo", "--storage", str(storage), "--set", "train.total_steps=4",
-        "--set", "train.val_every=2", "--set", "run.name=submitted", timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    checkpoints = sorted((storage / "submitted").glob("checkpoint_*"))
-    assert checkpoints, f"no checkpoint under {storage / 'submitted'}: {list(storage.rglob('*'))[:20]}"

@@ -1,7 +1,7 @@
-"""What a training run leaves for people to read: metrics.jsonl, TensorBoard events, a progress bar, curves.
+"""What a training run leaves for people to read: metrics.jsonl, TensorBoard events, progress, curves.
 
 Rank 0 writes one JSON line per log or validation step. The driver of a local run follows that file to
-draw its progress bar, and plots it as PNG curves at the end. A resumed run first drops the lines beyond
+show its progress, and plots it as PNG curves at the end. A resumed run first drops the lines beyond
 its checkpoint, so the curve continues without a jump or a duplicate.
 """
 
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
@@ -125,12 +126,27 @@ def plot_training_curves(metrics_path: str | Path, out_path: str | Path) -> Path
 
 
 class ProgressFollower:
-    """A tqdm bar on the driver that follows rank 0's metrics.jsonl while ``trainer.fit()`` blocks."""
+    """Training progress on the driver, read from rank 0's metrics.jsonl while ``trainer.fit()`` blocks.
 
-    def __init__(self, metrics_path: str | Path, total_steps: int, interval_s: float = 1.0) -> None:
+    On a terminal it is one tqdm line updated in place. Anywhere else (a log file, CI, a pipe) the bar's
+    carriage-return redraws would pile up as dozens of copies, so it prints one plain line every ``every``
+    steps and at each validation result instead.
+
+    Args:
+        metrics_path: the run's metrics.jsonl (it need not exist yet).
+        total_steps: the step the run ends at.
+        every: steps between two plain lines; default a tenth of the run.
+        interval_s: how often the file is read.
+        stream: where to write; default stderr, like tqdm.
+    """
+
+    def __init__(self, metrics_path: str | Path, total_steps: int, every: int | None = None,
+                 interval_s: float = 1.0, stream: TextIO | None = None) -> None:
         self.path = Path(metrics_path)
         self.total_steps = total_steps
+        self.every = every or max(1, total_steps // 10)
         self.interval_s = interval_s
+        self.stream = stream
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -143,21 +159,65 @@ class ProgressFollower:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        stream = self.stream or sys.stderr
+        if stream.isatty():
+            self._run_bar(stream)
+        else:
+            self._run_lines(stream)
+
+    def _run_bar(self, stream: TextIO) -> None:
         from tqdm import tqdm
 
-        bar = tqdm(total=self.total_steps, desc="train", unit="step", dynamic_ncols=True)
-        shown: dict[str, str] = {}
+        bar = tqdm(total=self.total_steps, desc="train", unit="step", dynamic_ncols=True, file=stream)
         while True:
             stopping = self._stop.wait(self.interval_s)
             rows = read_metrics(self.path)
             if rows:
-                for row in rows:
-                    for key, name in (("train/loss", "loss"), ("val/psnr_y", "psnr_y"), ("steps_per_s", "it/s")):
-                        if key in row:
-                            shown[name] = f"{row[key]:.4g}"
                 bar.n = min(rows[-1]["step"], self.total_steps)
-                bar.set_postfix(shown, refresh=False)
+                bar.set_postfix(_latest(rows), refresh=False)
                 bar.refresh()
             if stopping:
                 break
         bar.close()
+
+    def _run_lines(self, stream: TextIO) -> None:
+        start = time.monotonic()
+        printed_step, printed_rows = 0, 0
+        while True:
+            stopping = self._stop.wait(self.interval_s)
+            rows = read_metrics(self.path)
+            step = min(rows[-1]["step"], self.total_steps) if rows else 0
+            new_val = any("val/psnr_y" in row for row in rows[printed_rows:])
+            due = step >= printed_step + self.every or new_val or (stopping and step > printed_step)
+            if rows and due and step > 0:
+                print(progress_line(rows, self.total_steps, time.monotonic() - start), file=stream, flush=True)
+                printed_step, printed_rows = step, len(rows)
+            if stopping:
+                break
+
+
+def _latest(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """The latest loss, validation PSNR and speed in ``rows``, formatted to 4 significant digits."""
+    shown: dict[str, str] = {}
+    for row in rows:
+        for key, name in (("train/loss", "loss"), ("val/psnr_y", "psnr_y"), ("steps_per_s", "it/s")):
+            if key in row:
+                shown[name] = f"{row[key]:.4g}"
+    return shown
+
+
+def progress_line(rows: list[dict[str, Any]], total_steps: int, elapsed_s: float) -> str:
+    """One line of progress for logs: ``train: step 60/600 (10%), loss 0.04, psnr_y 27.3, 3.5 it/s, 0:17 in, ...``."""
+    step = min(rows[-1]["step"], total_steps)
+    parts = [f"train: step {step}/{total_steps} ({100 * step // max(total_steps, 1)}%)"]
+    parts += [f"{name} {value}" for name, value in _latest(rows).items()]
+    parts.append(f"{_clock(elapsed_s)} elapsed")
+    rate = next((row["steps_per_s"] for row in reversed(rows) if row.get("steps_per_s")), None)
+    if rate and step < total_steps:
+        parts.append(f"{_clock((total_steps - step) / rate)} left")
+    return ", ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"

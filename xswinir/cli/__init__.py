@@ -15,7 +15,7 @@ import sys
 from xswinir.errors import UserError
 
 # Order as shown in --help: the main job first.
-COMMANDS = ("demo", "train", "eval", "upscale", "explain", "texture", "pack", "tune", "study", "submit")
+COMMANDS = ("demo", "train", "eval", "upscale", "export", "explain", "texture", "pack", "tune", "study", "submit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,13 +34,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ConsoleFormatter(logging.Formatter):
+    """Our progress and results as plain lines; warnings and errors say what they are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
+def setup_logging(verbose: bool) -> None:
+    """The console shows our own info lines and everyone's warnings; ``-v`` adds debug lines, logger names
+    and Ray's own logs (which otherwise go to the run's log folder, see ``trainer.init_ray``)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+                         if verbose else _ConsoleFormatter())
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+    for ours in ("xswinir", "tune"):
+        logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(args.verbose)
     try:
         return int(args.handler(args) or 0)
     except UserError as err:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import time
 from pathlib import Path
+
+from xswinir.cli.train import add_set_argument
 
 HELP = "the main job: a short local training run, evaluation against bicubic, and an explanation picture"
 
@@ -19,8 +22,7 @@ HELP = "the main job: a short local training run, evaluation against bicubic, an
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs/demo", help="output folder (default: %(default)s)")
     parser.add_argument("--config", "-c", default="demo", help="config to start from (default: %(default)s)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.total_steps=100 (repeatable)")
+    add_set_argument(parser, example="train.total_steps=100")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
 
 
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from xswinir.metrics import VAL_PSNR_BICUBIC_Y, VAL_PSNR_Y, VAL_SSIM_BICUBIC_Y, VAL_SSIM_Y
     from xswinir.storage import log_dir
     from xswinir.texture import load_texture_classifier
-    from xswinir.trainer import fit
+    from xswinir.trainer import fit, init_ray
+    from xswinir.training_log import METRICS_FILE, read_metrics
 
     out = Path(args.out).expanduser().resolve()
     cfg = load_config(args.config, [f"run.storage={out / 'runs'}", f"run.log_dir={out / 'logs'}",
@@ -51,7 +54,11 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"[1/3] training {cfg.model.preset or 'SwinIR'} x{cfg.scale} for {cfg.train.total_steps} steps "
           f"on {cfg.data.train} (local Ray, {cfg.run.num_workers} worker)")
+    started = time.time()
+    init_ray(cfg.run, log_dir(cfg.run))
+    ray_ready = time.time()
     result = fit(cfg)
+    trained = time.time()
     checkpoint = Path(result.checkpoint.path)
     model, _ = load_model(checkpoint)  # the EMA weights
     model.eval()
@@ -70,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({"images": rows, "mean": mean, "checkpoint": str(checkpoint)},
                                               indent=2))
+    evaluated = time.time()
 
     print("\n[3/3] explanation picture")
     classifier = load_texture_classifier(checkpoint / CLASSIFIER_DIR)
@@ -77,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     explanation = explain(model, classifier, hr, cfg, seed=0, out=out / "explain.png", html=True,
                           tile=cfg.data.val_tile)
     picture = explanation.png
+    explained = time.time()
 
     print("\noutputs:")
     print(f"  checkpoint        {checkpoint}")
@@ -84,4 +93,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"  explanation       {picture}")
     print(f"  training curves   {log_dir(cfg.run) / 'training_curves.png'}")
     print(f"  metrics, TensorBoard  {log_dir(cfg.run)}  (tensorboard --logdir {log_dir(cfg.run) / 'tensorboard'})")
+    if (log_dir(cfg.run) / "ray").is_dir():
+        print(f"  Ray's logs        {log_dir(cfg.run) / 'ray'}  (xswinir -v demo shows them)")
+
+    # When the steps ran, from the worker's metrics: its first line's time minus the steps since the loop began.
+    logged = [r for r in read_metrics(log_dir(cfg.run) / METRICS_FILE) if r.get("steps_per_s")]
+    steps = logged[-1]["time"] - (logged[0]["time"] - logged[0]["step"] / logged[0]["steps_per_s"]) if logged else 0.0
+    steps = min(max(steps, 0.0), trained - ray_ready)
+    print(f"\ntime: {_duration(explained - started)} in all: Ray start-up {_duration(ray_ready - started)}, "
+          f"training {_duration(trained - ray_ready)} ({cfg.train.total_steps} steps {_duration(steps)}; texture "
+          f"classifier, Ray Train start and stop {_duration(trained - ray_ready - steps)}), "
+          f"evaluation {_duration(evaluated - trained)}, explanation {_duration(explained - evaluated)}")
     return 0
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
