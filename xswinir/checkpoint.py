@@ -3,32 +3,47 @@
 * weights: our ``.safetensors`` (the model config in its metadata), the official ``.pth`` layout (``params`` /
   ``params_ema``), and training checkpoint folders; :func:`load_model` builds a SwinIR from any of them;
 * a training checkpoint folder: weights, EMA weights, optimizer and RNG states, the config, and the texture
-  classifier the run trained with, so that a checkpoint alone restores or explains a run.
+  classifier the run trained with, so that a checkpoint alone restores or explains a run; its manifest,
+  written last, lists every file with size and sha256, so a damaged or unfinished folder is recognised
+  (:func:`checkpoint_problem`) on a local disk and on remote storage alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import math
+import os
 import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from xswinir.config import MODEL_PRESETS, Config, ModelConfig
+from xswinir.config import MODEL_PRESETS, Config, ModelConfig, build_section
 from xswinir.errors import UserError
 from xswinir.model import REBUILT_BUFFERS, SwinIR, build_swinir
+from xswinir.storage import is_remote
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "model_ema.safetensors"
 STATE_FILE = "train_state.pt"
 CONFIG_FILE = "config.yaml"
 CLASSIFIER_DIR = "classifier"
+# Written last into a checkpoint folder: every file with its size and sha256 (see checkpoint_problem).
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+REQUIRED_FILES = (MODEL_FILE, EMA_FILE, STATE_FILE)
 
 
 class CheckpointMismatchError(UserError):
@@ -168,11 +183,11 @@ def _config_to_json(cfg: ModelConfig) -> str:
 
 
 def _config_from_json(text: str, source: str) -> ModelConfig:
+    # Metadata comes with a file from anywhere: the config's typed loader checks every key, type and size
+    # (the parameter bound included) before a model is built from it.
     try:
-        data = json.loads(text)
-        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return ModelConfig(**data)
-    except (ValueError, TypeError) as err:
+        return build_section(ModelConfig, json.loads(text), "model")
+    except (ValueError, RecursionError) as err:  # ConfigError and JSONDecodeError are ValueErrors
         raise CheckpointError(f"{source}: the model config in its metadata is not usable ({err})") from err
 
 
@@ -269,41 +284,211 @@ def load_model(path: str | Path, preset: str | None = None, prefer_ema: bool = T
     return model.eval(), cfg
 
 
+def load_pretrained(model: SwinIR, path: str | Path, strict: bool = True) -> tuple[list[str], list[str]]:
+    """Fills ``model`` with the weights of a checkpoint, to fine-tune from them (``model.init_from``).
+
+    Args:
+        model: the freshly built (randomly initialised) model of the run.
+        path: an official ``.pth``, our ``.safetensors`` (either layout) or a training checkpoint folder; EMA
+            weights are taken where there are any, as for inference.
+        strict: every weight must fit. False: tensors that fit by name and shape load, and the model keeps
+            its fresh initialisation for the rest (e.g. an x4 upsampler when starting from an x2 model).
+
+    Returns:
+        ``(fresh, ignored)``: the model's keys left at their initialisation, and the checkpoint's keys not used
+        (with their shapes where only the shape differs); both empty when ``strict``.
+
+    Raises:
+        CheckpointError: a missing or unreadable file.
+        CheckpointMismatchError: ``strict`` and the weights do not fit (one line naming the first mismatching
+            keys), or nothing fits at all.
+    """
+    path = Path(path)
+    source = f"model.init_from {path}"
+    if path.is_dir():
+        files = [path / name for name in (EMA_FILE, MODEL_FILE) if (path / name).is_file()]
+        if not files:
+            raise CheckpointError(f"{source} is a directory without {EMA_FILE} or {MODEL_FILE}")
+        path = files[0]
+    if not path.is_file():
+        raise CheckpointError(f"{source} does not exist")
+    state_dict = _read_safetensors(path)[0] if path.suffix == ".safetensors" else _read_pth(path, prefer_ema=True)
+    if strict:
+        try:
+            load_state_dict_strict(model, state_dict, source=source)
+        except CheckpointMismatchError as err:
+            first, *details = (line.strip() for line in str(err).splitlines())
+            reasons = f"{first} {'; '.join(details)}"
+            raise CheckpointMismatchError(f"{reasons}; set model.init_strict=false to load only the tensors "
+                                          f"that fit") from None
+        log.info("initialised all %d tensors from %s", len(model.state_dict()), path)
+        return [], []
+    state_dict = _strip_prefixes(state_dict)
+    expected = model.state_dict()
+    fits = {k: v for k, v in state_dict.items() if k in expected and v.shape == expected[k].shape}
+    if not fits:
+        raise CheckpointMismatchError(f"{source}: not one tensor fits the model by name and shape")
+    fresh = [k for k in expected if k not in fits]
+    ignored = [k if k not in expected else f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+               for k, v in state_dict.items() if k not in fits]
+    model.load_state_dict(fits, strict=False)
+    log.info("initialised %d of %d tensors from %s (model.init_strict=false)", len(fits), len(expected), path)
+    if fresh:
+        log.info("freshly initialised (not in the checkpoint or another shape): %s", ", ".join(fresh))
+    if ignored:
+        log.info("ignored checkpoint tensors: %s", ", ".join(ignored))
+    return fresh, ignored
+
+
 def save_checkpoint(
     directory: Path, cfg: Config, model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer,
-    step: int, classifier_dir: Path | None,
+    step: int, classifier_dir: Path | None, rng_states: list[dict[str, Tensor | None]] | None = None,
 ) -> None:
-    """Writes a self-contained checkpoint: weights, EMA weights, training state, config, classifier."""
+    """Writes a self-contained checkpoint: weights, EMA weights, training state, config, classifier, manifest.
+
+    Args:
+        rng_states: every rank's RNG states (:func:`rng_state`), indexed by rank; None: this process's only.
+    """
     import shutil
 
     save_weights(model, cfg.model, directory / MODEL_FILE)
     save_weights(ema_model, cfg.model, directory / EMA_FILE)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_states or [rng_state()]}
     torch.save(state, directory / STATE_FILE)
     (directory / CONFIG_FILE).write_text(cfg.to_yaml())
     if classifier_dir is not None:
         shutil.copytree(classifier_dir, directory / CLASSIFIER_DIR)
+    write_manifest(directory)  # last: a folder without a valid manifest is an unfinished checkpoint
 
 
 def load_checkpoint(
-    directory: Path, model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer
+    directory: Path, model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0
 ) -> int:
-    """Restores weights, EMA, optimizer and RNG states in place; returns the number of completed steps."""
+    """Restores weights, EMA, optimizer and this rank's RNG states in place; returns the completed steps.
+
+    Check the folder with :func:`checkpoint_problem` first: this reads it as it is.
+    """
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(str(directory / MODEL_FILE)))
     ema_model.load_state_dict(load_file(str(directory / EMA_FILE)))
     state = torch.load(directory / STATE_FILE, weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    rng = state["rng"]
+    # A run resumed on more workers than it saved: the new ranks keep their own (every step reseeds anyway).
+    if rank < len(rng):
+        torch.set_rng_state(rng[rank]["torch"])
+        if rng[rank]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng[rank]["cuda"])
     return int(state["step"])
+
+
+def rng_state() -> dict[str, Tensor | None]:
+    """This process's CPU RNG state and its current CUDA device's, for :func:`save_checkpoint`."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def _sha256(stream: Any) -> str:
+    digest = hashlib.sha256()
+    while chunk := stream.read(1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Writes ``manifest.json``: every file of the checkpoint folder with its size and sha256.
+
+    The files are read back from disk, so the manifest describes what was written, not what was meant to be;
+    it appears by an atomic rename, so a half-written manifest never exists under its name.
+    """
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
+        with path.open("rb") as f:
+            files[path.relative_to(directory).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(f)}
+    tmp = directory / f".{MANIFEST_FILE}.tmp"
+    tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1))
+    os.replace(tmp, directory / MANIFEST_FILE)
+
+
+def filesystem_and_path(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the path inside it of a local path or a URI (``s3://``, ``gs://``, ``file://``)."""
+    import pyarrow.fs as pafs
+
+    text = str(location)
+    if is_remote(text):
+        return pafs.FileSystem.from_uri(text)
+    return pafs.LocalFileSystem(), Path(text).expanduser().resolve().as_posix()
+
+
+def checkpoint_problem(path: str | Path, filesystem: pafs.FileSystem | None = None, hashes: bool = True) -> str | None:
+    """Why a checkpoint folder cannot be trusted, or None when its manifest and every file in it agree.
+
+    Args:
+        path: the folder, inside ``filesystem`` (a local path when ``filesystem`` is None).
+        hashes: also compare every file's sha256 (reads the whole checkpoint); False checks names and sizes
+            only, which costs one listing on remote storage.
+    """
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    fs = filesystem or pafs.LocalFileSystem()
+    path = str(path).rstrip("/")
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            return "the folder does not exist"
+        if fs.get_file_info(f"{path}/{MANIFEST_FILE}").type != pafs.FileType.File:
+            return f"it has no {MANIFEST_FILE} (the checkpoint was never finished)"
+        with fs.open_input_stream(f"{path}/{MANIFEST_FILE}") as f:
+            text = f.read()
+        try:
+            files = json.loads(text)["files"]
+            expected = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            return f"its {MANIFEST_FILE} is damaged ({type(err).__name__}: {err})"
+        lacking = [name for name in REQUIRED_FILES if name not in expected]
+        if lacking:
+            return f"its {MANIFEST_FILE} does not list {', '.join(lacking)}"
+        infos = fs.get_file_info([f"{path}/{name}" for name in expected])
+        for (name, (size, _)), info in zip(expected.items(), infos, strict=True):
+            if info.type != pafs.FileType.File:
+                return f"{name} is missing"
+            if info.size != size:
+                return f"{name} has {info.size} bytes, the manifest says {size}"
+        if hashes:
+            for name, (_, sha256) in expected.items():
+                with fs.open_input_stream(f"{path}/{name}") as f:
+                    if _sha256(f) != sha256:
+                        return f"{name} does not match its sha256 in the manifest"
+    except (OSError, pa.ArrowException) as err:
+        return f"it cannot be read ({err})"
+    return None
+
+
+def list_checkpoints(run_path: str, filesystem: pafs.FileSystem) -> list[str]:
+    """The checkpoint folders of a Ray Train run folder (``checkpoint_<timestamp>``), oldest first."""
+    import pyarrow.fs as pafs
+
+    infos = filesystem.get_file_info(pafs.FileSelector(str(run_path).rstrip("/"), allow_not_found=True))
+    # Ray names them by time (checkpoint_2026-01-31_12-00-00.123456): name order is time order.
+    return sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+
+
+def newest_good_checkpoint(
+    candidates: list[str], filesystem: pafs.FileSystem, hashes: bool = True
+) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest checkpoint of ``candidates`` (oldest first) that passes :func:`checkpoint_problem`.
+
+    Returns:
+        The folder (None if none passes) and the ``(folder, reason)`` of every newer one that did not pass.
+    """
+    skipped = []
+    for path in reversed(candidates):
+        problem = checkpoint_problem(path, filesystem, hashes)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
 
 
 def classifier_from_payload(payload: dict[str, bytes] | None, device: torch.device) -> tuple[Any, Path | None]:
@@ -326,7 +511,7 @@ def classifier_payload(cfg: Config, cache: Path | None = None) -> tuple[Config, 
     Args:
         cache: where classifiers trained on the fly are kept; None: ``<storage>/classifiers``.
     """
-    if cfg.loss.texture_weight <= 0:
+    if not cfg.texture_enabled:
         return cfg, None
     from xswinir.config import apply_overrides
     from xswinir.storage import classifier_cache
