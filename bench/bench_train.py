@@ -35,7 +35,7 @@ def plain_pytorch_steps_per_s(cfg: Config, steps: int, warmup: int) -> float:
     from xswinir.texture import load_texture_classifier
     from xswinir.trainer import build_training_parts, run_step
 
-    classifier = load_texture_classifier(cfg.texture.classifier.path) if cfg.loss.texture_weight > 0 else None
+    classifier = load_texture_classifier(cfg.texture.classifier.path) if cfg.texture_enabled else None
     parts = build_training_parts(cfg, torch.device("cpu"), classifier)
     batches = build_train_batches(cfg, rank=0, world_size=1, start_step=0)
     start = time.perf_counter()

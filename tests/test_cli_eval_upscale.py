@@ -13,19 +13,17 @@ from torch import nn
 
 from xswinir.checkpoint import save_weights
 from xswinir.cli import main
-from xswinir.config import ModelConfig
 from xswinir.evaluation import evaluate
 from xswinir.inference import bicubic_upscale
 from xswinir.model import build_swinir
 
-TINY = ModelConfig(upscale=2, window_size=4, depths=(1,), embed_dim=12, num_heads=(2,), img_size=16)
-
 
 @pytest.fixture
-def checkpoint(tmp_path: Path) -> Path:
+def checkpoint(tmp_path: Path, tiny_config) -> Path:
     torch.manual_seed(0)
     path = tmp_path / "tiny.safetensors"
-    save_weights(build_swinir(TINY), TINY, path)
+    model_cfg = tiny_config().model
+    save_weights(build_swinir(model_cfg), model_cfg, path)
     return path
 
 
@@ -125,10 +123,11 @@ def test_upscale_folder_with_bad_and_odd_images(tmp_path: Path, checkpoint: Path
         assert image.mode == "RGB" and image.size == (48, 40)
     with Image.open(out / "gray_x2.png") as image:
         assert image.mode == "L" and image.size == (28, 20)
-    with Image.open(out / "rgba_x2.png") as image:
-        assert image.mode == "RGB" and image.size == (18, 24)
-    with Image.open(out / "sub" / "deep16_x2.png") as image:
-        assert image.mode == "L" and image.size == (26, 22)
+    with Image.open(out / "rgba_x2.png") as image:  # alpha kept, up-sampled on its own
+        assert image.mode == "RGBA" and image.size == (18, 24)
+        assert np.asarray(image)[..., 3].min() == 200
+    with Image.open(out / "sub" / "deep16_x2.png") as image:  # 16-bit gray stays 16-bit gray
+        assert image.mode == "I;16" and image.size == (26, 22)
     assert not (out / "bad_x2.png").exists()
 
     # A second run leaves existing outputs alone unless --overwrite.
@@ -143,3 +142,66 @@ def test_upscale_folder_with_bad_and_odd_images(tmp_path: Path, checkpoint: Path
 def test_upscale_missing_input_is_a_message(tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["upscale", str(tmp_path / "nope.png"), "--checkpoint", str(checkpoint)]) == 2
     assert "nope.png does not exist" in capsys.readouterr().err
+
+
+def test_upscale_keeps_bit_depth_alpha_gray_and_orientation(tmp_path: Path, checkpoint: Path,
+                                                            generator: torch.Generator,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    from xswinir.images import read_image_data, write_image
+
+    inputs = tmp_path / "in"
+    rgb16 = torch.rand(3, 10, 12, generator=generator)
+    write_image(inputs / "deep.png", rgb16, alpha=torch.full((1, 10, 12), 0.25), bits=16)
+    write_image(inputs / "gray_alpha.png", torch.rand(1, 8, 8, generator=generator), alpha=torch.ones(1, 8, 8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    Image.fromarray(np.full((8, 12, 3), 90, np.uint8)).save(inputs / "phone.jpg", exif=exif.tobytes())
+    out = tmp_path / "out"
+    common = ["--checkpoint", str(checkpoint), "--tile", "0", "--device", "cpu"]
+    assert main(["upscale", str(inputs), "--out", str(out), *common]) == 0
+    deep = read_image_data(out / "deep_x2.png")
+    assert deep.bits == 16 and deep.image.shape == (3, 20, 24) and (out / "deep_x2.png").read_bytes()[24] == 16
+    torch.testing.assert_close(deep.alpha, torch.full((1, 20, 24), 0.25), atol=1e-4, rtol=0)
+    gray = read_image_data(out / "gray_alpha_x2.png")
+    assert gray.gray and gray.alpha is not None and Image.open(out / "gray_alpha_x2.png").mode == "LA"
+    assert Image.open(out / "phone_x2.png").size == (16, 24)  # upright: 8 x 12 shown, doubled
+
+    # JPEG / WebP with a quality, and a final size other than the model's scale.
+    assert main(["upscale", str(inputs / "deep.png"), "--out", str(out), *common, "--format", "jpeg",
+                 "--quality", "80", "--outscale", "3"]) == 0
+    assert "JPEG has no alpha channel" in capsys.readouterr().out
+    with Image.open(out / "deep_x3.jpg") as image:
+        assert image.format == "JPEG" and image.size == (36, 30)
+    assert main(["upscale", str(inputs / "deep.png"), "--out", str(out), *common, "--format", "webp",
+                 "--outscale", "1.5"]) == 0
+    webp = read_image_data(out / "deep_x1.5.webp")
+    assert webp.format == "WEBP" and webp.image.shape == (3, 15, 18) and webp.alpha is not None
+    assert main(["upscale", str(inputs), "--out", str(out), *common, "--quality", "0"]) == 2
+
+
+def test_upscale_same_stem_gets_unique_names_and_overwrite_is_atomic(
+        tmp_path: Path, checkpoint: Path, generator: torch.Generator, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs = tmp_path / "in"
+    _write_rgb(inputs / "a.png", generator)
+    _write_rgb(inputs / "a.jpg", generator)
+    _write_rgb(inputs / "b.png", generator)
+    out = tmp_path / "out"
+    args = ["upscale", str(inputs), "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    assert "processed 3, skipped 0" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["a_jpg_x2.png", "a_png_x2.png", "b_x2.png"]
+    results = [np.asarray(Image.open(out / name)) for name in ("a_jpg_x2.png", "a_png_x2.png")]
+    assert not np.array_equal(*results)  # two results, neither replaced the other
+
+    # --overwrite: a run that dies while writing leaves the previous result, and no temporary file.
+    before = (out / "b_x2.png").read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        main([*args, "--overwrite"])
+    assert (out / "b_x2.png").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["a_jpg_x2.png", "a_png_x2.png", "b_x2.png"]

@@ -236,3 +236,45 @@ def test_lpips_with_weights_on_disk(hr_dir: Path, tmp_path: Path, monkeypatch: p
         assert "lpips of b.png is NaN: 32x28 after cropping, AlexNet needs 31 px" in caplog.text
     finally:
         load_lpips.cache_clear()
+
+
+def test_tiled_metrics_equal_whole_image_metrics(generator: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Metrics run in tiles (bounded memory): tiny tiles must give the whole-image values, and MS-SSIM and
+    SCC still match torchmetrics (the reference the columns are documented against)."""
+    from torchmetrics.functional.image import (
+        multiscale_structural_similarity_index_measure,
+        spatial_correlation_coefficient,
+    )
+
+    import xswinir.metrics as metrics
+
+    gt = torch.rand(1, 3, 33, 29, generator=generator)
+    sr = (gt + 0.1 * torch.randn(gt.shape, generator=generator)).clamp(0, 1)
+    whole = {name: getattr(metrics, name)(sr, gt, 2, y_channel=True) for name in ("psnr", "ssim", "ms_ssim", "scc")}
+    whole["ssim_rgb"] = metrics.ssim(sr, gt, 2)
+    y_sr, y_gt = (metrics.rgb_to_y(torch.round(x[..., 2:-2, 2:-2].double() * 255) / 255).float() / 255
+                  for x in (sr, gt))
+    reference_ms = multiscale_structural_similarity_index_measure(
+        y_sr, y_gt, data_range=1.0, betas=tuple(b / sum(metrics.MS_SSIM_BETAS[:2]) for b in metrics.MS_SSIM_BETAS[:2]),
+        reduction="none")
+    torch.testing.assert_close(whole["ms_ssim"], reference_ms.double(), atol=1e-6, rtol=0)
+    reference_scc = spatial_correlation_coefficient(y_sr, y_gt, window_size=8, reduction="none")
+    torch.testing.assert_close(whole["scc"], reference_scc.double(), atol=1e-6, rtol=0)
+    monkeypatch.setattr(metrics, "METRIC_TILE", 9)
+    tiled = {name: getattr(metrics, name)(sr, gt, 2, y_channel=True) for name in ("psnr", "ssim", "ms_ssim", "scc")}
+    tiled["ssim_rgb"] = metrics.ssim(sr, gt, 2)
+    for name, value in whole.items():
+        torch.testing.assert_close(tiled[name], value, atol=1e-6, rtol=0)
+
+
+def test_unreadable_and_tiny_images_are_skipped_and_named(hr_dir: Path, generator: torch.Generator,
+                                                          no_lpips: Path) -> None:
+    (hr_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    for side in (1, 2, 4, 6):
+        _write_rgb(hr_dir / f"tiny{side}.png", generator, (side, side))
+    for scale in (2, 3, 4):
+        skipped: list[str] = []
+        rows = evaluate(hr_dir, scale=scale, skipped=skipped)
+        assert [r["image"] for r in rows] == ["a", "b", "c"]
+        assert len(skipped) == 5 and "broken.png: not a readable image" in skipped[0]
+        assert all(f"tiny{side}.png: too small to measure at x{scale}" in "\n".join(skipped) for side in (1, 2, 4, 6))

@@ -98,13 +98,11 @@ def test_bicubic_upscale(generator: torch.Generator) -> None:
 
 
 @pytest.fixture
-def tiny_swinir() -> nn.Module:
-    from xswinir.config import ModelConfig
+def tiny_swinir(tiny_config) -> nn.Module:
     from xswinir.model import build_swinir
 
     torch.manual_seed(0)
-    cfg = ModelConfig(upscale=2, window_size=4, depths=(1,), embed_dim=12, num_heads=(2,), img_size=16)
-    return build_swinir(cfg).eval()
+    return build_swinir(tiny_config().model).eval()
 
 
 def test_tiled_swinir_close_to_untiled(tiny_swinir: nn.Module, generator: torch.Generator) -> None:
@@ -125,3 +123,17 @@ def test_cuda_tiled_matches_cpu(local_net: LocalNet, generator: torch.Generator)
     cpu = restore(local_net, lq, tile=16, overlap=8, self_ensemble=True)
     gpu = restore(local_net.cuda(), lq.cuda(), tile=16, overlap=8, self_ensemble=True)
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_tiled_bicubic_resizes_equal_whole_image_ones(scale: int, generator: torch.Generator,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import xswinir.inference as inference
+
+    monkeypatch.setattr(inference, "RESIZE_TILE", 8)  # 8-px LR tiles: many tiles, edges and margins in play
+    lq = torch.randint(0, 256, (2, 3, 21, 30), generator=generator).float() / 255
+    expected_up = imresize(lq, scale, round_intermediate=True)
+    assert torch.equal(inference.bicubic_upscale(lq, scale), expected_up)
+    assert torch.equal(inference.bicubic_upscale(lq[0], scale), expected_up[0])
+    gt = torch.randint(0, 256, (3, 19 * scale, 26 * scale), generator=generator).float() / 255
+    assert torch.equal(inference.bicubic_downscale(gt, scale), imresize(gt, 1 / scale, round_intermediate=True))

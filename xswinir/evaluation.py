@@ -160,6 +160,7 @@ def evaluate(
     save_lq: str | Path | None = None,
     set_name: str | None = None,
     lpips: bool = True,
+    skipped: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """The metrics of a model (or of bicubic up-sampling when ``model`` is None) on each HR image of one set.
 
@@ -179,22 +180,35 @@ def evaluate(
         save_lq: folder to write the LQ inputs to, as ``{stem}.png``.
         set_name: the ``set`` of every row; None: ``str(hr)`` (the common folder of a list of files).
         lpips: measure LPIPS if its weights are on disk (:func:`xswinir.metrics.load_lpips`).
+        skipped: a list that gets one ``"name: reason"`` line per image skipped (also logged as a warning).
 
     Returns:
         One dict per measured image, in source order: ``image`` (file stem), the
         :data:`xswinir.metrics.EVAL_METRICS` (float; PSNR in dB, inf for a perfect result; ``lpips`` None
         when not available), ``set``, ``scale``, ``height``, ``width`` (HR after modcrop), ``seconds`` (the
-        restoration) and ``ms_ssim_scales`` (5 from 176 px after cropping). Images too small for an
-        11 x 11 SSIM window after cropping are skipped with a logged warning.
+        restoration) and ``ms_ssim_scales`` (5 from 176 px after cropping). Images that cannot be read
+        (corrupt, truncated, over :func:`xswinir.images.max_pixels`) and images too small for an 11 x 11
+        SSIM window once modcropped and cropped by ``scale`` on every side (under ``11 + 2 * scale`` px per
+        side, e.g. 15 px at x2) are skipped with the reason, see ``skipped``.
+
+        Memory stays bounded for large images: the bicubic resizes and the metrics run in tiles, so the peak
+        grows with the HR image and the result held as float32 (about 50 bytes per HR pixel in all for RGB,
+        measured by ``bench/bench_memory.py``: 1.5 GB RSS at 4000 x 4000); a model's own memory is bounded by
+        ``tile``.
 
     Raises:
-        UserError: no images, an unmatched or unreadable file, sizes that do not fit the scale, an unknown
+        UserError: no images, an unmatched LR file, sizes that do not fit the scale, an unknown
             degradation, ``lr`` with ``degradation``, or a duplicate stem with ``save_lq``.
     """
-    from xswinir.images import read_image, write_image
-    from xswinir.inference import bicubic_upscale, restore
+    from xswinir.images import ImageReadError, printable_path, read_image, write_image
+    from xswinir.inference import bicubic_downscale, bicubic_upscale, restore
     from xswinir.metrics import load_lpips
-    from xswinir.resize import imresize, modcrop
+    from xswinir.resize import modcrop
+
+    def skip(reason: str) -> None:
+        log.warning("skipping %s", reason)
+        if skipped is not None:
+            skipped.append(reason)
 
     scale = _check_route(model, scale, lr, degradation)
     channels = int(getattr(model, "in_chans", 3)) if model is not None else 3
@@ -209,33 +223,41 @@ def evaluate(
     saved: set[str] = set()
     rows = []
     for index, name in enumerate(images.names):
-        stem = Path(name).stem
-        gt = images.load(index)
+        shown = printable_path(name)
+        stem = printable_path(Path(name).stem)
+        try:
+            gt = images.load(index)
+        except ImageReadError as err:
+            skip(str(err))
+            continue
         if lr is not None:
             lr_path = _match_lr(name, lr_files, scale)
-            lq = read_image(lr_path, channels)
-            image_scale = scale or round(gt.shape[-1] / lq.shape[-1])
-            gt = modcrop(gt, image_scale)
-            if tuple(gt.shape[-2:]) != (lq.shape[-2] * image_scale, lq.shape[-1] * image_scale):
-                raise UserError(f"{lr_path.name} is {lq.shape[-1]}x{lq.shape[-2]}, which is not "
-                                f"{Path(name).name} ({gt.shape[-1]}x{gt.shape[-2]} after modcrop) / {image_scale}")
+            try:
+                lq = read_image(lr_path, channels)
+            except ImageReadError as err:
+                skip(str(err))
+                continue
+            image_scale = scale or max(1, round(gt.shape[-1] / lq.shape[-1]))
         else:
             image_scale = scale
-            gt = modcrop(gt, image_scale)
+        gt = modcrop(gt, image_scale)
         h, w = gt.shape[-2:]
         if min(h, w) - 2 * image_scale < SSIM_WINDOW:
-            log.warning("skipping %s: %dx%d after modcrop, under %d px per side once %d px are cropped for the "
-                        "%dx%d SSIM window", name, w, h, SSIM_WINDOW + 2 * image_scale, image_scale, SSIM_WINDOW,
-                        SSIM_WINDOW)
+            skip(f"{shown}: too small to measure at x{image_scale}: {w}x{h} after modcrop, under "
+                 f"{SSIM_WINDOW + 2 * image_scale} px per side once {image_scale} px are cropped from each side "
+                 f"for the {SSIM_WINDOW}x{SSIM_WINDOW} SSIM window")
             continue
+        if lr is not None and tuple(gt.shape[-2:]) != (lq.shape[-2] * image_scale, lq.shape[-1] * image_scale):
+            raise UserError(f"{printable_path(lr_path.name)} is {lq.shape[-1]}x{lq.shape[-2]}, which is not "
+                            f"{printable_path(Path(name).name)} ({w}x{h} after modcrop) / {image_scale}")
         if degrader is not None:
             lq = degrade(degrader, gt, Path(name).name, seed)
         elif lr is None:
             # The official LR files are MATLAB imresize on uint8: rounded after each pass.
-            lq = imresize(gt, 1 / image_scale, round_intermediate=True)
+            lq = bicubic_downscale(gt, image_scale)
         if save_dir is not None:
             if stem in saved:
-                raise UserError(f"--save-lq: two images of {set_name} are named {stem}")
+                raise UserError(f"--save-lq: two images of {printable_path(set_name)} are named {stem}")
             saved.add(stem)
             write_image(save_dir / f"{stem}.png", lq, overwrite=True)
         gt, lq = gt[None].to(device), lq[None].to(device)
@@ -247,10 +269,12 @@ def evaluate(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        row: dict[str, Any] = {"image": stem, **measure(sr.clamp(0, 1), gt, image_scale, lpips_metric)}
+        sr = sr.clamp(0, 1)  # rebound: the unclamped copy is freed before the metrics' working set is allocated
+        row: dict[str, Any] = {"image": stem, **measure(sr, gt, image_scale, lpips_metric)}
         row.update({"set": set_name, "scale": image_scale, "height": h, "width": w, "seconds": seconds,
-                    "ms_ssim_scales": _log_small(name, row, h - 2 * image_scale, w - 2 * image_scale)})
+                    "ms_ssim_scales": _log_small(shown, row, h - 2 * image_scale, w - 2 * image_scale)})
         rows.append(row)
+        del gt, lq, sr  # the next image's decode should not sit beside this one's tensors
     return rows
 
 
@@ -281,11 +305,14 @@ def measure(sr: torch.Tensor, gt: torch.Tensor, crop_border: int, lpips_metric: 
     Returns:
         Metric name -> float (one CPU sync per metric, once per image; not a hot path).
     """
-    from xswinir.metrics import MS_SSIM_Y, SCC_Y, all_metrics, lpips, ms_ssim, scc
+    from xswinir.metrics import LPIPS_MAX_PIXELS, MS_SSIM_Y, SCC_Y, all_metrics, lpips, ms_ssim, scc
 
     values = {k: float(v[0]) for k, v in all_metrics(sr, gt, crop_border).items()}
     values[MS_SSIM_Y] = float(ms_ssim(sr, gt, crop_border, y_channel=True)[0])
     values[SCC_Y] = float(scc(sr, gt, crop_border, y_channel=True)[0])
+    if lpips_metric is not None and sr.shape[-2] * sr.shape[-1] > LPIPS_MAX_PIXELS:
+        log.info("lpips n/a for an image over %d pixels (AlexNet runs on the whole image)", LPIPS_MAX_PIXELS)
+        lpips_metric = None
     values[LPIPS] = float(lpips(sr, gt, lpips_metric, crop_border)[0]) if lpips_metric is not None else None
     return {k: values[k] for k in EVAL_METRICS}
 
@@ -404,33 +431,35 @@ def _json_safe(value: Any) -> Any:
 def write_results(path: str | Path, rows: list[dict[str, Any]], info: dict[str, Any]) -> Path:
     """Writes the rows as CSV or JSON, with a ``set`` column and a mean row per set.
 
-    CSV: each set's rows then its ``average`` row, and with several sets a last ``average`` row of set
-    ``all``; a missing value is ``n/a``. JSON: ``{**info, "images": rows, "sets": {set: mean row},
-    "average": mean over all images}`` with NaN as null and inf as ``"inf"``.
+    Written atomically (:mod:`xswinir.atomic`). CSV: each set's rows then its ``average`` row, and with
+    several sets a last ``average`` row of set ``all``; a missing value is ``n/a``. JSON: ``{**info,
+    "images": rows, "sets": {set: mean row}, "average": mean over all images}`` with NaN as null and inf as
+    ``"inf"``.
     """
     import csv
+    import io
     import json
+
+    from xswinir.atomic import atomic_write_text
 
     path = Path(path)
     if path.suffix.lower() not in (".csv", ".json"):
         raise UserError(f"--out {path}: use a .csv or .json file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
     groups = split_sets(rows)
     if path.suffix.lower() == ".json":
         data = {**info, "images": rows, "sets": {name: average(group) for name, group in groups.items()},
                 "average": average(rows)}
-        path.write_text(json.dumps(_json_safe(data), indent=2))
-        return path
+        return atomic_write_text(path, json.dumps(_json_safe(data), indent=2))
     table = [r for group in groups.values() for r in (*group, average(group))]
     if len(groups) > 1:
         table.append(average(rows))
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), extrasaction="ignore")
-        writer.writeheader()
-        for row in table:
-            writer.writerow({k: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else v
-                             for k, v in row.items()})
-    return path
+    handle = io.StringIO(newline="")
+    writer = csv.DictWriter(handle, fieldnames=list(rows[0]), extrasaction="ignore")
+    writer.writeheader()
+    for row in table:
+        writer.writerow({k: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+                         for k, v in row.items()})
+    return atomic_write_text(path, handle.getvalue())  # complete or not there: a killed run leaves no half table
 
 
 # The trainer's validation: the training degradation of a few images, Y-PSNR/SSIM against bicubic.

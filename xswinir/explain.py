@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from xswinir.config import Config, TextureConfig
 from xswinir.errors import UserError
+from xswinir.images import printable_path
 from xswinir.losses import TextureMatch, texture_search
 
 log = logging.getLogger(__name__)
@@ -573,14 +574,16 @@ def _draw(
 
     png = html_path = None
     if out is not None:
+        from xswinir.atomic import atomic_path, atomic_write_text
+
         png = Path(out)
-        png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(png, dpi=110)
-        log.info("explanation written to %s", png)
+        with atomic_path(png) as tmp:  # complete or absent: never half a picture under the final name
+            fig.savefig(tmp, dpi=110, format=png.suffix.lstrip(".").lower() or "png")
+        log.info("explanation written to %s", printable_path(png))
         if html:
             html_path = png.with_suffix(".html")
-            html_path.write_text(render_html(png.read_bytes(), rows, description, p, summary, mean, lq_mode))
-            log.info("explanation page written to %s", html_path)
+            atomic_write_text(html_path, render_html(png.read_bytes(), rows, description, p, summary, mean, lq_mode))
+            log.info("explanation page written to %s", printable_path(html_path))
     return Explanation(fig, png, html_path, rows, description, lq, sr, hr, tiles, query, consistency, mean, summary)
 
 

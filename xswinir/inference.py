@@ -125,8 +125,47 @@ def restore(model: nn.Module, lq: torch.Tensor, tile: int | None = None, overlap
     return sr.squeeze(0) if squeeze else sr
 
 
+# Images above this many pixels are resized tile by tile (RESIZE_TILE x RESIZE_TILE LR pixels, plus a margin),
+# so a bicubic pass needs a few MB beside its input and output instead of a dense weight matrix per axis
+# whose size grows with the square of the side.
+RESIZE_TILE = 512
+_RESIZE_MARGIN = 4  # LR pixels; the cubic kernel reaches 2 LR pixels (2 * scale HR pixels when down-scaling)
+
+
+def _resize_tiled(x: torch.Tensor, scale: int, up: bool) -> torch.Tensor:
+    """MATLAB bicubic by an integer factor, rounded to 8 bits per pass, over LR tiles with a margin.
+
+    Each output tile comes from a crop that starts on the LR grid, so its kernel weights are the whole
+    image's; the crop's own mirror padding only touches the margin, which is dropped. At the image border
+    the crop ends where the image does and pads as the whole image would. Equal to :func:`imresize` up to
+    float64 summation order.
+    """
+    b, c, h, w = x.shape
+    lr_h, lr_w = (h, w) if up else (h // scale, w // scale)
+    out = x.new_empty(b, c, *((lr_h * scale, lr_w * scale) if up else (lr_h, lr_w)))
+    step, m = RESIZE_TILE, _RESIZE_MARGIN
+    in_unit, out_unit = (1, scale) if up else (scale, 1)  # input / output pixels per LR pixel
+    for y0 in range(0, lr_h, step):
+        y1 = min(y0 + step, lr_h)
+        cy0, cy1 = max(0, y0 - m), min(lr_h, y1 + m)
+        for x0 in range(0, lr_w, step):
+            x1 = min(x0 + step, lr_w)
+            cx0, cx1 = max(0, x0 - m), min(lr_w, x1 + m)
+            crop = x[..., cy0 * in_unit:cy1 * in_unit, cx0 * in_unit:cx1 * in_unit]
+            part = imresize(crop, scale if up else 1 / scale, round_intermediate=True)
+            out[..., y0 * out_unit:y1 * out_unit, x0 * out_unit:x1 * out_unit] = part[
+                ..., (y0 - cy0) * out_unit:(y1 - cy0) * out_unit, (x0 - cx0) * out_unit:(x1 - cx0) * out_unit]
+    return out
+
+
+def _batched(fn, x: torch.Tensor, *args) -> torch.Tensor:
+    return fn(x.unsqueeze(0), *args).squeeze(0) if x.dim() == 3 else fn(x, *args)
+
+
 def bicubic_upscale(lq: torch.Tensor, scale: int) -> torch.Tensor:
     """The no-model baseline: MATLAB bicubic up-sampling, rounded to 8 bits after each pass as MATLAB does.
+
+    Inputs over ``RESIZE_TILE**2`` pixels run in tiles (bounded memory, same result).
 
     Args:
         lq: ``(B, C, H, W)`` or ``(C, H, W)`` in [0, 1], on the 8-bit grid.
@@ -134,7 +173,26 @@ def bicubic_upscale(lq: torch.Tensor, scale: int) -> torch.Tensor:
     Returns:
         ``(..., H * scale, W * scale)`` in [0, 1].
     """
-    return imresize(lq, scale, round_intermediate=True)
+    if lq.shape[-2] * lq.shape[-1] <= RESIZE_TILE**2:
+        return imresize(lq, scale, round_intermediate=True)
+    return _batched(_resize_tiled, lq, int(scale), True)
+
+
+def bicubic_downscale(gt: torch.Tensor, scale: int) -> torch.Tensor:
+    """MATLAB ``imresize(gt, 1/scale, 'bicubic')`` on uint8, as the official benchmark LR files were made.
+
+    Inputs over ``(RESIZE_TILE * scale)**2`` pixels run in tiles (bounded memory, same result).
+
+    Args:
+        gt: ``(B, C, H, W)`` or ``(C, H, W)`` in [0, 1], H and W multiples of ``scale`` (modcropped).
+
+    Returns:
+        ``(..., H / scale, W / scale)`` in [0, 1], on the 8-bit grid.
+    """
+    h, w = gt.shape[-2:]
+    if h * w <= (RESIZE_TILE * scale) ** 2 or h % scale or w % scale:
+        return imresize(gt, 1 / scale, round_intermediate=True)
+    return _batched(_resize_tiled, gt, int(scale), False)
 
 
 def resolve_device(name: str | None = None) -> torch.device:

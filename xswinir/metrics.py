@@ -19,9 +19,11 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 SSIM_WINDOW = 11  # side of the Gaussian SSIM window: the smallest image any SSIM here can measure
 SCC_WINDOW = 8  # local correlation window of the spatial correlation coefficient (torchmetrics' default)
 LPIPS_MIN_SIZE = 31  # pixels per side for which AlexNet's second max-pool still gets a 3 x 3 input
+LPIPS_MAX_PIXELS = 2048 * 2048  # AlexNet runs on whole images; above this `xswinir eval` reports lpips n/a
 
 _Y_WEIGHTS = (65.481, 128.553, 24.966)  # BT.601 studio-swing luma on [0, 1] RGB, output on 0-255
 
@@ -66,27 +69,62 @@ def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
     return (x * weights).sum(dim=1, keepdim=True) + 16.0
 
 
-def _prepare(sr: torch.Tensor, gt: torch.Tensor, crop_border: int, y_channel: bool, quantize: bool) -> tuple:
-    """Both images as float64 on the 0-255 scale, rounded to 8 bits, cropped, optionally Y only."""
+def _crop(sr: torch.Tensor, gt: torch.Tensor, crop_border: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shape checks, then both images with ``crop_border`` pixels cut from every side (views, no copy)."""
     if sr.shape != gt.shape:
         raise ValueError(f"sr and gt differ in shape: {tuple(sr.shape)} vs {tuple(gt.shape)}")
     if sr.dim() != 4:
         raise ValueError(f"expected (B, C, H, W), got shape {tuple(sr.shape)}")
-    out = []
-    for x in (sr, gt):
-        x = x.detach().to(torch.float64).clamp(0, 1)
-        if quantize:
-            x = torch.round(x * 255) / 255  # as np.uint8((x * 255).round()) in the published scripts
-        if crop_border > 0:
-            x = x[..., crop_border:-crop_border, crop_border:-crop_border]
-        if y_channel and x.shape[1] == 3:
-            x = rgb_to_y(x)
-        else:
-            x = x * 255
-        out.append(x)
-    if out[0].shape[-1] < 1 or out[0].shape[-2] < 1:
+    h, w = sr.shape[-2:]
+    if min(h, w) - 2 * max(crop_border, 0) < 1:
         raise ValueError(f"crop_border={crop_border} leaves no pixels of a {tuple(sr.shape[-2:])} image")
-    return out[0], out[1]
+    if crop_border > 0:
+        sr = sr[..., crop_border:-crop_border, crop_border:-crop_border]
+        gt = gt[..., crop_border:-crop_border, crop_border:-crop_border]
+    return sr, gt
+
+
+def _to_255(x: torch.Tensor, y_channel: bool, quantize: bool) -> torch.Tensor:
+    """One (tile of an) image as float64 on the 0-255 scale, rounded to 8 bits, optionally Y only."""
+    x = x.detach().to(torch.float64).clamp(0, 1)
+    if quantize:
+        x = torch.round(x * 255) / 255  # as np.uint8((x * 255).round()) in the published scripts
+    return rgb_to_y(x) if y_channel and x.shape[1] == 3 else x * 255
+
+
+def _prepare(sr: torch.Tensor, gt: torch.Tensor, crop_border: int, y_channel: bool, quantize: bool) -> tuple:
+    """Both whole images as float64 on the 0-255 scale, rounded to 8 bits, cropped, optionally Y only."""
+    sr, gt = _crop(sr, gt, crop_border)
+    return _to_255(sr, y_channel, quantize), _to_255(gt, y_channel, quantize)
+
+
+# Metrics run over tiles of this side, so their float64 working copies stay a few MB whatever the image size;
+# the results equal the whole-image ones up to float rounding (each metric is a mean of local terms).
+METRIC_TILE = 512
+
+
+def _tiles(h: int, w: int, halo: int = 0) -> Iterator[tuple[slice, slice]]:
+    """Input windows whose 'valid' outputs (``halo`` pixels fewer per axis) cover the valid map exactly once."""
+    tile = METRIC_TILE
+    for y0 in range(0, h - halo, tile):
+        y1 = min(y0 + tile, h - halo)
+        for x0 in range(0, w - halo, tile):
+            x1 = min(x0 + tile, w - halo)
+            yield slice(y0, y1 + halo), slice(x0, x1 + halo)
+
+
+def _span(lo: int, hi: int, before: int, after: int, n: int) -> tuple[slice, int, int]:
+    """Rows ``[lo - before, hi + after)`` clipped to ``[0, n)``, and how many are missing before and after."""
+    start, stop = max(0, lo - before), min(n, hi + after)
+    return slice(start, stop), start - (lo - before), (hi + after) - stop
+
+
+def _same_tiles(h: int, w: int) -> Iterator[tuple[int, int, int, int]]:
+    """``(y0, y1, x0, x1)`` output tiles of a same-size map."""
+    tile = METRIC_TILE
+    for y0 in range(0, h, tile):
+        for x0 in range(0, w, tile):
+            yield y0, min(y0 + tile, h), x0, min(x0 + tile, w)
 
 
 def psnr(sr: torch.Tensor, gt: torch.Tensor, crop_border: int = 0, y_channel: bool = False,
@@ -103,8 +141,14 @@ def psnr(sr: torch.Tensor, gt: torch.Tensor, crop_border: int = 0, y_channel: bo
     Returns:
         ``(B,)`` float64 PSNR; ``inf`` where the images are equal.
     """
-    sr, gt = _prepare(sr, gt, crop_border, y_channel, quantize)
-    mse = (sr - gt).pow(2).mean(dim=(1, 2, 3))
+    sr, gt = _crop(sr, gt, crop_border)
+    h, w = sr.shape[-2:]
+    channels = 1 if y_channel and sr.shape[1] == 3 else sr.shape[1]
+    sse = torch.zeros(sr.shape[0], dtype=torch.float64, device=sr.device)
+    for ys, xs in _tiles(h, w):
+        diff = _to_255(sr[..., ys, xs], y_channel, quantize) - _to_255(gt[..., ys, xs], y_channel, quantize)
+        sse += diff.pow(2).sum(dim=(1, 2, 3))
+    mse = sse / (channels * h * w)
     return 10.0 * torch.log10(255.0**2 / mse)  # mse == 0 gives inf, as the reference
 
 
@@ -138,10 +182,20 @@ def ssim(sr: torch.Tensor, gt: torch.Tensor, crop_border: int = 0, y_channel: bo
     Returns:
         ``(B,)`` float64 SSIM, the mean over the 'valid' SSIM map and over channels; 1 for equal images.
     """
-    sr, gt = _prepare(sr, gt, crop_border, y_channel, quantize)
-    b, c, h, w = sr.shape
+    sr, gt = _crop(sr, gt, crop_border)
+    h, w = sr.shape[-2:]
     if h < 11 or w < 11:
         raise ValueError(f"SSIM needs at least 11x11 pixels after cropping, got {h}x{w}")
+    total = None
+    for ys, xs in _tiles(h, w, halo=10):
+        part = _ssim_map(_to_255(sr[..., ys, xs], y_channel, quantize), _to_255(gt[..., ys, xs], y_channel, quantize))
+        total = part.sum(dim=(-2, -1)) if total is None else total + part.sum(dim=(-2, -1))
+    return (total / ((h - 10) * (w - 10))).mean(dim=1)  # mean over the map, then over channels
+
+
+def _ssim_map(sr: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """The 'valid' SSIM map of ``(B, C, h, w)`` float64 images on 0-255: ``(B, C, h - 10, w - 10)``."""
+    h, w = sr.shape[-2:]
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     band_h, band_w = _gaussian_band(h, sr.device), _gaussian_band(w, sr.device)
     # One filtering pass over all five statistics' inputs at once: (5, B, C, H, W) -> (5, B, C, H-10, W-10).
@@ -150,10 +204,7 @@ def ssim(sr: torch.Tensor, gt: torch.Tensor, crop_border: int = 0, y_channel: bo
     sigma_xx = xx - mu_x**2
     sigma_yy = yy - mu_y**2
     sigma_xy = xy - mu_x * mu_y
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)) / (
-        (mu_x**2 + mu_y**2 + c1) * (sigma_xx + sigma_yy + c2)
-    )
-    return ssim_map.reshape(b, c, -1).mean(dim=2).mean(dim=1)
+    return ((2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sigma_xx + sigma_yy + c2))
 
 
 def psnr_y(sr: torch.Tensor, gt: torch.Tensor, crop_border: int = 0) -> torch.Tensor:
@@ -208,18 +259,83 @@ def ms_ssim(sr: torch.Tensor, gt: torch.Tensor, crop_border: int = 0, y_channel:
     Returns:
         ``(B,)`` float64 in [0, 1]; NaN for images too small for one 11 x 11 window.
     """
-    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
-
-    sr, gt = _prepare(sr, gt, crop_border, y_channel, quantize)
+    sr, gt = _crop(sr, gt, crop_border)
     n = ms_ssim_scales(sr.shape[-2], sr.shape[-1]) if scales is None else scales
     if n == 0:
         return torch.full((sr.shape[0],), math.nan, dtype=torch.float64, device=sr.device)
     betas = MS_SSIM_BETAS if n == len(MS_SSIM_BETAS) else tuple(b / sum(MS_SSIM_BETAS[:n]) for b in MS_SSIM_BETAS[:n])
-    # float32 on [0, 1]: float64 convolutions are 10-50x slower on CPU, and 8-bit inputs lose nothing.
-    value = multiscale_structural_similarity_index_measure(
-        (sr / 255).float(), (gt / 255).float(), data_range=1.0, betas=betas, reduction="none",
-    )
-    return value.to(torch.float64)
+    # float32 on [0, 1], what torchmetrics is given: float64 convolutions are 10-50x slower on CPU, and 8-bit
+    # inputs lose nothing. Made tile by tile, so only this copy (4 bytes per pixel and channel) is whole.
+    x, y = (_level0(v, y_channel, quantize) for v in (sr, gt))
+    terms = []
+    for level in range(n):
+        if level == n - 1:
+            terms.append(_mean_same_map(x, y, _ssim_same))
+            break
+        h, w = x.shape[-2:]
+        total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        for ys, xs in _tiles(h, w, halo=SSIM_WINDOW - 1):
+            total += _sim_cs(x[..., ys, xs], y[..., ys, xs])[1].sum(dim=(1, 2, 3), dtype=torch.float64)
+        terms.append(total / (x.shape[1] * (h - SSIM_WINDOW + 1) * (w - SSIM_WINDOW + 1)))
+        x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+    weights = torch.tensor(betas, dtype=torch.float64, device=sr.device).view(-1, 1)
+    # torchmetrics' default normalize="relu": a negative mean term counts as 0 (a fractional power would be NaN).
+    return torch.prod(torch.stack(terms).clamp(min=0) ** weights, dim=0)
+
+
+def _level0(x: torch.Tensor, y_channel: bool, quantize: bool) -> torch.Tensor:
+    """An image as float32 in [0, 1] after rounding and the Y conversion, built tile by tile."""
+    out = x.new_empty((x.shape[0], 1 if y_channel and x.shape[1] == 3 else x.shape[1], *x.shape[-2:]),
+                      dtype=torch.float32)
+    for ys, xs in _tiles(*x.shape[-2:]):
+        out[..., ys, xs] = (_to_255(x[..., ys, xs], y_channel, quantize) / 255).float()
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _gaussian_window(channels: int, device: torch.device) -> torch.Tensor:
+    """torchmetrics' 11 x 11 Gaussian (sigma 1.5) as a float32 depthwise ``conv2d`` weight."""
+    coords = torch.arange(-5.0, 6.0, dtype=torch.float32)
+    kernel = torch.exp(-((coords / 1.5) ** 2) / 2)
+    kernel = (kernel / kernel.sum())[None]
+    return (kernel.T @ kernel).expand(channels, 1, 11, 11).to(device)
+
+
+def _sim_cs(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchmetrics' SSIM and contrast-sensitivity maps ('valid', 10 px smaller), data range 1, float32."""
+    c1, c2 = 0.01**2, 0.03**2
+    channels = x.shape[1]
+    stats = F.conv2d(torch.cat([x, y, x * x, y * y, x * y]), _gaussian_window(channels, x.device), groups=channels)
+    mu_x, mu_y, xx, yy, xy = stats.split(x.shape[0])
+    sigma_xx = (xx - mu_x**2).clamp(min=0.0)
+    sigma_yy = (yy - mu_y**2).clamp(min=0.0)
+    sigma_xy = xy - mu_x * mu_y
+    upper, lower = 2 * sigma_xy + c2, sigma_xx + sigma_yy + c2
+    return ((2 * mu_x * mu_y + c1) * upper) / ((mu_x**2 + mu_y**2 + c1) * lower), upper / lower
+
+
+def _ssim_same(x: torch.Tensor, y: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
+    """torchmetrics' full-size SSIM map of a tile: the sides at the image border are reflect-padded by 5."""
+    if any(pads):
+        x, y = F.pad(x, pads, mode="reflect"), F.pad(y, pads, mode="reflect")
+    return _sim_cs(x, y)[0]
+
+
+def _mean_same_map(x: torch.Tensor, y: torch.Tensor, map_fn, halo: tuple[int, int] = (5, 5)) -> torch.Tensor:
+    """The mean over a same-size map that ``map_fn`` computes from a tile plus ``halo`` (before, after) pixels.
+
+    Each output tile reads its halo from the image; where the halo would leave the image, ``map_fn`` is told
+    to pad that side as it pads the whole image, so every output pixel equals the untiled one.
+    """
+    h, w = x.shape[-2:]
+    before, after = halo
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for y0, y1, x0, x1 in _same_tiles(h, w):
+        ys, top, bottom = _span(y0, y1, before, after, h)
+        xs, left, right = _span(x0, x1, before, after, w)
+        pads = (min(left, before), min(right, after), min(top, before), min(bottom, after))
+        total += map_fn(x[..., ys, xs], y[..., ys, xs], pads).sum(dim=(1, 2, 3), dtype=torch.float64)
+    return total / (x.shape[1] * h * w)
 
 
 def scc(sr: torch.Tensor, gt: torch.Tensor, crop_border: int = 0, y_channel: bool = False,
@@ -239,14 +355,42 @@ def scc(sr: torch.Tensor, gt: torch.Tensor, crop_border: int = 0, y_channel: boo
     Returns:
         ``(B,)`` float64, at most 1; NaN for images smaller than the 8 x 8 window.
     """
-    from torchmetrics.functional.image import spatial_correlation_coefficient
-
-    sr, gt = _prepare(sr, gt, crop_border, y_channel, quantize)
+    sr, gt = _crop(sr, gt, crop_border)
     if min(sr.shape[-2:]) < SCC_WINDOW:
         return torch.full((sr.shape[0],), math.nan, dtype=torch.float64, device=sr.device)
-    value = spatial_correlation_coefficient((sr / 255).float(), (gt / 255).float(), window_size=SCC_WINDOW,
-                                            reduction="none")
-    return value.to(torch.float64)
+    x, y = (_level0(v, y_channel, quantize) for v in (sr, gt))
+    return _mean_same_map(x, y, _scc_map, halo=(5, 4))
+
+
+_LAPLACIAN = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, 8.0, -1.0], [-1.0, -1.0, -1.0]])
+
+
+def _scc_map(x: torch.Tensor, y: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
+    """torchmetrics' per-pixel SCC of a tile with a (5, 4)-pixel halo, for the tile's pixels only.
+
+    As torchmetrics on the whole image: a 3 x 3 Laplacian (x2) over symmetric 1-pixel padding, then local
+    variances and covariance in 8 x 8 windows over zero padding (4 before, 3 after). ``pads`` says how many
+    halo pixels each side misses (left, right, top, bottom): those sides are image borders.
+    """
+    channels = x.shape[1]
+    laplacian = _LAPLACIAN.to(x.device).expand(channels, 1, 3, 3)
+    window = torch.full((channels, 1, SCC_WINDOW, SCC_WINDOW), 1.0 / SCC_WINDOW**2, device=x.device)
+    left, right, top, bottom = pads
+    maps = []
+    for v in (x, y):
+        # Symmetric padding repeats the edge row/column on the sides that are image borders.
+        v = F.pad(v, (int(left > 0), int(right > 0), int(top > 0), int(bottom > 0)), mode="replicate")
+        hp = F.conv2d(v, laplacian, groups=channels) * 2.0
+        # The high-pass is zero beyond the image: pad what the halo misses past the first pixel.
+        maps.append(F.pad(hp, (max(0, left - 1), max(0, right - 1), max(0, top - 1), max(0, bottom - 1))))
+    hx, hy = maps
+    mean_x = F.conv2d(hx, window, groups=channels)
+    mean_y = F.conv2d(hy, window, groups=channels)
+    var_x = (F.conv2d(hx * hx, window, groups=channels) - mean_x**2).clamp(min=0)
+    var_y = (F.conv2d(hy * hy, window, groups=channels) - mean_y**2).clamp(min=0)
+    cov = F.conv2d(hx * hy, window, groups=channels) - mean_x * mean_y
+    den = var_y.sqrt() * var_x.sqrt()
+    return torch.where(den == 0, torch.zeros_like(cov), cov / torch.where(den == 0, torch.ones_like(den), den))
 
 
 def lpips_weights_path() -> Path:

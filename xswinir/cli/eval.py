@@ -3,7 +3,8 @@
 By default the LR inputs are made exactly as the official benchmark files were (MATLAB bicubic), so the
 PSNR/SSIM columns compare with the papers'; ``--lr`` reads them from a folder, ``--degradation PRESET
 --seed S`` makes seeded blurry/noisy inputs that every model sees identically. This module only parses
-arguments and prints; the evaluation itself is :mod:`xswinir.evaluation`.
+arguments and prints; the evaluation itself is :mod:`xswinir.evaluation`. Images that cannot be read or
+are too small to measure at the scale are skipped and listed; the command fails only if none is left.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from xswinir.errors import UserError
+from xswinir.pixel_limit import add_max_pixels_argument, apply_max_pixels
 
 HELP = "PSNR/SSIM, MS-SSIM, SCC and LPIPS of a checkpoint or of bicubic up-sampling on HR test sets"
 
@@ -39,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile", type=int, help="LR tile size for bounded memory (default: whole images)")
     parser.add_argument("--overlap", type=int, default=32, help="LR pixels shared by neighbouring tiles (%(default)s)")
     parser.add_argument("--self-ensemble", action="store_true", help="average over 8 flips/transposes (x8 time)")
-    parser.add_argument("--out", help="write the per-image results to this .csv or .json file")
+    parser.add_argument("--out", help="write the per-image results to this .csv or .json file (atomically)")
+    add_max_pixels_argument(parser)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
 
 
@@ -68,9 +71,11 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from xswinir.evaluation import evaluate, format_table, write_results
+    from xswinir.images import printable_path
     from xswinir.inference import resolve_device
 
     _check_args(args)
+    apply_max_pixels(args)
     device = resolve_device(args.device)
     seed = args.seed if args.seed is not None else 0
     model = None
@@ -83,16 +88,19 @@ def run(args: argparse.Namespace) -> int:
         model = model.to(device).eval()
         info.update(method="model", checkpoint=args.checkpoint, preset=cfg.preset, tile=args.tile,
                     overlap=args.overlap, self_ensemble=args.self_ensemble)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
     for source in args.hr:
         save_lq = None
         if args.save_lq:
             save_lq = Path(args.save_lq) / _set_folder(source) if len(args.hr) > 1 else Path(args.save_lq)
         rows += evaluate(source, scale=args.scale, model=model, lr=args.lr, tile=args.tile, overlap=args.overlap,
                          self_ensemble=args.self_ensemble, device=device, degradation=args.degradation, seed=seed,
-                         save_lq=save_lq, set_name=source)
+                         save_lq=save_lq, set_name=printable_path(source), skipped=skipped)
     if not rows:
-        raise UserError(f"no image in {', '.join(args.hr)} is large enough to measure (see the warnings above)")
+        first = f"; first: {skipped[0]}" if skipped else ""
+        raise UserError(f"no image in {printable_path(', '.join(args.hr))} could be measured ({len(skipped)} "
+                        f"skipped{first})")
     info["scale"] = rows[0]["scale"]
     what = f"checkpoint {args.checkpoint}" if args.checkpoint else "bicubic"
     inputs = (f"degradation '{args.degradation}' seed {seed}" if args.degradation
@@ -100,8 +108,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{what}, x{info['scale']}, {len(rows)} images, inputs: {inputs}, crop_border={info['scale']}, "
           f"device {device}")
     print(format_table(rows))
+    if skipped:
+        print(f"skipped {len(skipped)}:\n" + "\n".join(f"  {reason}" for reason in skipped))
     if args.save_lq:
         print(f"wrote the LQ inputs to {args.save_lq}")
     if args.out:
-        print(f"wrote {write_results(args.out, rows, info)}")
+        print(f"wrote {printable_path(write_results(args.out, rows, info))}")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from xswinir.pixel_limit import add_max_pixels_argument, apply_max_pixels
+
 HELP = ("restore an image (a real low-quality one with --lq, or a degraded HR one) and draw the texture windows "
         "and texture consistency behind the loss (PNG, optional HTML)")
 
@@ -31,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile", type=int, default=None,
                         help="LR tile size for the model on large images (default: the whole image at once)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_max_pixels_argument(parser)
 
 
 def _tiles(values: list[str] | None):
@@ -56,10 +59,11 @@ def run(args: argparse.Namespace) -> int:
     from xswinir.checkpoint import CLASSIFIER_DIR, CONFIG_FILE, load_model
     from xswinir.config import DEGRADATION_PRESETS, Config, ConfigError, DataConfig, TextureConfig, load_config
     from xswinir.explain import ExplainError, explain, explain_lq
-    from xswinir.images import read_image
+    from xswinir.images import printable_path, read_image
     from xswinir.inference import resolve_device
     from xswinir.texture import load_texture_classifier
 
+    apply_max_pixels(args)
     if args.patches < 1:
         raise ExplainError(f"--patches must be >= 1, got {args.patches}")
     if args.lq and (args.degradation is not None or args.seed is not None):
@@ -84,16 +88,19 @@ def run(args: argparse.Namespace) -> int:
         texture = load_config(checkpoint / CONFIG_FILE).texture
     texture = dataclasses.replace(texture, patch_size=classifier.patch_size)
     tiles = _tiles(args.tile_at)
-    if args.lq:
-        result = explain_lq(model, classifier, image, texture, patches=args.patches, tiles=tiles, out=args.out,
-                            html=args.html, tile=args.tile, device=device)
-    else:
-        scale = model_cfg.upscale
-        cfg = Config(model=model_cfg, data=dataclasses.replace(DataConfig(), gt_size=64 * scale),
-                     degradation=DEGRADATION_PRESETS[degradation], texture=texture)
-        result = explain(model, classifier, image, cfg, seed=args.seed or 0, patches=args.patches, tiles=tiles,
-                         out=args.out, html=args.html, tile=args.tile, device=device)
-    print(f"wrote {result.png}" + (f" and {result.html}" if result.html else ""))
+    try:
+        if args.lq:
+            result = explain_lq(model, classifier, image, texture, patches=args.patches, tiles=tiles, out=args.out,
+                                html=args.html, tile=args.tile, device=device)
+        else:
+            scale = model_cfg.upscale
+            cfg = Config(model=model_cfg, data=dataclasses.replace(DataConfig(), gt_size=64 * scale),
+                         degradation=DEGRADATION_PRESETS[degradation], texture=texture)
+            result = explain(model, classifier, image, cfg, seed=args.seed or 0, patches=args.patches, tiles=tiles,
+                             out=args.out, html=args.html, tile=args.tile, device=device)
+    except ExplainError as err:
+        raise ExplainError(f"{printable_path(args.image)}: {err}") from err  # say which of the user's files
+    print(f"wrote {printable_path(result.png)}" + (f" and {printable_path(result.html)}" if result.html else ""))
     print(("input: " if args.lq else "degradation: ") + result.description)
     r2 = "consistency r²" if args.lq else "HR fit r²  restored consistency r²"
     print(f"  tile  top,left   windows  {r2}")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from xswinir.errors import UserError
+from xswinir.storage import is_remote
 
 HELP = "submit a training run or a sweep to a Ray cluster as a Ray Job (`xswinir submit --address URL -- train ...`)"
 
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _absolute_storage(value: str, base: Path) -> str:
     """A local storage path as an absolute one; URIs (``s3://``, ``gs://``) unchanged."""
-    if "://" in value:
+    if is_remote(value):
         return value
     return str((base / Path(value).expanduser()).resolve())
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from xswinir.cli.train import add_set_argument
+
 HELP = "train the linear texture classifier (texture train) or show a trained one's weights (texture show)"
 TOP_FEATURES = 12  # rows of the weight table printed after training
 
@@ -19,8 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="window side p (default: the config's texture.patch_size, 16)")
     train.add_argument("--out", metavar="DIR", default=None, help="output folder (default: outputs/texture_p{p})")
     train.add_argument("--config", metavar="YAML", default=None, help="a config file or shipped config name")
-    train.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
-                       help="config override, e.g. texture.classifier.steps=100 (repeatable)")
+    add_set_argument(train, example="texture.classifier.steps=100")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     show = sub.add_parser("show", help="print a classifier's weight table and plot it",
                           description="Print a trained texture classifier's weights and write a bar chart.")

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from xswinir.config import ClassifierConfig, Config, ConfigError
 from xswinir.errors import UserError
-from xswinir.images import resolve_image_files
+from xswinir.images import ImageReadError, resolve_image_files
 from xswinir.texture.classifier import (
     FORMAT_VERSION,
     META_FILE,
@@ -112,8 +112,8 @@ def _features(clf: TextureClassifier, windows: Tensor, progress: bool) -> Tensor
 
     chunks = windows.split(FEATURE_CHUNK)
     with torch.no_grad():
-        return torch.cat([clf.features(c) for c in tqdm(chunks, desc="texture features", disable=not progress,
-                                                           leave=False)])
+        bar = tqdm(chunks, desc="texture features", disable=None if progress else True, leave=False)
+        return torch.cat([clf.features(c) for c in bar])
 
 
 def roc_auc(scores: Tensor, labels: Tensor) -> float:
@@ -274,7 +274,7 @@ def _fit(clf: TextureClassifier, fa: Tensor, fb: Tensor, labels: Tensor, cfg: Cl
         [raw_diff, weight_prod, bias], lr=cfg.lr, max_iter=cfg.steps, history_size=20,
         line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12,
     )
-    bar = tqdm(desc="fitting", total=cfg.steps, disable=not progress, leave=False)
+    bar = tqdm(desc="fitting", total=cfg.steps, disable=None if progress else True, leave=False)  # None: terminals only
 
     def closure() -> Tensor:
         optimizer.zero_grad()
@@ -433,6 +433,8 @@ def _source_key(source: str) -> list[list[Any]]:
 def load_training_images(source: str, max_images: int | None = None) -> list[Tensor]:
     """The images of a source (folder, file, ``skimage:...`` or Parquet shards) as (3, H, W) in [0, 1].
 
+    Unreadable images (corrupt, truncated, over the pixel limit) are logged and skipped.
+
     Args:
         source: as ``data.train``.
         max_images: keep this many, evenly spaced over the source, each centre-cropped to at most
@@ -447,13 +449,25 @@ def load_training_images(source: str, max_images: int | None = None) -> list[Ten
     else:
         indices = sorted({int(i * count / max_images) for i in range(max_images)})
     out = []
+    skipped: list[str] = []
     for i in indices:
-        image = images.load(i)
+        try:
+            image = images.load(i)
+        except ImageReadError as err:  # named and skipped, as everywhere else images are read
+            skipped.append(str(err))
+            log.warning("texture classifier: skipping %s", err)
+            continue
         if max_images is not None:
             h, w = image.shape[-2:]
             top, left = max(0, (h - MAX_IMAGE_SIDE) // 2), max(0, (w - MAX_IMAGE_SIDE) // 2)
             image = image[:, top:top + MAX_IMAGE_SIDE, left:left + MAX_IMAGE_SIDE].contiguous()
         out.append(image)
+    if not out:
+        first = f"; first: {skipped[0]}" if skipped else ""
+        raise UserError(f"texture classifier training images: none of the {len(indices)} images of {source} is "
+                        f"readable{first}")
+    if skipped:
+        log.warning("texture classifier: skipped %d of %d images of %s", len(skipped), len(indices), source)
     return out
 
 
