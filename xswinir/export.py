@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from xswinir.atomic import atomic_path
 from xswinir.checkpoint import EMA_FILE, MODEL_FILE, load_model
 from xswinir.config import ModelConfig
 from xswinir.errors import UserError
@@ -234,10 +235,12 @@ def export_checkpoint(checkpoint: str | Path, fmt: ExportFormat, out: str | Path
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     cfg, models = read_weight_sets(checkpoint, preset)
     preferred = models.get("params_ema", models["params"])
-    if fmt == "official":
-        export_official(models, cfg, out)
-    elif fmt == "safetensors":
-        export_safetensors(preferred, cfg, out)
-    else:
-        export_onnx(preferred, cfg, out, tile=tile)
+    # An export that fails half-way (or is killed) must leave an earlier file of the same name as it was.
+    with atomic_path(out) as tmp:
+        if fmt == "official":
+            export_official(models, cfg, tmp)
+        elif fmt == "safetensors":
+            export_safetensors(preferred, cfg, tmp)
+        else:
+            export_onnx(preferred, cfg, tmp, tile=tile)
     return Path(out)

@@ -4,8 +4,11 @@
   EMA weights), with every buffer the official code expects: ``network_swinir.SwinIR`` loads it with
   ``strict=True``, and spandrel (chaiNNer, ComfyUI, the Stable Diffusion web UIs) recognises it;
 * ``safetensors``: the same keys (EMA weights if any) with our model config in the metadata;
-* ``onnx``: an ONNX graph with dynamic batch, height and width (multiples of the window), run it with
+* ``onnx``: an ONNX graph with dynamic height and width (multiples of the window; batch 1), run it with
   ``xswinir upscale --onnx FILE``.
+
+The file is written beside ``--out`` and moved into place when complete, so a failed export leaves an earlier
+file of that name untouched.
 """
 
 from __future__ import annotations
