@@ -241,6 +241,17 @@ def test_infer_model_config_reads_architecture() -> None:
                 assert found[field] == getattr(cfg, field), (name, field)
 
 
+def test_crafted_state_dict_gives_a_one_line_mismatch_not_a_crash(tmp_path) -> None:
+    """Shapes no SwinIR has (a 1-D first conv, an empty MLP) must still end in the mismatch error."""
+    from safetensors.torch import save_file
+
+    odd = {"conv_first.weight": torch.zeros(7), "layers.0.residual_group.blocks.0.mlp.fc1.weight": torch.zeros(0, 3)}
+    assert "embed_dim" not in infer_model_config(odd)  # the hint stays partial instead of raising
+    save_file(odd, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match="does not fit the model"):
+        load_model(tmp_path / "odd.safetensors", preset="tiny-x2")
+
+
 @pytest.mark.parametrize(("preset", "expected"), [("swinir-s-x2", 910_152), ("swinir-s-x4", 929_628)])
 def test_preset_parameter_counts(preset: str, expected: int) -> None:
     with torch.device("meta"):

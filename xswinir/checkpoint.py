@@ -58,9 +58,19 @@ class CheckpointError(UserError):
 def infer_model_config(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
     """Architecture fields that can be read off a SwinIR state dict's shapes (best effort, for hints).
 
-    ``img_size`` and ``img_range`` leave no trace in the weights and are not returned.
+    ``img_size`` and ``img_range`` leave no trace in the weights and are not returned. A foreign or crafted
+    file (a 1-D ``conv_first.weight``, a zero-sized dimension) gives the fields read before the odd tensor:
+    these are hints for an error message, which must not fail in its turn.
     """
     found: dict[str, Any] = {}
+    try:
+        _read_architecture(state_dict, found)
+    except (ValueError, IndexError, TypeError, AttributeError, ZeroDivisionError):
+        pass
+    return found
+
+
+def _read_architecture(state_dict: Mapping[str, Tensor], found: dict[str, Any]) -> None:
     if "conv_first.weight" in state_dict:
         found["embed_dim"], found["in_chans"] = state_dict["conv_first.weight"].shape[:2]
     blocks: dict[int, set[int]] = {}
@@ -95,7 +105,6 @@ def infer_model_config(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
         found["upscale"] = math.isqrt(state_dict["upsample.0.weight"].shape[0] // out_chans)
     elif "conv_last.weight" in state_dict:
         found["upsampler"], found["upscale"] = "", 1
-    return found
 
 
 _ARCH_FIELDS = ("upscale", "in_chans", "window_size", "depths", "embed_dim", "num_heads", "mlp_ratio", "upsampler",
