@@ -32,6 +32,19 @@ def generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
+def _one_torch_thread():
+    # Tiny tensors: a second intra-op thread only adds waiting, and on a busy machine a lot of it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# For a whole module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``) or a single test.
+one_torch_thread = pytest.fixture(scope="module")(_one_torch_thread)
+one_torch_thread_per_test = pytest.fixture(_one_torch_thread, name="one_torch_thread_per_test")
+
+
 # STYLE.md's tiny everything: one SwinIR block of 12 channels, 16 px crops, batch 4, no loader processes.
 TINY = {
     "model.upscale": 2, "model.window_size": 4, "model.depths": [1], "model.num_heads": [2], "model.embed_dim": 12,

@@ -34,13 +34,7 @@ CLASSICAL = ModelConfig(upscale=3, img_size=16, window_size=4, depths=(2,), embe
                         upsampler="pixelshuffle")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second intra-op thread only adds waiting, and on a busy machine a lot of it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:

@@ -19,13 +19,7 @@ X2 = ModelConfig(upscale=2, img_size=16, window_size=4, depths=(2,), embed_dim=1
 X4 = ModelConfig(upscale=4, img_size=16, window_size=4, depths=(2,), embed_dim=16, num_heads=(2,))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second intra-op thread only adds waiting, and on a busy machine a lot of it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _trained(cfg: ModelConfig, seed: int) -> torch.nn.Module:

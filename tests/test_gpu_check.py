@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,16 +70,7 @@ def test_cpu_quick_check_writes_the_whole_record(tmp_path: Path, monkeypatch: py
         assert text in record["log"]
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    # Small tensors: on a busy 2-core machine two torch threads wait on each other for longer than they work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_timed_step_is_the_trainers_step(one_thread: None) -> None:
+def test_timed_step_is_the_trainers_step(one_torch_thread_per_test: None) -> None:
     from xswinir.data import build_train_batches
     from xswinir.trainer import build_training_parts
 

@@ -114,9 +114,11 @@ def _lr_index(lr_dir: str | Path) -> dict[str, Path]:
 
 def _match_lr(hr_name: str, lr_files: dict[str, Path], scale: int | None) -> Path:
     """The LR file of one HR image: ``{stem}x{s}``, ``{stem}_x{s}`` or ``{stem}``."""
+    from xswinir.images import lq_candidates
+
     stem = Path(hr_name).stem
     if scale is not None:
-        candidates = [f"{stem}x{scale}", f"{stem}_x{scale}", stem]
+        candidates = lq_candidates(hr_name, scale)
     else:
         candidates = [stem] + sorted(k for k in lr_files if re.fullmatch(re.escape(stem) + r"_?x\d+", k))
     for name in candidates:

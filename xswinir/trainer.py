@@ -184,13 +184,6 @@ def run_step(parts: TrainingParts, model: nn.Module, cfg: TrainConfig, step: int
     return out
 
 
-def _train_batches(cfg: Config, rank: int, world_size: int, start_step: int) -> Iterator[dict[str, torch.Tensor]]:
-    from xswinir.data import build_train_batches
-
-    # Folders and shards alike: DataLoader worker processes decode off this loop, several crops per image.
-    return build_train_batches(cfg, rank, world_size, start_step)
-
-
 def _gather(obj: Any, world_size: int) -> list[Any]:
     """``obj`` of every rank, indexed by rank (a collective: every rank calls it)."""
     if world_size == 1:
@@ -257,6 +250,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from xswinir.data import build_train_batches
     from xswinir.metrics import VAL_PSNR_Y
     from xswinir.training_log import MetricsWriter
 
@@ -287,7 +281,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # [3] Wrap in DDP (only when world size > 1) and move to the device.
     ddp_model = ray.train.torch.prepare_model(model)
-    batches = _train_batches(cfg, rank, world_size, start_step)
+    # Folders and shards alike: DataLoader worker processes decode off this loop, several crops per image.
+    batches = build_train_batches(cfg, rank, world_size, start_step)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.bf16 else None
     writer = MetricsWriter(loop_config["log_dir"], start_step) if rank == 0 else None
     val_set = build_validation_set(cfg, parts.degrader, device) if rank == 0 else None
