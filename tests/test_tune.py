@@ -292,3 +292,17 @@ def test_exports_are_complete_files_and_best_config_trains(tmp_path):
     assert [r["trial_id"] for r in table] == ["t_00000", "t_00001"] and table[0]["baseline"]
     best = load_config(summary.files["best_config"])
     assert summary.best.trial_id == "t_00001" and best.loss.texture_weight == 0.1 and best.texture.patch_size == 32
+
+
+def test_latest_validation_reads_the_last_val_row_of_a_metrics_file(tmp_path):
+    """What a trial resumed into a finished Train run reports when Ray's snapshot was set aside."""
+    from xswinir.training_log import MetricsWriter
+    from xswinir.tune.sweep import _latest_validation
+
+    writer = MetricsWriter(tmp_path, 0)
+    writer.write(2, {"val/psnr_y": 20.0, "val/ssim_y": 0.5})
+    writer.write(4, {"train/loss": 0.1})
+    writer.write(4, {"val/psnr_y": 21.5, "val/ssim_y": 0.6})
+    writer.close()
+    assert _latest_validation(tmp_path / "metrics.jsonl") == {"step": 4, "val/psnr_y": 21.5, "val/ssim_y": 0.6}
+    assert _latest_validation(tmp_path / "missing.jsonl") == {}

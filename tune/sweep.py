@@ -67,18 +67,32 @@ def train_trial(config: dict[str, Any], base: dict[str, Any], train_storage: str
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from xswinir.storage import log_dir
     from xswinir.trainer import fit, run_exists
+    from xswinir.training_log import METRICS_FILE
 
     # The trial id is stable across a sweep's restore, so a resumed trial continues its own Train run.
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(Config.from_dict(base), config, trial_id, train_storage)
     resumed = run_exists(cfg.run)
     result = fit(cfg, resume=resumed, callbacks=[TuneReportCallback()], classifier_cache=Path(classifier_cache))
-    if resumed and result.metrics:
+    if resumed:
         # A sweep interrupted after a trial's Train run had finished, but before Tune recorded it, resumes into a
         # run with nothing left to train: fit reports nothing, and Tune refuses a final result without the
-        # metric. Report the latest checkpoint's metrics again (a repeat at the same step is harmless).
-        tune.report(dict(result.metrics))
+        # metric. Report the latest metrics again (a repeat at the same step is harmless). Ray has none when the
+        # resume set its run snapshot aside (it named an older checkpoint than the newest good one): the run's
+        # own metrics file has them.
+        latest = dict(result.metrics or {}) or _latest_validation(log_dir(cfg.run) / METRICS_FILE)
+        if latest:
+            tune.report(latest)
+
+
+def _latest_validation(metrics_path: Path) -> dict[str, Any]:
+    """The last validation row of a run's metrics file (``step`` and the ``val/...`` values), or {}."""
+    from xswinir.training_log import read_metrics
+
+    rows = [r for r in read_metrics(metrics_path) if any(k.startswith("val/") for k in r)]
+    return {k: v for k, v in rows[-1].items() if k == "step" or k.startswith("val/")} if rows else {}
 
 
 def trial_dirname(trial) -> str:
