@@ -28,7 +28,8 @@ from PIL import Image
 from bench.common import measure, parse_args, print_table, write_json
 from xswinir.config import DEGRADATION_PRESETS
 from xswinir.data import PatchCutter, PatchDataset, StepBatchSampler, collate, open_images
-from xswinir.degradations import build_degrader, make_generator
+from xswinir.degradations import build_degrader
+from xswinir.seeds import make_generator
 from xswinir.shards import pack_images
 
 SHARED_BSD = Path(__file__).resolve().parents[2] / "shared" / "data" / "BSD200"

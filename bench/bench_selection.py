@@ -1,35 +1,49 @@
-"""Which windows explain a tile: the texture classifier against random and correlation-chosen windows.
+"""Which windows explain a patch: the texture classifier against random and correlation-chosen windows.
 
-On held-out images (Set5 HR and BSD200, which the classifier never saw: it is trained on T91 here), crops of
-``gt_size`` px are cut inside a ``region_size`` search region and degraded with ``blur-noise`` (seeded). For
-every 16 px tile the search picks K windows of the region (no overlap with the tile) by
+The classifier is fitted on T91 only (``--train``); everything it is evaluated on is held out from that fit, and
+the evaluation images were fixed before any run (Sun80 is never used here).
 
-* ``classifier``: the trained linear texture classifier, min_score as configured (tiles may get fewer than K);
+**Fit error.** On held-out photographs (Set5 HR and BSD200), crops of ``gt_size`` px are cut inside a
+``region_size`` search region and degraded with ``blur-noise`` (seeded). For every 16 px patch the search picks K
+windows of the region (no overlap with the patch) by
+
+* ``classifier``: the trained linear texture classifier, min_score as configured (patches may get fewer than K);
 * ``classifier-rank``: the same classifier's K best, no score cut (K windows like the baselines);
 * ``random``: K random allowed windows;
-* ``correlation``: the K windows with the largest |normalised cross-correlation| with the query tile (the
+* ``correlation``: the K windows with the largest |normalised cross-correlation| with the query patch (the
   strongest simple baseline: it ranks by exactly what the least-squares fit rewards);
 
 each with the query taken from ``gt`` (what the loss uses in training) and from the degraded input up-sampled to
 the HR grid (``lq``: what a user has). Reported per method (mean over crops, 95 % CI over crops):
 
-* ``fit_err``: mean ``|X c* - gt|`` on the tiles (c* fits gt; the tile's mean is its own);
-* ``r2``: share of the tile's structure explained;
+* ``fit_err``: mean ``|X c* - gt|`` on the patches (c* fits gt; the patch's mean is its own);
+* ``r2``: share of the patch's structure explained;
 * ``err_share``: ``||P_X e||^2 / ||e||^2`` for ``e = bicubic(lq) - gt``, the share of the restoration error that
   the projection term sees;
-* ``pull_helps``: share of tiles where ``X c*`` is closer to gt than bicubic(lq) (only there can the ``pull``
-  form move an output towards gt; a gradient step on the projection term reduces ``|sr - gt|`` on every tile).
+* ``pull_helps``: share of patches where ``X c*`` is closer to gt than bicubic(lq);
+* ``used``: share of patches with at least one window.
 
-The bicubic error and the flat per-tile mean are printed as references. Needs ``../shared/data`` (or
-``--data``).
+**Stochastic textures.** Patches of textures without repeated structure: 128 px regions of the scikit-image
+texture images ``brick``, ``grass`` and ``gravel`` (seeded positions) and textured regions of held-out photographs
+(fur, grass, gravel, soil, lichen in BSD200; the cat's fur of scikit-image's ``chelsea``; boxes in
+``PHOTO_TEXTURE_REGIONS``, chosen by eye before any classifier ran on them). Every patch of the region's central
+``gt_size`` crop counts. Reported: the share of patches that get at least one partner (``partnered``), and the
+honest r² and fit error of those textures (low: windows of a stochastic texture share its statistics, not its
+pixels).
 
-    python -m bench.bench_selection [--quick] [--crops 96] [--set texture.classifier.layout_grid=8]
+**Goals** (issue 19): at least 30 % less fit error than random windows, no worse than correlation-chosen windows
+(``classifier``, both queries), and at least 90 % of stochastic-texture patches partnered (both queries). Writes
+``--json`` and a Markdown copy of the tables beside it. Needs ``../shared/data`` (or ``--data``).
+
+    python -m bench.bench_selection [--quick] [--crops 96] [--set texture.classifier.num_pairs=16384]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import math
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import torch
@@ -39,9 +53,37 @@ from bench.common import print_table, write_json
 from xswinir.config import DEGRADATION_PRESETS, Config, apply_overrides
 from xswinir.data import open_images
 from xswinir.degradations import build_degrader
-from xswinir.losses import _centre, _tiles, project_onto_windows, texture_search, upsample_query
-from xswinir.texture import train_texture_classifier
+from xswinir.losses import project_onto_windows
+from xswinir.texture import TextureSearch, train_texture_classifier
+from xswinir.texture.search import centre_patches, to_patches, upsample_query
 from xswinir.texture.training import load_training_images, run_degradation
+
+SCALE = 2
+GT_SIZE = 64
+BATCH = 16  # crops per search call
+GOAL_VS_RANDOM = 0.30  # at least this share of random windows' fit error removed
+GOAL_PARTNERED = 0.90  # at least this share of stochastic-texture patches with a partner
+TEXTURE_IMAGES = ("brick", "grass", "gravel")  # scikit-image's texture images (not in the T91 fit)
+TEXTURE_REGIONS_PER_IMAGE = 8
+STOCHASTIC_REGION = 128  # the boxes below are this big
+# (source, top, left, what): 128 px regions inside stochastic texture, held out from the fit.
+PHOTO_TEXTURE_REGIONS = (
+    ("BSD200/100080.png", 272, 80, "bear fur and grass"),
+    ("BSD200/105053.png", 192, 0, "grass"),
+    ("BSD200/134008.png", 0, 0, "dry ground"),
+    ("BSD200/134008.png", 192, 320, "dry ground and grass"),
+    ("BSD200/28096.png", 160, 256, "grass"),
+    ("BSD200/183087.png", 192, 64, "polar bear fur"),
+    ("BSD200/202012.png", 192, 352, "ploughed soil"),
+    ("BSD200/87065.png", 192, 0, "gravel"),
+    ("BSD200/87065.png", 192, 320, "gravel"),
+    ("BSD200/106020.png", 193, 0, "shells and gravel"),
+    ("BSD200/8143.png", 0, 353, "dry grass"),
+    ("BSD200/41004.png", 193, 0, "dry grass"),
+    ("BSD200/35091.png", 193, 0, "lichen on rock"),
+    ("skimage:chelsea", 0, 190, "cat fur, forehead"),
+    ("skimage:chelsea", 160, 20, "cat fur, cheek"),
+)
 
 
 class _RandomFeatures:
@@ -77,7 +119,7 @@ class _PixelFeatures:
 
 
 class CorrelationScorer:
-    """|normalised cross-correlation| of the luma of the query tile and each window."""
+    """|normalised cross-correlation| of the luma of the query patch and each window."""
 
     def __init__(self, patch_size: int) -> None:
         self.patch_size = patch_size
@@ -88,9 +130,20 @@ class CorrelationScorer:
         return (fa.squeeze(-2) @ fb.squeeze(-3).transpose(-1, -2)).abs() * 10
 
 
-def held_out_crops(sources: list[str], count: int, gt_size: int, region_size: int, scale: int,
-                   seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``count`` (region, gt, lq) triples from the images of ``sources``, crops and degradations seeded."""
+def _degrade(gt: torch.Tensor, seed: int) -> torch.Tensor:
+    """``gt`` (B, 3, h, w) degraded with seeded ``blur-noise`` x2 and up-sampled back: the ``lq`` query."""
+    degrader = build_degrader(DEGRADATION_PRESETS["blur-noise"], SCALE)
+    lq, _ = degrader(gt, torch.Generator().manual_seed(seed))
+    return upsample_query(lq, gt.shape[-2:])
+
+
+def _centre_crop(region: torch.Tensor) -> torch.Tensor:
+    o = (region.shape[-1] - GT_SIZE) // 2
+    return region[..., o:o + GT_SIZE, o:o + GT_SIZE]
+
+
+def held_out_crops(sources: list[str], count: int, region_size: int, seed: int) -> torch.Tensor:
+    """``count`` seeded ``region_size`` regions (count, 3, R, R) from the images of ``sources``, in turn."""
     images = []
     for source in sources:
         listed = open_images(source)
@@ -102,12 +155,19 @@ def held_out_crops(sources: list[str], count: int, gt_size: int, region_size: in
         top = int(torch.randint(0, img.shape[-2] - region_size + 1, (1,), generator=g))
         left = int(torch.randint(0, img.shape[-1] - region_size + 1, (1,), generator=g))
         regions.append(img[:, top:top + region_size, left:left + region_size])
-    region = torch.stack(regions)
-    o = (region_size - gt_size) // 2
-    gt = region[:, :, o:o + gt_size, o:o + gt_size]
-    degrader = build_degrader(DEGRADATION_PRESETS["blur-noise"], scale)
-    lq, _ = degrader(gt, torch.Generator().manual_seed(seed + 1))
-    return region, gt, lq
+    return torch.stack(regions)
+
+
+def stochastic_regions(data: Path, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """The stochastic-texture regions (N, 3, 128, 128) and the group of each (``skimage`` or ``photos``)."""
+    regions = held_out_crops([f"skimage:{name}" for name in TEXTURE_IMAGES],
+                             TEXTURE_REGIONS_PER_IMAGE * len(TEXTURE_IMAGES), STOCHASTIC_REGION, seed)
+    groups = ["skimage textures"] * len(regions)
+    photos = []
+    for source, top, left, _ in PHOTO_TEXTURE_REGIONS:
+        image = open_images(source if source.startswith("skimage:") else str(data / source), channels=3).load(0)
+        photos.append(image[:, top:top + STOCHASTIC_REGION, left:left + STOCHASTIC_REGION])
+    return torch.cat([regions, torch.stack(photos)]), groups + ["photo textures"] * len(photos)
 
 
 def _ci(values: torch.Tensor) -> tuple[float, float]:
@@ -117,14 +177,53 @@ def _ci(values: torch.Tensor) -> tuple[float, float]:
     return float(values.mean()), half
 
 
+def evaluate(search: TextureSearch, region: torch.Tensor, query: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Per-crop means (N,) of fit error, r², error share, pull-helps and windows used, and per-patch partners."""
+    p = search.patch_size
+    offset = torch.full((len(region), 2), (region.shape[-1] - GT_SIZE) // 2, dtype=torch.long)
+    gt = _centre_crop(region)
+    lq_up = _degrade(gt, seed=1)
+    error = lq_up - gt
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("fit_err", "r2", "err_share", "pull_helps", "used",
+                                                         "partnered")}
+    for i in range(0, len(region), BATCH):
+        sl = slice(i, i + BATCH)
+        q = None if query is None else query[sl]
+        match = search(gt[sl], region[sl], offset[sl], query=q)
+        patch_err = to_patches((match.target - gt[sl]).abs(), p).mean(-1)  # (b, T)
+        flat_err = centre_patches(to_patches(gt[sl], p), 3).abs().mean(-1)
+        ok = match.valid.any(-1)
+        patch_err = torch.where(ok, patch_err, flat_err)  # without a window X c* is the patch's mean
+        bicubic_err = to_patches(error[sl].abs(), p).mean(-1)
+        e = centre_patches(to_patches(error[sl], p), 3)
+        projected = project_onto_windows(match, error[sl])
+        out["fit_err"].append(patch_err.mean(-1))
+        out["r2"].append(match.tile_r2.mean(-1))
+        out["err_share"].append(projected.square().sum((-1, -2)) / e.square().sum((-1, -2)).clamp_min(1e-12))
+        out["pull_helps"].append((patch_err < bicubic_err).float().mean(-1))
+        out["used"].append(ok.float().mean(-1))
+        out["partnered"].append(ok.flatten())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _markdown(rows: list[dict], title: str) -> str:
+    columns = list(rows[0])
+    lines = [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (row.get(c) for c in columns)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    parser.add_argument("--train", default="T91", help="the images the classifier is fitted on, under --data")
     parser.add_argument("--crops", type=int, default=96)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default="bench/results/selection.json")
+    parser.add_argument("--json", default="docs/selection/selection.json")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="classifier and search overrides, e.g. texture.classifier.layout_grid=8")
+                        help="classifier and search overrides, e.g. texture.classifier.num_pairs=16384")
     args = parser.parse_args()
     torch.manual_seed(0)
     data = Path(args.data)
@@ -132,51 +231,33 @@ def main() -> None:
     cfg = apply_overrides(Config(), [f"texture.classifier.num_pairs={2048 if args.quick else 8192}",
                                      *args.overrides])
     tex = cfg.texture
-    p, scale, gt_size, region_size = tex.patch_size, 2, 64, tex.region_size
+    p, region_size = tex.patch_size, tex.region_size or STOCHASTIC_REGION
 
-    train_images = load_training_images(str(data / "T91"), 64)
+    train_images = load_training_images(str(data / args.train), 64)
     clf, report = train_texture_classifier(train_images, p, tex.classifier, progress=False, max_iou=tex.max_iou,
                                            degrade=run_degradation(cfg))
-    print(f"classifier (T91): held-out-image ROC AUC {report['roc_auc']:.3f} (HR queries), "
-          f"{report['roc_auc_lq']:.3f} (LQ queries)")
+    texture_auc = report.get("roc_auc_texture")
+    print(f"classifier ({args.train}): held-out-image ROC AUC {report['roc_auc']:.3f} (HR queries), "
+          f"{report['roc_auc_lq']:.3f} (LQ queries), {texture_auc if texture_auc is None else round(texture_auc, 3)} "
+          f"(same-texture-region positives)")
 
-    region, gt, lq = held_out_crops([str(data / "Set5" / "HR"), str(data / "BSD200")], crops, gt_size,
-                                    region_size, scale, seed=0)
-    offset = torch.full((crops, 2), (region_size - gt_size) // 2, dtype=torch.long)
-    lq_up = upsample_query(lq, gt.shape[-2:])
-    error = lq_up - gt
-    tiles_gt = _tiles(gt, p)
-    bicubic_err = _tiles(error.abs(), p).mean(-1)  # (B, T)
-    flat_err = (_centre(tiles_gt, 3)).abs().mean(-1)
+    def search_with(scorer: object, min_score: float) -> TextureSearch:
+        return TextureSearch(scorer, stride=tex.stride, top_k=tex.top_k, min_score=min_score, max_iou=tex.max_iou,
+                             ridge=tex.ridge, query="gt", region_size=region_size)
 
     methods = {
-        "classifier": (clf, tex.min_score),
-        "classifier-rank": (clf, 0.0),
-        "random": (RandomScorer(p, seed=0), 0.0),
-        "correlation": (CorrelationScorer(p), 0.0),
+        "classifier": search_with(clf, tex.min_score),
+        "classifier-rank": search_with(clf, 0.0),
+        "random": search_with(RandomScorer(p, seed=0), 0.0),
+        "correlation": search_with(CorrelationScorer(p), 0.0),
     }
+    region = held_out_crops([str(data / "Set5" / "HR"), str(data / "BSD200")], crops, region_size, seed=0)
+    lq_up = _degrade(_centre_crop(region), seed=1)
     rows, per_crop = [], {}
-    for name, (scorer, min_score) in methods.items():
+    for name, search in methods.items():
         for query_name, query in (("gt", None), ("lq", lq_up)):
-            fit_err, r2, share, helps, used = [], [], [], [], []
-            for i in range(0, crops, 16):
-                sl = slice(i, i + 16)
-                match = texture_search(scorer, gt[sl], region[sl], offset[sl], query=None if query is None else
-                                       query[sl], stride=tex.stride, top_k=tex.top_k, min_score=min_score,
-                                       max_iou=tex.max_iou, ridge=tex.ridge)
-                tile_err = _tiles((match.target - gt[sl]).abs(), p).mean(-1)  # (b, T)
-                ok = match.valid.any(-1)
-                # Tiles without a window are fitted by their flat mean: what X c* then is.
-                tile_err = torch.where(ok, tile_err, flat_err[sl])
-                fit_err.append(tile_err.mean(-1))
-                r2.append(match.tile_r2.mean(-1))
-                projected = project_onto_windows(match, error[sl])
-                e = _centre(_tiles(error[sl], p), 3)
-                share.append(projected.square().sum((-1, -2)) / e.square().sum((-1, -2)).clamp_min(1e-12))
-                helps.append((tile_err < bicubic_err[sl]).float().mean(-1))
-                used.append(ok.float().mean(-1))
-            values = {k: torch.cat(v) for k, v in
-                      {"fit_err": fit_err, "r2": r2, "err_share": share, "pull_helps": helps, "used": used}.items()}
+            values = evaluate(search, region, query)
+            values.pop("partnered")
             per_crop[(name, query_name)] = values
             row = {"method": name, "query": query_name}
             for key, v in values.items():
@@ -185,17 +266,63 @@ def main() -> None:
                 if key in ("fit_err", "err_share"):
                     row[f"{key}_ci95"] = half
             rows.append(row)
-    random_gt = per_crop[("random", "gt")]["fit_err"]
     for row in rows:
         mine = per_crop[(row["method"], row["query"])]["fit_err"]
-        row["vs_random"] = float(1 - mine.mean() / random_gt.mean())  # share of random's fit error removed
-    references = {"bicubic_err": float(bicubic_err.mean()), "flat_mean_err": float(flat_err.mean())}
-    print_table(rows, f"window selection on {crops} held-out crops (Set5 + BSD200), p={p}, K={tex.top_k}, "
-                      f"region {region_size}, blur-noise x{scale}")
-    print(f"references: |bicubic(lq) - gt| {references['bicubic_err']:.4f}, flat tile mean "
-          f"{references['flat_mean_err']:.4f}")
-    write_json(args.json, "bench_selection", rows, references=references, classifier_report=report,
-               crops=crops, overrides=args.overrides)
+        random_err = per_crop[("random", row["query"])]["fit_err"]
+        row["vs_random"] = float(1 - mine.mean() / random_err.mean())  # share of random's fit error removed
+
+    stochastic, groups = stochastic_regions(data, seed=0)
+    stochastic_lq = _degrade(_centre_crop(stochastic), seed=1)
+    texture_rows = []
+    for query_name, query in (("gt", None), ("lq", stochastic_lq)):
+        values = evaluate(methods["classifier"], stochastic, query)
+        per_patch_group = [g for g in groups for _ in range((GT_SIZE // p) ** 2)]
+        for group in ("all", "skimage textures", "photo textures"):
+            crop_sel = torch.tensor([group in ("all", g) for g in groups])
+            patch_sel = torch.tensor([group in ("all", g) for g in per_patch_group])
+            texture_rows.append({"query": query_name, "textures": group, "patches": int(patch_sel.sum()),
+                                 "partnered": float(values["partnered"][patch_sel].float().mean()),
+                                 "r2": float(values["r2"][crop_sel].mean()),
+                                 "fit_err": float(values["fit_err"][crop_sel].mean())})
+
+    def row_of(method: str, query: str) -> dict:
+        return next(r for r in rows if r["method"] == method and r["query"] == query)
+
+    goals = []
+    for query in ("gt", "lq"):
+        mine, corr = row_of("classifier", query), row_of("correlation", query)
+        partnered = next(r for r in texture_rows if r["query"] == query and r["textures"] == "all")["partnered"]
+        goals += [
+            {"goal": f"fit error vs random ({query})", "target": f">= {GOAL_VS_RANDOM:.0%} less",
+             "value": f"{mine['vs_random']:.1%} less", "met": mine["vs_random"] >= GOAL_VS_RANDOM},
+            {"goal": f"fit error vs correlation ({query})", "target": "no worse",
+             "value": f"{mine['fit_err']:.4f} vs {corr['fit_err']:.4f}", "met": mine["fit_err"] <= corr["fit_err"]},
+            {"goal": f"stochastic patches partnered ({query})", "target": f">= {GOAL_PARTNERED:.0%}",
+             "value": f"{partnered:.1%}", "met": partnered >= GOAL_PARTNERED},
+        ]
+
+    references = {"bicubic_err": float(to_patches((lq_up - _centre_crop(region)).abs(), p).mean()),
+                  "flat_mean_err": float(centre_patches(to_patches(_centre_crop(region), p), 3).abs().mean())}
+    titles = [f"window selection on {crops} held-out crops (Set5 + BSD200), p={p}, K={tex.top_k}, "
+              f"region {region_size}, blur-noise x{SCALE}, classifier fitted on {args.train}",
+              f"stochastic textures: {len(stochastic)} regions ({len(TEXTURE_IMAGES) * TEXTURE_REGIONS_PER_IMAGE} of "
+              f"scikit-image's {', '.join(TEXTURE_IMAGES)}; {len(PHOTO_TEXTURE_REGIONS)} of held-out photos), "
+              f"classifier with min_score {tex.min_score}",
+              "goals (issue 19)"]
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        for table, title in zip((rows, texture_rows, goals), titles, strict=True):
+            print_table(table, title)
+        print(f"references: |bicubic(lq) - gt| {references['bicubic_err']:.4f}, flat patch mean "
+              f"{references['flat_mean_err']:.4f}")
+    print(printed.getvalue(), end="")
+    json_path = Path(args.json)
+    write_json(json_path, "bench_selection", rows, stochastic=texture_rows, goals=goals, references=references,
+               classifier_report=report, weights=dict(clf.weight_table()), crops=crops,
+               photo_texture_regions=[list(r) for r in PHOTO_TEXTURE_REGIONS], overrides=args.overrides)
+    markdown = "\n".join(_markdown(table, title) for table, title in zip((rows, texture_rows, goals), titles,
+                                                                          strict=True))
+    json_path.with_suffix(".md").write_text(f"# bench_selection\n\n{markdown}")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ loss) against ``texture_weight = 1`` with the projection term (search + least sq
 error; the first, pull form at 0.1 beside it). Goal: the term adds at
 most 15 % to the step.
 
-(b) The search for one 16 px tile in a 128 x 128 region (64 x 64 with --quick) at stride 4 (841 windows):
-:func:`texture_search` (one feature pass, one broadcast classifier call, one batched solve) against the way
-the original research code did it: one classifier call per window in a Python loop, then the least squares
-by explicit inverse.
+(b) The search for one 16 px patch in a 128 x 128 region (64 x 64 with --quick) at stride 4 (841 windows):
+:class:`~xswinir.texture.TextureSearch` (one feature pass, one broadcast classifier call, one batched solve)
+against the way the original research code did it: one classifier call per window in a Python loop, then the
+least squares by explicit inverse.
 
 The classifier has the real feature set; its weights are fixed synthetic values (the timing does not depend
 on what it learned), its standardisation is fitted to the benchmark's own windows.
@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import measure, parse_args, print_table, write_json
-from xswinir.config import MODEL_PRESETS, TextureConfig
-from xswinir.images import read_image, resolve_image_files
-from xswinir.losses import CombinedLoss, texture_search
+from xswinir.config import MODEL_PRESETS, LossConfig, TextureConfig
+from xswinir.images import read_image
+from xswinir.losses import CombinedLoss
 from xswinir.model import build_swinir
-from xswinir.texture import TextureClassifier
+from xswinir.sources import resolve_image_files
+from xswinir.texture import TextureClassifier, TextureSearch
 
 
 def make_classifier(patch_size: int, sample: torch.Tensor) -> TextureClassifier:
@@ -57,19 +58,19 @@ def crops(size: int, count: int, generator: torch.Generator) -> torch.Tensor:
     return torch.stack(out)
 
 
-def search_per_window(clf: TextureClassifier, tile: torch.Tensor, region: torch.Tensor, stride: int,
+def search_per_window(clf: TextureClassifier, patch: torch.Tensor, region: torch.Tensor, stride: int,
                       top_k: int) -> torch.Tensor:
     """The original approach: one classifier call per window, top K by sorting, ``inv(X^T X) X^T y``."""
-    p = tile.shape[-1]
+    p = patch.shape[-1]
     scores, boxes = [], []
     for top in range(0, region.shape[-2] - p + 1, stride):
         for left in range(0, region.shape[-1] - p + 1, stride):
             window = region[:, :, top:top + p, left:left + p]
-            scores.append(clf(tile, window).item())
+            scores.append(clf(patch, window).item())
             boxes.append((top, left))
     best = sorted(range(len(scores)), key=lambda i: -scores[i])[:top_k]
     X = torch.stack([region[0, :, t:t + p, u:u + p].flatten() for t, u in (boxes[i] for i in best)], dim=1)
-    coefs = torch.inverse(X.T @ X) @ X.T @ tile.flatten()
+    coefs = torch.inverse(X.T @ X) @ X.T @ patch.flatten()
     return X @ coefs
 
 
@@ -92,16 +93,14 @@ def main() -> None:
     offset = torch.full((batch, 2), margin, device=device)
     lq = F.interpolate(gt, scale_factor=0.5, mode="bicubic", antialias=True).clamp(0, 1)
     clf = make_classifier(p, region.cpu()).to(device)
+    search = TextureSearch.from_config(tex, clf)
     model = build_swinir(MODEL_PRESETS["swinir-s-x2"]).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     losses = {
-        "lambda=0": CombinedLoss(None, texture_weight=0.0),
-        "lambda=1 projection": CombinedLoss(clf, texture_weight=1.0, texture_form="projection", stride=tex.stride,
-                                            top_k=tex.top_k, min_score=tex.min_score, max_iou=tex.max_iou,
-                                            ridge=tex.ridge),
-        "lambda=0.1 pull": CombinedLoss(clf, texture_weight=0.1, texture_form="pull", stride=tex.stride,
-                                        top_k=tex.top_k, min_score=tex.min_score, max_iou=tex.max_iou,
-                                        ridge=tex.ridge),
+        "lambda=0": CombinedLoss.from_config(LossConfig(texture_weight=0.0), None),
+        "lambda=1 projection": CombinedLoss.from_config(LossConfig(texture_weight=1.0, texture_form="projection"),
+                                                        search),
+        "lambda=0.1 pull": CombinedLoss.from_config(LossConfig(texture_weight=0.1, texture_form="pull"), search),
     }
 
     def step(loss_fn: CombinedLoss) -> None:
@@ -131,20 +130,19 @@ def main() -> None:
     rows.append({"case": "step with lambda=1 projection, estimated: step(0) + loss difference", "shape": shape,
                  "ms": 1e3 * (base + extra), "ratio": (base + extra) / base})
 
-    # (b) One tile, one size x size region: batched search against the per-window loop.
+    # (b) One patch, one size x size region: batched search against the per-window loop.
     region1 = crops(size, 1, g).to(device)
     c = size // 2 - p // 2
-    tile = region1[..., c:c + p, c:c + p].contiguous()
+    patch = region1[..., c:c + p, c:c + p].contiguous()
     offset1 = torch.tensor([[c, c]], device=device)
     fns = {
-        "per-window loop": lambda: search_per_window(clf, tile, region1, tex.stride, tex.top_k),
-        "batched": lambda: texture_search(clf, tile, region1, offset1, stride=tex.stride, top_k=tex.top_k,
-                                          min_score=tex.min_score, max_iou=tex.max_iou, ridge=tex.ridge),
+        "per-window loop": lambda: search_per_window(clf, patch, region1, tex.stride, tex.top_k),
+        "batched": lambda: search(patch, region1, offset1),
     }
     t = measure(fns, repeat=max(repeat, 5), device=device)  # the batched call is short: more repeats
     n = ((size - p) // tex.stride + 1) ** 2
     for name in fns:
-        rows.append({"case": f"search, {name}", "shape": f"1 tile {p}, region {size}, {n} windows",
+        rows.append({"case": f"search, {name}", "shape": f"1 patch {p}, region {size}, {n} windows",
                      "ms": 1e3 * t[name], "ratio": t[name] / t["batched"]})
 
     print_table(rows, f"texture term cost on {device} ({torch.get_num_threads()} threads); ratio: to the first "

@@ -48,7 +48,7 @@ def plain_pytorch_steps_per_s(cfg: Config, steps: int, warmup: int) -> float:
 
 def ray_steps_per_s(cfg: Config, workdir: Path, name: str) -> tuple[float, float]:
     """Steady-state steps/s and the whole wall time of one Ray Train run."""
-    from xswinir.storage import log_dir
+    from xswinir.paths import log_dir
     from xswinir.trainer import fit
     from xswinir.training_log import METRICS_FILE, read_metrics
 
@@ -57,7 +57,8 @@ def ray_steps_per_s(cfg: Config, workdir: Path, name: str) -> tuple[float, float
     start = time.perf_counter()
     fit(cfg)
     wall = time.perf_counter() - start
-    rates = [r["steps_per_s"] for r in read_metrics(log_dir(cfg.run) / METRICS_FILE) if "steps_per_s" in r]
+    metrics = log_dir(cfg.run.storage, cfg.run.name, cfg.run.log_dir) / METRICS_FILE
+    rates = [r["steps_per_s"] for r in read_metrics(metrics) if "steps_per_s" in r]
     return statistics.median(rates[1:]), wall
 
 
@@ -71,10 +72,10 @@ def main() -> None:
         cfg = apply_overrides(load_config("demo"), {**OVERRIDES, "train.total_steps": steps + 10,
                                                     "train.val_every": steps + 10})
         # One classifier for all variants, trained before any timing.
-        from xswinir.checkpoint import classifier_payload
+        from xswinir.texture.payload import classifier_payload
 
         cfg = apply_overrides(cfg, {"run.storage": str(workdir / "runs")})
-        cfg, _ = classifier_payload(cfg)
+        cfg = apply_overrides(cfg, {"texture.classifier.path": str(classifier_payload(cfg).path)})
         # Ray gives each worker OMP_NUM_THREADS = its CPUs (run.cpus_per_worker = 1): the plain loop gets the same.
         torch.set_num_threads(int(cfg.run.cpus_per_worker))
         plain = plain_pytorch_steps_per_s(cfg, steps, warmup=10)

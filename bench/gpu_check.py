@@ -377,7 +377,7 @@ def model_flops(model: nn.Module, lq: Tensor, autocast_dtype: torch.dtype | None
 
 def training_source(requested: str) -> tuple[str, str | None]:
     """``requested`` when its files exist, else a folder of synthetic photos-like images (and why)."""
-    from xswinir.images import resolve_image_files
+    from xswinir.sources import resolve_image_files
 
     try:
         files = resolve_image_files(requested)

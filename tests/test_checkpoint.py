@@ -1,5 +1,6 @@
-"""Training checkpoints: the manifest, and recognising each way a checkpoint folder gets damaged, on a local
-folder and through a non-local pyarrow filesystem (the code path of s3:// and gs://)."""
+"""Training checkpoints: the manifest, recognising each way a checkpoint folder gets damaged (on a local folder
+and through a non-local pyarrow filesystem, the code path of s3:// and gs://), and restoring one (which checkpoint
+of a run folder a run resumes from: tests/test_runs.py)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,7 @@ from xswinir.checkpoint import (
     MODEL_FILE,
     STATE_FILE,
     checkpoint_problem,
-    filesystem_and_path,
-    list_checkpoints,
     load_checkpoint,
-    newest_good_checkpoint,
     save_checkpoint,
 )
 from xswinir.config import load_config
@@ -111,25 +109,6 @@ def test_each_damage_is_recognised(saved, tmp_path, damage, remote):
             assert problem is None
         else:
             assert problem is not None and expected in problem
-
-
-def test_file_uri_and_listing_pick_the_newest_good_checkpoint(tmp_path):
-    run = tmp_path / "run"
-    names = [f"checkpoint_2026-01-01_00-00-0{i}.000000" for i in (2, 4, 6)]
-    for i, name in enumerate(names):
-        _write(run / name, step=2 * (i + 1))
-    (run / "logs").mkdir()  # not a checkpoint
-    truncate(run / names[2])
-    fs, path = filesystem_and_path(f"file://{run}")
-    found = list_checkpoints(path, fs)
-    assert [p.rsplit("/", 1)[-1] for p in found] == names
-    good, skipped = newest_good_checkpoint(found, fs)
-    assert good.endswith(names[1])
-    assert [(p.rsplit("/", 1)[-1], "model.safetensors has" in why) for p, why in skipped] == [(names[2], True)]
-    assert list_checkpoints(f"{path}/missing", fs) == []
-    for name in names[:2]:
-        corrupt_manifest(run / name)
-    assert newest_good_checkpoint(found, fs)[0] is None
 
 
 def test_load_restores_this_ranks_rng_state(tmp_path):

@@ -48,7 +48,7 @@ def test_eval_bicubic_reproduces_literature_on_set5(shared_data: Path, tmp_path:
 
 def test_eval_lr_folder_equals_on_the_fly(shared_data: Path) -> None:
     set5 = shared_data / "Set5"
-    from_folder = evaluate(set5 / "HR", lr=set5 / "LR_bicubic" / "X4")  # scale implied by the sizes
+    from_folder = evaluate(set5 / "HR", lq=set5 / "LR_bicubic" / "X4")  # scale implied by the sizes
     on_the_fly = evaluate(set5 / "HR", scale=4)
     assert [r["image"] for r in from_folder] == ["baby", "bird", "butterfly", "head", "woman"]
     for a, b in zip(from_folder, on_the_fly, strict=True):

@@ -15,9 +15,9 @@ from xswinir.degradations import (
     build_degrader,
     describe_params,
     gaussian_kernels,
-    make_generator,
     resize_per_sample,
 )
+from xswinir.seeds import make_generator
 
 OFF = dict(blur_prob=0.0, noise_prob=0.0)  # the default degradations blur and add noise
 

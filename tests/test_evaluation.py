@@ -1,4 +1,5 @@
-"""xswinir.evaluation: seeded degraded inputs, the texture metrics, several sets, and the study-runner call."""
+"""xswinir.evaluation: the engine and its callers (test sets, the study, validation, the demo), seeded degraded
+inputs, the texture metrics, several sets, and the printed table."""
 
 from __future__ import annotations
 
@@ -179,7 +180,7 @@ def test_cli_several_sets_degraded(hr_dir: Path, tmp_path: Path, generator: torc
     assert "MS-SSIM-Y" in printed and "degradation 'blur-noise' seed 3" in printed
     lines = [line.split(",") for line in out.read_text().splitlines()]
     header = lines[0]
-    assert header[:8] == ["image", *EVAL_METRICS] and "set" in header
+    assert header[:1 + len(EVAL_METRICS)] == ["image", *EVAL_METRICS] and "set" in header
     table = [(row[0], row[header.index("set")]) for row in lines[1:]]
     assert table == [("a", str(hr_dir)), ("b", str(hr_dir)), ("c", str(hr_dir)), ("average", str(hr_dir)),
                      ("d", str(other)), ("average", str(other)), ("average", "all")]
@@ -233,7 +234,7 @@ def test_lpips_with_weights_on_disk(hr_dir: Path, tmp_path: Path, monkeypatch: p
             rows = evaluate(hr_dir, scale=2)
         assert rows[0][LPIPS] > 0 and rows[2][LPIPS] > 0
         assert math.isnan(rows[1][LPIPS])  # b is 28x32 after cropping: too small for AlexNet
-        assert "lpips of b.png is NaN: 32x28 after cropping, AlexNet needs 31 px" in caplog.text
+        assert "lpips of b is NaN: 32x28 after cropping, AlexNet needs 31 px" in caplog.text
     finally:
         load_lpips.cache_clear()
 
@@ -278,3 +279,68 @@ def test_unreadable_and_tiny_images_are_skipped_and_named(hr_dir: Path, generato
         assert [r["image"] for r in rows] == ["a", "b", "c"]
         assert len(skipped) == 5 and "broken.png: not a readable image" in skipped[0]
         assert all(f"tiny{side}.png: too small to measure at x{scale}" in "\n".join(skipped) for side in (1, 2, 4, 6))
+
+
+def test_format_table_prints_long_names_whole_and_aligned() -> None:
+    names = [f"Canon5D2_5_160_3200_{thing}_11" for thing in ("chair", "desk", "lamp", "plant", "shelf")]
+    rows = [{"image": name, "set": "RealSR", **dict.fromkeys(EVAL_METRICS, 30.0 + i), "seconds": 0.5}
+            for i, name in enumerate(names)]
+    lines = format_table(rows).splitlines()
+    shown = [line.split()[0] for line in lines[3:8]]
+    assert shown == names  # each whole, so five different names print as five different names
+    assert len({len(line) for line in lines[1:] if line.strip("-")}) == 1  # header, images, mean: one width
+    assert lines[-1].split()[:2] == ["average", "32.000"]
+
+
+def test_engine_is_what_evaluate_runs(hr_dir: Path, no_lpips: Path) -> None:
+    """evaluate() is read_pairs + evaluate_pairs: the same rows from the pairs handed over by hand."""
+    from xswinir.evaluation import evaluate_pairs, read_pairs
+
+    by_hand = [(name, gt, lq) for name, gt, lq in read_pairs(hr_dir, 2)]
+    assert [(name, tuple(gt.shape), tuple(lq.shape)) for name, gt, lq in by_hand] == [
+        ("a", (3, 48, 40), (3, 24, 20)), ("b", (3, 32, 36), (3, 16, 18)), ("c", (3, 64, 64), (3, 32, 32))]
+    rows = evaluate_pairs(by_hand, set_name=str(hr_dir))
+    for ours, theirs in zip(rows, evaluate(hr_dir, scale=2), strict=True):
+        assert ours.keys() == theirs.keys()
+        for key in ours.keys() - {"seconds"}:  # NaN (VIF of a tiny image) equals NaN here
+            assert ours[key] == theirs[key] or (ours[key] != ours[key] and theirs[key] != theirs[key]), key
+    with pytest.raises(ValueError, match="is not lq"):
+        evaluate_pairs([("odd", by_hand[0][1], by_hand[1][2])])
+
+
+def test_validation_is_the_engine_on_the_validation_pairs(hr_dir: Path, tiny_config) -> None:
+    from xswinir.degradations import build_degrader
+    from xswinir.evaluation import build_validation_set, evaluate_pairs, validate, validation_rows
+    from xswinir.metrics import PSNR_Y, VAL_PSNR_BICUBIC_Y, VAL_PSNR_Y, VAL_SSIM_BICUBIC_Y, VAL_SSIM_Y
+
+    cfg = tiny_config(hr_dir)
+    val = build_validation_set(cfg, build_degrader(cfg.degradation, cfg.scale), torch.device("cpu"))
+    again = build_validation_set(cfg, build_degrader(cfg.degradation, cfg.scale), torch.device("cpu"))
+    assert all(torch.equal(x, y) for x, y in zip(val.lq, again.lq, strict=True))  # fixed inputs, every run
+    recorder = Recorder().train()
+    rows = validation_rows(recorder, val, 2, tile=None)
+    assert recorder.training  # the caller's mode is restored
+    assert [r["image"] for r in rows] == ["a", "b", "c"] and {r["set"] for r in rows} == {str(hr_dir)}
+    for row in rows:  # a "model" that is bicubic up-sampling scores what bicubic scores
+        assert row[VAL_PSNR_Y] == row[VAL_PSNR_BICUBIC_Y] and row[VAL_SSIM_Y] == row[VAL_SSIM_BICUBIC_Y]
+    bicubic = evaluate_pairs(val.pairs(), scale=2, metrics=(PSNR_Y,))
+    assert [r[VAL_PSNR_BICUBIC_Y] for r in rows] == [r[PSNR_Y] for r in bicubic]
+    means = validate(recorder, val, 2, tile=None)
+    assert set(means) == {VAL_PSNR_Y, VAL_SSIM_Y, VAL_PSNR_BICUBIC_Y, VAL_SSIM_BICUBIC_Y}
+    assert means[VAL_PSNR_Y] == pytest.approx(sum(r[VAL_PSNR_Y] for r in rows) / 3)
+
+
+def test_demo_evaluation_prints_through_format_table(hr_dir: Path, tmp_path: Path, tiny_config,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    from xswinir.cli.demo import evaluate_against_bicubic
+    from xswinir.metrics import VAL_PSNR_BICUBIC_Y, VAL_PSNR_Y
+
+    torch.manual_seed(0)
+    cfg = tiny_config(hr_dir)
+    evaluate_against_bicubic(build_swinir(cfg.model), cfg, tmp_path / "eval.json", tmp_path / "ckpt")
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"{hr_dir} (3 images)" and "Y-PSNR bicubic" in printed[1]
+    assert [line.split()[0] for line in printed[3:6]] == ["a", "b", "c"] and printed[-1].startswith("average")
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert [row["image"] for row in report["images"]] == ["a", "b", "c"]
+    assert report["mean"][VAL_PSNR_BICUBIC_Y] > 20 and math.isfinite(report["mean"][VAL_PSNR_Y])

@@ -12,11 +12,19 @@ from torch import nn
 
 from xswinir.checkpoint import save_weights
 from xswinir.cli import main
-from xswinir.config import DEGRADATION_PRESETS, MODEL_PRESETS, Config, DataConfig, TextureConfig
-from xswinir.explain import ExplainError, consistency_map, explain, explain_lq, pick_tiles
+from xswinir.config import DEGRADATION_PRESETS, MODEL_PRESETS, TextureConfig
+from xswinir.explain import (
+    ExplainError,
+    consistency_map,
+    degrade_hr,
+    explain,
+    pick_patches,
+    search_blocks,
+    upsample_input,
+)
 from xswinir.images import read_image, write_image
 from xswinir.model import build_swinir
-from xswinir.texture import TextureClassifier, save_texture_classifier
+from xswinir.texture import TextureClassifier, TextureSearch, save_texture_classifier
 
 
 def textured_image(generator: torch.Generator, size: int = 64) -> torch.Tensor:
@@ -98,31 +106,36 @@ def test_cli_explains_a_low_quality_image(parts, tmp_path, capsys):
     assert "mean texture consistency of the restored image:" in printed and "(4x4 tiles of 16 px)" in printed
 
 
-def test_explain_core_finds_windows_outside_the_tile(parts, generator):
+def search_for(classifier: TextureClassifier, **settings) -> TextureSearch:
+    """The search with ``TextureConfig``'s settings (its defaults where not given) and the classifier's patch size."""
+    return TextureSearch.from_config(TextureConfig(patch_size=classifier.patch_size, **settings), classifier)
+
+
+def test_explain_with_hr_finds_windows_outside_the_patch(parts, generator):
     from xswinir.checkpoint import load_model
     from xswinir.texture import load_texture_classifier
 
     model, model_cfg = load_model(parts["model"])
-    clf = load_texture_classifier(parts["classifier"])
-    cfg = Config(model=model_cfg, data=DataConfig(gt_size=64), degradation=DEGRADATION_PRESETS["blur-noise"],
-                 texture=TextureConfig(patch_size=16, region_size=None))
-    hr = read_image(parts["image"])
-    tiles = torch.tensor([[0, 16], [32, 0]])
-    result = explain(model, clf, hr, cfg, seed=1, tiles=tiles)
+    search = search_for(load_texture_classifier(parts["classifier"]), region_size=None)
+    degraded = degrade_hr(read_image(parts["image"]), DEGRADATION_PRESETS["blur-noise"], model_cfg.upscale,
+                          search.patch_size, seed=1)
+    hr = degraded.hr
+    positions = torch.tensor([[0, 16], [32, 0]])
+    result = explain(model, search, degraded.lq, hr=hr, description=degraded.description, positions=positions)
     assert result.png is None and result.figure is not None
-    assert result.sr.shape == hr.shape and result.lq.shape == (3, 32, 32)
-    assert result.description  # what the degradation did
+    assert result.sr.shape == hr.shape and result.lq.shape == (3, 32, 32) and torch.equal(result.hr, hr)
+    assert result.description == degraded.description and "noise" in result.description
     assert {r["patch"] for r in result.rows} == {1, 2}
     for r in result.rows:
         tile, window = r["tile"], r["window"]
         assert window[2] - window[0] == 16 and 0 <= window[0] and window[2] <= 64 and window[3] <= 64
         overlap = max(0, min(tile[2], window[2]) - max(tile[0], window[0])) * max(
             0, min(tile[3], window[3]) - max(tile[1], window[1]))
-        assert overlap / (2 * 256 - overlap) <= cfg.texture.max_iou
-        assert r["score"] >= cfg.texture.min_score
-    # Stripes find stripes: the windows of the top-row tile lie in the striped top half.
+        assert overlap / (2 * 256 - overlap) <= search.max_iou
+        assert r["score"] >= search.min_score
+    # Stripes find stripes: the windows of the top-row patch lie in the striped top half.
     assert all(r["window"][2] <= 40 for r in result.rows if r["patch"] == 1)
-    # The texture consistency of the restored output: one value per 16 px tile, in [0, 1].
+    # The texture consistency of the restored output: one value per 16 px patch, in [0, 1].
     assert result.consistency.shape == (4, 4) and 0 <= result.consistency.min() <= result.consistency.max() <= 1
     assert result.consistency_mean == pytest.approx(float(result.consistency.mean()))
     assert [s["patch"] for s in result.tile_summary] == [1, 2]
@@ -131,7 +144,62 @@ def test_explain_core_finds_windows_outside_the_tile(parts, generator):
                                                  abs=1e-5)
 
 
-def test_explain_lq_needs_no_hr_image(parts, generator, tmp_path):
+def test_degrade_hr_crops_to_the_scale_and_is_seeded(generator):
+    hr = textured_image(generator, 67)
+    first = degrade_hr(hr, DEGRADATION_PRESETS["blur-noise"], 2, 16, seed=4)
+    again = degrade_hr(hr, DEGRADATION_PRESETS["blur-noise"], 2, 16, seed=4)
+    other = degrade_hr(hr, DEGRADATION_PRESETS["blur-noise"], 2, 16, seed=5)
+    assert torch.equal(first.hr, hr[:, :66, :66]) and first.lq.shape == (3, 33, 33)
+    assert torch.equal(first.lq, again.lq) and first.description == again.description
+    assert not torch.equal(first.lq, other.lq)
+    with pytest.raises(ExplainError, match="smaller than one 16 px"):
+        degrade_hr(hr[:, :15], DEGRADATION_PRESETS["blur-noise"], 2, 16)
+    with pytest.raises(ExplainError, match="one"):
+        degrade_hr(hr[None], DEGRADATION_PRESETS["blur-noise"], 2, 16)
+
+
+def test_pinned_explanations(generator, one_torch_thread_per_test):
+    # Values computed before explain and explain_lq became one function: the same windows, c* and maps.
+    image = textured_image(generator, 64)
+    clf = tiny_classifier(image)
+    degraded = degrade_hr(image, DEGRADATION_PRESETS["blur-noise"], 2, 16, seed=3)
+    assert degraded.description == "blur sigma 1.00x0.28 @ -5 deg | down x2 | noise sigma 11.8"
+    with_hr = explain(Upsampler(), search_for(clf, region_size=48, query="lq"), degraded.lq, hr=degraded.hr,
+                      description=degraded.description, patches=3)
+    assert [(s["tile"], s["windows"]) for s in with_hr.tile_summary] == [
+        ([32, 16, 48, 32], 0), ([16, 48, 32, 64], 5), ([0, 16, 16, 32], 5)]
+    torch.testing.assert_close(torch.tensor([[s["r2"], s["consistency"]] for s in with_hr.tile_summary]),
+                               torch.tensor([[0.0, 0.0321], [0.9748, 0.8485], [0.6798, 0.7712]]), atol=1e-4, rtol=0)
+    assert [(r["patch"], r["window"]) for r in with_hr.rows] == [
+        (2, [16, 24, 32, 40]), (2, [16, 20, 32, 36]), (2, [16, 32, 32, 48]), (2, [0, 48, 16, 64]),
+        (2, [0, 36, 16, 52]), (3, [0, 0, 16, 16]), (3, [20, 4, 36, 20]), (3, [20, 16, 36, 32]),
+        (3, [20, 0, 36, 16]), (3, [0, 32, 16, 48])]
+    torch.testing.assert_close(torch.tensor([r["coef"] for r in with_hr.rows]), torch.tensor(
+        [0.1029, 3.1573, -2.3933, -2.3538, 2.5324, 0.3629, 0.3119, 0.5781, -0.2475, 0.0843]), atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(with_hr.consistency, torch.tensor(
+        [[0.8103, 0.7712, 0.7606, 0.8868], [0.8747, 0.9012, 0.6169, 0.8485], [0.0218, 0.0321, 0.0381, 0.1054],
+         [0.0676, 0.1021, 0.0108, 0.0179]]), atol=1e-4, rtol=0)
+
+    lq = F.avg_pool2d(image[None], 2)[0]
+    without = explain(Upsampler(), search_for(clf, min_score=0.3, region_size=48), lq, patches=2)
+    assert without.description == "given low-quality input, 32x32, restored x2 (no HR image)"
+    assert [(s["tile"], s["windows"]) for s in without.tile_summary] == [([16, 16, 32, 32], 5), ([16, 48, 32, 64], 5)]
+    assert [r["window"] for r in without.rows] == [
+        [16, 0, 32, 16], [0, 16, 16, 32], [16, 32, 32, 48], [0, 4, 16, 20], [0, 28, 16, 44], [16, 24, 32, 40],
+        [16, 20, 32, 36], [16, 32, 32, 48], [16, 28, 32, 44], [16, 16, 32, 32]]
+    torch.testing.assert_close(torch.tensor([r["coef"] for r in without.rows]), torch.tensor(
+        [0.2957, 1.2217, 0.2555, -0.2726, -0.2714, 1.0827, -0.2495, 0.4797, -1.1239, 0.797]), atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(without.consistency, torch.tensor(
+        [[0.8589, 0.9443, 0.9738, 0.9151], [0.8951, 0.7476, 0.7444, 0.994], [0.0263, 0.0163, 0.3442, 0.2315],
+         [0.0167, 0.0214, 0.0002, 0.0]]), atol=1e-4, rtol=0)
+
+    consistency = consistency_map(search_for(clf, region_size=32, min_score=0.0), image)
+    torch.testing.assert_close(consistency, torch.tensor(
+        [[0.8885, 0.7304, 0.733, 0.8907], [0.3173, 0.0, 0.0, 0.3206], [0.0082, 0.0, 0.0, 0.0],
+         [0.0028, 0.0023, 0.0, 0.0]]), atol=1e-4, rtol=0)
+
+
+def test_explain_needs_no_hr_image(parts, generator, tmp_path):
     from xswinir.checkpoint import load_model
     from xswinir.texture import load_texture_classifier
 
@@ -139,10 +207,9 @@ def test_explain_lq_needs_no_hr_image(parts, generator, tmp_path):
     clf = load_texture_classifier(parts["classifier"])
     lq = read_image(parts["lq"])
     # The untrained model's output shares little with the input: min_score 0 keeps the K best windows anyway.
-    # A 48 px region makes every tile its own block (the 64 px output is more than one region).
-    texture = TextureConfig(min_score=0.0, region_size=48)
+    # A 48 px region makes every patch its own block (the 64 px output is more than one region).
     out = tmp_path / "lq_explain.png"
-    result = explain_lq(model, clf, lq, texture, patches=2, out=out, html=True)
+    result = explain(model, search_for(clf, min_score=0.0, region_size=48), lq, patches=2, out=out, html=True)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and result.png == out
     page = out.with_suffix(".html").read_text()
     assert "data:image/png;base64," in page and "texture consistency" in page
@@ -158,7 +225,7 @@ def test_explain_lq_needs_no_hr_image(parts, generator, tmp_path):
         tile = r["tile"]
         assert bottom <= tile[0] or top >= tile[2] or right <= tile[1] or left >= tile[3]  # max_iou 0: disjoint
         assert 0 <= r["score"] <= 1
-    # A tile's row searches exactly what the map searched for it.
+    # A patch's row searches exactly what the map searched for it.
     for s in result.tile_summary:
         assert s["r2"] == s["consistency"]
         assert s["r2"] == pytest.approx(float(result.consistency[s["tile"][0] // 16, s["tile"][1] // 16]), abs=1e-5)
@@ -167,25 +234,37 @@ def test_explain_lq_needs_no_hr_image(parts, generator, tmp_path):
 def test_repeated_texture_is_more_consistent_than_noise(generator):
     noise = torch.rand(3, 32, 32, generator=generator)
     both = F.interpolate(torch.cat([repeated_texture(), noise], -1)[None], scale_factor=2, mode="bilinear")[0]
-    clf = tiny_classifier(both)
-    texture = TextureConfig(min_score=0.0)  # the same K windows for both: the fit decides, not the threshold
-    repeated = explain_lq(Upsampler(), clf, repeated_texture(), texture, patches=1)
-    noisy = explain_lq(Upsampler(), clf, noise, texture, patches=1)
+    search = search_for(tiny_classifier(both), min_score=0.0)  # the same K windows for both: the fit decides
+    repeated = explain(Upsampler(), search, repeated_texture(), patches=1)
+    noisy = explain(Upsampler(), search, noise, patches=1)
     assert repeated.consistency_mean > 0.9 > 0.3 > noisy.consistency_mean
 
 
-def test_consistency_map_matches_single_tile_searches(generator):
+def test_consistency_map_matches_single_patch_searches(generator):
     from xswinir.explain import _search
 
-    image = textured_image(generator, 80)  # 5 x 5 tiles; 64 px regions give 2 x 2 blocks, the last ones overlap
-    clf = tiny_classifier(image)
-    texture = TextureConfig(region_size=64, min_score=0.0)
-    consistency = consistency_map(clf, image, None, texture)
+    image = textured_image(generator, 80)  # 5 x 5 patches; 64 px regions give 2 x 2 blocks, the last ones overlap
+    search = search_for(tiny_classifier(image), region_size=64, min_score=0.0)
+    consistency = consistency_map(search, image)
     assert consistency.shape == (5, 5)
     grid = torch.stack(torch.meshgrid(torch.arange(5), torch.arange(5), indexing="ij"), -1).reshape(-1, 2) * 16
-    match, regions, _ = _search(clf, image, None, grid, (16, 16), texture, torch.device("cpu"))
+    match, regions, _ = _search(search, image, None, grid, (16, 16), torch.device("cpu"))
     assert regions.shape[-2:] == (64, 64)
     torch.testing.assert_close(consistency.flatten(), match.tile_r2[:, 0], atol=1e-5, rtol=0)
+
+
+def test_search_blocks_cover_every_patch(generator):
+    image = textured_image(generator, 80)
+    search = search_for(tiny_classifier(image), region_size=64, min_score=0.0)
+    covered = torch.zeros(5, 5, dtype=torch.int)
+    for match, region_tl in search_blocks(search, image, upsample_input(F.avg_pool2d(image[None], 2)[0], 2)):
+        assert match.tiles == (2, 2) and region_tl.shape == (match.boxes.shape[0], 2)
+        patch_tl = (match.tile_boxes[..., :2] + region_tl[:, None, :]) // 16  # (n, T, 2) in patches
+        for y, x in patch_tl.reshape(-1, 2).tolist():
+            covered[y, x] += 1
+    assert (covered >= 1).all() and covered.sum() > 25  # the last blocks overlap the ones before
+    with pytest.raises(ExplainError, match="query"):
+        next(search_blocks(search, image, image[:, :32]))
 
 
 def test_denoiser_query_is_the_input(parts, generator):
@@ -193,18 +272,18 @@ def test_denoiser_query_is_the_input(parts, generator):
     model = build_swinir(dataclasses.replace(MODEL_PRESETS["tiny-x2"], upscale=1, upsampler=""))
     clf = tiny_classifier(textured_image(generator, 32))
     lq = read_image(parts["lq"])
-    result = explain_lq(model, clf, lq, TextureConfig(), patches=1)
+    result = explain(model, search_for(clf), lq, patches=1)
     assert result.sr.shape == lq.shape and torch.equal(result.query, lq)
     assert result.consistency.shape == (2, 2)
 
 
-def test_pick_tiles_prefers_texture(generator):
+def test_pick_patches_prefers_texture(generator):
     image = textured_image(generator)
-    tiles = pick_tiles(image, 16, 3)
-    assert tiles.shape == (3, 2)
-    assert not ((tiles[:, 0] >= 32) & (tiles[:, 1] >= 32)).any()  # never the flat quarter
-    small = pick_tiles(torch.rand(3, 32, 32, generator=generator), 16, 5)
-    assert len({tuple(t) for t in small.tolist()}) == len(small) == 4  # all four tiles, each once
+    patches = pick_patches(image, 16, 3)
+    assert patches.shape == (3, 2)
+    assert not ((patches[:, 0] >= 32) & (patches[:, 1] >= 32)).any()  # never the flat quarter
+    small = pick_patches(torch.rand(3, 32, 32, generator=generator), 16, 5)
+    assert len({tuple(t) for t in small.tolist()}) == len(small) == 4  # all four patches, each once
 
 
 def test_bad_image_gives_a_clear_error(parts, tmp_path, capsys):
@@ -231,11 +310,14 @@ def test_bad_image_gives_a_clear_error(parts, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_explain_rejects_html_without_output(parts):
+def test_explain_rejects_html_without_output_and_a_mismatched_hr(parts, generator):
     from xswinir.checkpoint import load_model
     from xswinir.texture import load_texture_classifier
 
-    model, model_cfg = load_model(parts["model"])
-    cfg = Config(model=model_cfg, data=DataConfig(gt_size=64))
+    model, _ = load_model(parts["model"])
+    search = search_for(load_texture_classifier(parts["classifier"]))
+    lq = read_image(parts["lq"])
     with pytest.raises(ExplainError, match="output path"):
-        explain(model, load_texture_classifier(parts["classifier"]), read_image(parts["image"]), cfg, html=True)
+        explain(model, search, lq, html=True)
+    with pytest.raises(ExplainError, match="HR image"):
+        explain(model, search, lq, hr=textured_image(generator, 48))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +148,15 @@ def test_export_refuses_a_training_size_the_original_cannot_build(tmp_path: Path
     with pytest.raises(ExportError, match="img_size=18 is not a multiple of the window 4"):
         export_checkpoint(*source, "official", tmp_path / "x.pth")
     assert main(["export", str(source[0]), "--format", "official", "--out", str(tmp_path / "x.pth")]) == 2
+
+
+def test_unknown_format_is_a_one_line_error_and_help_needs_no_torch(tmp_path: Path, capsys) -> None:
+    assert main(["export", str(tmp_path / "any.safetensors"), "--format", "tflite", "--out", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown export format 'tflite'; choose one of official, safetensors, onnx" in err
+    # Every command's parser (the formats of this one included) is built for `xswinir --help`: no torch there.
+    code = "import sys; from xswinir.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
 @pytest.fixture(scope="module")

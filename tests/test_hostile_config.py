@@ -21,7 +21,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from xswinir.cli import main
-from xswinir.config import MODEL_PRESETS, Config, ModelConfig, config_fields, load_config
+from xswinir.config import Config, config_fields, load_config
+from xswinir.model_spec import MODEL_PRESETS, ModelConfig
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

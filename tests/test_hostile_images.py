@@ -21,8 +21,8 @@ from tests.test_images import load_hostile_generator
 from xswinir.checkpoint import save_weights
 from xswinir.cli import main
 from xswinir.config import MODEL_PRESETS
-from xswinir.images import printable_path
 from xswinir.model import build_swinir
+from xswinir.paths import printable_path
 from xswinir.texture import save_texture_classifier
 
 hostile = load_hostile_generator()

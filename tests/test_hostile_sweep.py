@@ -79,7 +79,7 @@ def _cli_refuses(path: Path, capsys) -> str:
 
     # Reaching Ray fails the test with an AssertionError, which the CLI would not turn into exit status 2.
     with mock.patch("ray.init", side_effect=AssertionError("Ray was started")), \
-            mock.patch("xswinir.trainer.init_ray", side_effect=AssertionError("Ray was started")):
+            mock.patch("xswinir.tune.launch.init_ray", side_effect=AssertionError("Ray was started")):
         code = main(["tune", "--config", str(path)])
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()

@@ -1,4 +1,5 @@
-"""Reading and writing image files: modes, bit depth, alpha, EXIF orientation, size limits, atomic writes."""
+"""Reading and writing image files: modes, bit depth, alpha, EXIF orientation, size limits, atomic writes
+(a failed write leaves the previous file)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,17 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from xswinir.atomic import atomic_path, atomic_write_text
 from xswinir.errors import UserError
 from xswinir.images import (
     ImageReadError,
     decode_image_data,
-    printable_path,
     read_image,
     read_image_data,
-    resolve_image_files,
     to_channels,
     to_uint8,
     write_image,
 )
+from xswinir.paths import printable_path
 from xswinir.pixel_limit import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, max_pixels
 
 
@@ -173,20 +172,6 @@ def test_write_image_formats_quality_and_alpha(tmp_path: Path, generator: torch.
         write_image(tmp_path / "a.gif", image)
 
 
-def test_atomic_writes_keep_the_old_file_until_the_new_one_is_complete(tmp_path: Path) -> None:
-    target = tmp_path / "sub" / "report.csv"
-    atomic_write_text(target, "old\n")
-    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
-        tmp.write_text("half of the new")
-        raise RuntimeError("killed mid-write")
-    assert target.read_text() == "old\n" and os.listdir(target.parent) == ["report.csv"]
-    with atomic_path(target) as tmp:
-        assert tmp.parent == target.parent and tmp.name.startswith(".") and tmp.suffix == ".csv"
-        tmp.write_text("new\n")
-        assert target.read_text() == "old\n"  # not replaced before the block ends
-    assert target.read_text() == "new\n" and os.listdir(target.parent) == ["report.csv"]
-
-
 def test_write_image_failure_leaves_the_previous_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_image(tmp_path / "out.png", torch.zeros(3, 4, 4))
     before = path.read_bytes()
@@ -198,12 +183,6 @@ def test_write_image_failure_leaves_the_previous_output(tmp_path: Path, monkeypa
     with pytest.raises(OSError, match="disk full"):
         write_image(path, torch.ones(3, 4, 4), overwrite=True)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["out.png"]
-
-
-def test_folder_scan_skips_hidden_files(tmp_path: Path) -> None:
-    for name in ("a.png", "._a.png", ".out.png.1234.tmp.png"):
-        (tmp_path / name).write_bytes(_png(np.zeros((2, 2), np.uint8)))
-    assert [p.name for p in resolve_image_files(tmp_path)] == ["a.png"]
 
 
 def test_to_channels() -> None:

@@ -1,4 +1,4 @@
-"""PSNR/SSIM against hand-computed values and an independent loop-based SSIM."""
+"""PSNR/SSIM against hand-computed values and an independent loop-based SSIM; VIF against torchmetrics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,20 @@ import math
 import pytest
 import torch
 
-from xswinir.metrics import VAL_PSNR_BICUBIC_Y, VAL_PSNR_Y, VAL_SSIM_Y, psnr, rgb_to_y, ssim
+import xswinir.metrics as metrics
+from xswinir.metrics import (
+    VAL_PSNR_BICUBIC_Y,
+    VAL_PSNR_Y,
+    VAL_SSIM_Y,
+    VIF_MIN_SIZE,
+    psnr,
+    psnr_y,
+    rgb_to_y,
+    ssim,
+    vif,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: one thread is fastest on a shared machine
 
 
 def _grid(generator: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
@@ -118,9 +131,79 @@ def test_bad_shapes_raise() -> None:
         ssim(torch.zeros(1, 3, 12, 12), torch.zeros(1, 3, 12, 12), crop_border=2)
 
 
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A Gaussian blur (reflect padding), the loss of fine texture a restoration can show."""
+    coords = torch.arange(-6.0, 7.0, dtype=x.dtype)
+    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    window = (kernel[:, None] * kernel[None, :]).expand(x.shape[1], 1, 13, 13)
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (6, 6, 6, 6), mode="reflect"), window,
+                                      groups=x.shape[1])
+
+
+def _texture(generator: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+    """Fine random texture in [0.15, 0.75]: room for a brightness shift without clipping."""
+    return 0.15 + 0.6 * _blur(torch.rand(shape, generator=generator, dtype=torch.float64), 0.7)
+
+
+def test_vif_core_reproduces_torchmetrics_documented_values() -> None:
+    # The example in torchmetrics' `visual_information_fidelity` docstring, on raw (not 0-1) values.
+    preds = torch.randn(4, 3, 41, 41, generator=torch.Generator().manual_seed(42))
+    target = torch.randn(4, 3, 41, 41, generator=torch.Generator().manual_seed(43))
+    sums = metrics._vif_sums(preds.double(), target.double(), None, None)
+    torch.testing.assert_close((sums[0] / sums[1]).mean(dim=1).float(), torch.tensor([0.0040, 0.0049, 0.0017, 0.0039]),
+                               atol=5e-5, rtol=0)
+
+
+def test_vif_equals_torchmetrics_whole_and_in_tiles(generator: torch.Generator,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiles of any size (rounded to multiples of 8) give torchmetrics' whole-image value, on Y and on RGB."""
+    from torchmetrics.functional.image import visual_information_fidelity
+
+    gt = _texture(generator, (1, 3, 59, 50))
+    sr = (gt + 0.05 * torch.randn(gt.shape, generator=generator, dtype=torch.float64)).clamp(0, 1)
+    rounded = [torch.round(x[..., 2:-2, 2:-2] * 255) / 255 for x in (sr, gt)]
+    reference_y = visual_information_fidelity(*(rgb_to_y(x) for x in rounded), reduction="none")
+    reference_rgb = visual_information_fidelity(*(x * 255 for x in rounded), reduction="none")
+    for tile in (512, 9, 16, 40):
+        monkeypatch.setattr(metrics, "METRIC_TILE", tile)
+        torch.testing.assert_close(vif(sr, gt, 2, y_channel=True), reference_y, atol=1e-12, rtol=0)
+        torch.testing.assert_close(vif(sr, gt, 2), reference_rgb, atol=1e-12, rtol=0)
+
+
+def test_vif_equal_images_score_one_and_small_images_nan(generator: torch.Generator) -> None:
+    x = _texture(generator, (2, 3, 48, 50))
+    torch.testing.assert_close(vif(x, x.clone(), 2, y_channel=True), torch.ones(2, dtype=torch.float64))
+    side = VIF_MIN_SIZE + 3  # one pixel short after cropping 2 from each side
+    small = _texture(generator, (1, 3, side, 60))
+    assert torch.isnan(vif(small, small, 2, y_channel=True)).all()
+    assert torch.isfinite(vif(small, small, 1, y_channel=True)).all()
+
+
+def test_vif_penalises_lost_texture_more_than_a_brightness_shift(generator: torch.Generator) -> None:
+    """What makes VIF texture-sensitive: PSNR calls a uniform 10-level shift worse than a blur, VIF the reverse."""
+    gt = _texture(generator, (2, 3, 64, 64))
+    blurred, more_blurred = _blur(gt, 1.0), _blur(gt, 2.0)
+    shifted = gt + 10 / 255
+    assert (psnr_y(shifted, gt, 2) < psnr_y(blurred, gt, 2)).all()
+    vif_blur, vif_shift = vif(blurred, gt, 2, y_channel=True), vif(shifted, gt, 2, y_channel=True)
+    assert (vif_shift > 0.99).all()  # only 8-bit rounding differs: the same local detail, brighter
+    assert (vif_blur < 0.5).all() and (vif(more_blurred, gt, 2, y_channel=True) < vif_blur).all()
+
+
+def test_vif_batch_entries_are_independent(generator: torch.Generator) -> None:
+    gt = _texture(generator, (3, 3, 45, 47))
+    sr = _blur(gt, 0.8)
+    batched = vif(sr, gt, 1, y_channel=True)
+    for i in range(3):
+        torch.testing.assert_close(batched[i:i + 1], vif(sr[i:i + 1], gt[i:i + 1], 1, y_channel=True))
+
+
 @pytest.mark.gpu
 def test_cuda_matches_cpu(generator: torch.Generator) -> None:
     gt = _grid(generator, (2, 3, 32, 32))
     sr = (gt + torch.rand(gt.shape, generator=generator).double() * 0.1).clamp(0, 1)
     torch.testing.assert_close(psnr(sr.cuda(), gt.cuda(), 2, True).cpu(), psnr(sr, gt, 2, True))
     torch.testing.assert_close(ssim(sr.cuda(), gt.cuda(), 2, True).cpu(), ssim(sr, gt, 2, True))
+    big = torch.nn.functional.interpolate(sr, size=(48, 48)), torch.nn.functional.interpolate(gt, size=(48, 48))
+    torch.testing.assert_close(vif(*(x.cuda() for x in big), 2, True).cpu(), vif(*big, 2, True))

@@ -17,7 +17,6 @@ from xswinir.checkpoint import (
     load_state_dict_strict,
     save_weights,
 )
-from xswinir.config import MODEL_PRESETS, ModelConfig
 from xswinir.errors import UserError
 from xswinir.model import (
     SwinIR,
@@ -28,6 +27,7 @@ from xswinir.model import (
     window_attention,
     window_order,
 )
+from xswinir.model_spec import MODEL_PRESETS, ModelConfig
 
 
 def tiny(**overrides) -> ModelConfig:

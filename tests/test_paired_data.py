@@ -123,3 +123,61 @@ def test_train_step_uses_the_batch_lq(pairs, tiny_config):
     assert any(not torch.equal(a, b) for a, b in zip(before, parts.model.parameters(), strict=True))
     with pytest.raises(AssertionError, match="degrader ran"):  # the control: unpaired batches are degraded
         train_step(parts.model, NoDegrader(), parts.loss_fn, parts.optimizer, {"gt": batch["gt"]}, torch.Generator())
+
+
+def test_paired_data_is_checked_before_ray_as_the_workers_would_skip_it(pairs, tiny_config, tmp_path, caplog):
+    from xswinir.data import PatchCutter, PatchDataset, check_train_source, open_images
+
+    hr, lq = pairs
+    _pair(hr, lq, "d", 40, 40, 3, lq_stem="other")  # no partner
+    Image.fromarray(np.zeros((10, 10, 3), dtype=np.uint8)).save(lq / "ex2.png")  # wrong size
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(hr / "e.png")
+    (hr / "f.png").write_bytes(b"not an image")
+    _pair(hr, lq, "g", 20, 20, 4)  # just large enough
+    _pair(hr, lq, "h", 14, 30, 5)  # smaller than the 16 px patch; paired images are never padded
+    cfg = tiny_config(hr, **{"data.train_lq": str(lq), "run.storage": str(tmp_path / "runs")})
+    with caplog.at_level(logging.WARNING):
+        skipped = check_train_source(cfg)
+    dataset = PatchDataset(open_images(str(hr), 3, str(lq), 2), PatchCutter.from_config(cfg))
+    assert skipped == dataset.skipped  # the driver names exactly what the workers would skip
+    assert [name for name, _ in skipped] == ["d.png", "e.png", "f.png", "h.png"]
+    assert "training data: skipping e.png: its LQ image is 10x10, not 40x40 (after modcrop) / 2" in caplog.text
+    assert "training data: 4 of 8 images are skipped" in caplog.text
+
+
+def test_paired_data_with_no_usable_pair_is_refused_before_ray(tmp_path, tiny_config):
+    from xswinir.data import check_train_source
+    from xswinir.trainer import fit
+
+    hr, lq = tmp_path / "hr", tmp_path / "lq"
+    hr.mkdir()
+    lq.mkdir()
+    for stem in ("a", "b", "c"):
+        Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(hr / f"{stem}.png")
+        Image.fromarray(np.zeros((21, 20, 3), dtype=np.uint8)).save(lq / f"{stem}x2.png")  # one row too many
+    (hr / "d.png").write_bytes((hr / "a.png").read_bytes())  # and one without a partner
+    cfg = tiny_config(hr, **{"data.train_lq": str(lq), "run.storage": str(tmp_path / "runs")})
+    expected = (f"data.train {hr} (LQ partners in {lq}): none of its 4 images is usable (3 with an LQ partner of "
+                f"the wrong size (not HR / 2), 1 without an LQ partner); first: a.png: its LQ image is 20x21, not "
+                "40x40 (after modcrop) / 2")
+    with pytest.raises(DataError) as refused:
+        check_train_source(cfg)
+    assert str(refused.value) == expected
+    with pytest.raises(DataError, match="none of its 4 images is usable"):
+        fit(cfg)  # refused in the driver: Ray never starts, no texture classifier is trained
+
+
+def test_pack_lq_with_partners_of_the_wrong_size_says_so(tmp_path, capsys):
+    from xswinir.cli import main
+
+    hr, lq = tmp_path / "hr", tmp_path / "lq"
+    hr.mkdir()
+    lq.mkdir()
+    for stem in ("a", "b"):
+        Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(hr / f"{stem}.png")
+        Image.fromarray(np.zeros((10, 10, 3), dtype=np.uint8)).save(lq / f"{stem}x2.png")
+    assert main(["pack", str(hr), str(tmp_path / "out"), "--lq", str(lq), "--scale", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"xswinir pack: error: nothing to pack from {hr}: all 2 file(s) were skipped (2 whose LQ partner "
+                   "is not their size / 2); first: a.png: its LQ image is 10x10, not 40x40 (after modcrop) / 2")
+    assert not (tmp_path / "out").exists()

@@ -7,6 +7,11 @@ import hashlib
 import itertools
 import logging
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +22,8 @@ from PIL import Image
 
 from xswinir.cli import main
 from xswinir.data import build_train_batches, check_train_source, load_val_images
-from xswinir.images import read_image
+from xswinir.images import ImageReadError, read_image
+from xswinir.lease import LEASE_FILE
 from xswinir.shards import (
     SCHEMA,
     ShardError,
@@ -86,8 +92,10 @@ def test_refuses_to_overwrite_and_to_pack_nothing(folder, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.png").write_bytes(b"x")
-    with pytest.raises(ShardError, match="no readable images"):
+    with pytest.raises(ShardError, match=r"nothing to pack from .*bad: all 1 file\(s\) were skipped \(1 not "
+                                         r"readable\); first: x.png: not a readable image"):
         pack_images(bad, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()  # a pack that failed leaves no folder behind
 
 
 def test_cli_pack(folder, tmp_path, capsys):
@@ -162,7 +170,7 @@ def test_overwrite_keeps_the_old_shards_until_the_new_ones_are_complete(folder, 
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "x.png").write_bytes(b"not an image")
-    with pytest.raises(ShardError, match="no readable images"):
+    with pytest.raises(ShardError, match="nothing to pack from .*broken"):
         pack_images(broken, out, overwrite=True, progress=False)
     assert {p.name: p.read_bytes() for p in out.glob("shard-*.parquet")} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "hr", "shards"]  # no temporary left over
@@ -255,3 +263,122 @@ def test_sub_images_of_a_rotated_photo_are_cut_upright(tmp_path):
     images = ShardImages(tmp_path / "shards")
     for i, (left, top, right, bottom) in enumerate(sub_image_boxes(20, 36, 16, 16)):
         torch.testing.assert_close(images.load(i), upright[:, top:bottom, left:right], rtol=0, atol=0)
+
+
+def _null_cells(table, cells):
+    """The table with the ``{column: row}`` cells set to null, as a damaged file or another writer may have them."""
+    for column, row in cells.items():
+        values = table.column(column).to_pylist()
+        values[row] = None
+        index = table.column_names.index(column)
+        table = table.set_column(index, table.schema.field(index), pa.array(values, table.schema.field(index).type))
+    return table
+
+
+def test_null_cells_are_damaged_rows_named_and_skipped(folder, tmp_path, caplog, capsys, tiny_config):
+    from xswinir.texture.training import load_training_images
+
+    shards = tmp_path / "shards"
+    pack_images(folder, shards, progress=False)
+    shard = next(shards.glob("*.parquet"))
+    _rewrite(shard, lambda t: _null_cells(t, {"image": 1, "width": 2}))  # c.jpg, deep.png
+    images = ShardImages(shards)
+    assert images.sizes[2] is None and images.names[1] == "c.jpg"
+    with pytest.raises(ImageReadError, match=f"c.jpg: damaged shard row \\(empty image cell\\) in {shard}"):
+        images.load(1)
+    with pytest.raises(ImageReadError, match="deep.png: damaged shard row \\(empty width/height cell\\)"):
+        images.load(2)
+    with caplog.at_level(logging.WARNING):
+        batch = next(build_train_batches(tiny_config(shards, **{"data.small_images": "pad"}), 0, 1))
+        assert len(load_training_images(str(shards))) == 2
+    assert batch["gt"].shape[0] == 4
+    assert caplog.text.count("c.jpg: damaged shard row") == 2 and "deep.png: damaged shard row" in caplog.text
+
+    assert main(["eval", "--hr", str(shards), "--scale", "2", "--bicubic"]) == 0  # measured the rest
+    text = "".join(capsys.readouterr())
+    assert "Traceback" not in text and "c.jpg: damaged shard row (empty image cell)" in text
+
+    _rewrite(shard, lambda t: _null_cells(t, {"name": 0}))
+    assert ShardImages(shards).names[0] == "row 0"  # a row without a name is still named
+
+
+def _write_slow_source(root):
+    """Images that take a pack with 16-pixel sub-images a few seconds: long enough for a second pack to meet it."""
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+_SLOW_PACK = ["--sub-image", "16", "--sub-image-step", "8", "--workers", "1", "--no-progress", "--overwrite"]
+
+
+def _start_pack(src, out):
+    return subprocess.Popen([sys.executable, "-m", "xswinir", "pack", str(src), str(out), *_SLOW_PACK],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_lease(out, process):
+    deadline = time.time() + 300
+    while not (out / LEASE_FILE).exists():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline
+        time.sleep(0.005)
+
+
+def _shard_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("shard-*.parquet"))}
+
+
+def test_two_packs_into_one_folder_at_once_one_is_refused(tmp_path):
+    src = _write_slow_source(tmp_path / "src")
+    out = tmp_path / "out"
+    pack_images(src, tmp_path / "earlier", progress=False)  # out already holds shards: both ask for --overwrite
+    os.replace(tmp_path / "earlier", out)
+    # The second pack has imported everything before the first takes its lease; it starts on a line on stdin.
+    second = subprocess.Popen([sys.executable, "-c", (
+        "import sys; import xswinir.shards; from xswinir.cli import main; sys.stdin.readline(); "
+        f"sys.exit(main(['pack', {str(src)!r}, {str(out)!r}, *{_SLOW_PACK!r}]))")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = _start_pack(src, out)
+    try:
+        _wait_for_lease(out, first)
+        second.stdin.write("go\n")
+        second.stdin.flush()
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == 2, err
+        assert err.strip() == (f"xswinir pack: error: {out} is in use by pid {first.pid} on host "
+                               f"{socket.gethostname()} (xswinir pack, started {err.split('started ')[1][:23]}, "
+                               f"renewed {err.split('renewed ')[1].split()[0]} s ago); wait for it to end, or pack "
+                               "into another folder")
+        first_out, first_err = first.communicate(timeout=300)
+        assert first.returncode == 0, first_err
+    finally:
+        for process in (first, second):
+            process.kill()
+            process.wait()
+    assert "packed 1800 sub-images of 8 images" in first_out
+    solo = pack_images(src, tmp_path / "solo", sub_image=16, sub_step=8, progress=False)
+    assert _shard_bytes(out) == _shard_bytes(tmp_path / "solo") and len(solo.shards) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.parquet"]  # no lease, no stale shard left
+
+
+def test_a_pack_killed_midway_leaves_a_stale_lease_the_next_pack_takes_over(tmp_path, caplog):
+    src = _write_slow_source(tmp_path / "src")
+    out = tmp_path / "out"
+    first = _start_pack(src, out)
+    try:
+        _wait_for_lease(out, first)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        first.kill()
+        first.wait()
+    assert (out / LEASE_FILE).exists() and not list(out.glob("shard-*.parquet"))
+    with caplog.at_level(logging.WARNING, "xswinir.lease"):
+        assert main(["pack", str(src), str(out), *_SLOW_PACK]) == 0
+    assert f"taking over {out} from pid {first.pid} on host" in caplog.text and "the process is gone" in caplog.text
+    pack_images(src, tmp_path / "solo", sub_image=16, sub_step=8, progress=False)
+    assert _shard_bytes(out) == _shard_bytes(tmp_path / "solo")
+    assert not (out / LEASE_FILE).exists()

@@ -1,4 +1,4 @@
-"""Storage: remote vs local, and the write check that runs before Ray starts."""
+"""Storage: the write check that runs before Ray starts (local vs remote is tests/test_paths.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,7 @@ import os
 import pytest
 
 from xswinir.config import load_config
-from xswinir.storage import StorageError, check_writable, is_remote
-
-
-def test_remote_is_a_uri():
-    assert is_remote("s3://bucket/runs") and is_remote("gs://b") and not is_remote("runs") and not is_remote("/a:b")
+from xswinir.storage import StorageError, check_writable
 
 
 def test_a_writable_folder_passes_and_a_missing_one_is_not_created(tmp_path):

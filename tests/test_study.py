@@ -77,6 +77,20 @@ def test_relative_paths_become_absolute_for_trials(tmp_path, monkeypatch):
     assert fixed.storage == str(tmp_path / "out")
 
 
+def test_paired_lq_and_classifier_paths_become_absolute_too(tmp_path, monkeypatch):
+    # Every local path a trial reads, as the sweep makes them absolute: the LQ folder and the classifier too.
+    for folder in ("gt", "lq", "clf"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.chdir(tmp_path)
+    study = load_study_config(_write_yaml(tmp_path / "s.yaml", (
+        "base: demo\noverrides: [data.train=gt, data.train_lq=lq, texture.classifier.path=clf]\n"
+        "arms: {lambda0: [loss.texture_weight=0]}\nstorage: out\n")))
+    fixed = with_absolute_paths(study).arm_config("lambda0", 0)
+    assert fixed.data.train == str(tmp_path / "gt")
+    assert fixed.data.train_lq == str(tmp_path / "lq")
+    assert fixed.texture.classifier.path == str(tmp_path / "clf")
+
+
 def test_paired_difference_matches_a_hand_computed_t_interval():
     arm = {0: 30.0, 1: 30.5, 2: 29.9}
     base = {0: 29.8, 1: 30.1, 2: 30.0, 3: 31.0}  # seed 3 has no partner and is left out

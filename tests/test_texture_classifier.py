@@ -1,4 +1,5 @@
-"""TextureClassifier, its training, saving/loading, the cache and the `xswinir texture` command."""
+"""TextureClassifier, its training, saving/loading, the cache and the `xswinir texture` command; partners for
+stochastic textures."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from xswinir.images import write_image
 from xswinir.texture import (
     TextureClassifier,
     TextureClassifierError,
+    TextureSearch,
     ensure_texture_classifier,
     load_texture_classifier,
     plot_classifier_weights,
@@ -41,6 +43,27 @@ def _noise(size: int, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(1, size, size, generator=generator).expand(3, -1, -1).clone()
 
 
+def _grain(size: int, sigma: tuple[float, float], generator: torch.Generator, tint: float = 0.0) -> torch.Tensor:
+    """A stochastic texture: Gaussian noise blurred by (sigma_y, sigma_x) px, mean 0.5, spread 0.12, (3, size, size).
+
+    Round grains (sand, gravel) for equal sigmas, streaks (grass, fur) for unequal ones; no two windows share
+    their pixels, only their statistics.
+    """
+    import kornia
+
+    pad = 12
+    noise = torch.randn(1, 1, size + 2 * pad, size + 2 * pad, generator=generator)
+    k = (2 * round(3 * max(sigma)) + 1,) * 2
+    x = kornia.filters.gaussian_blur2d(noise, k, sigma)[0, :, pad:-pad, pad:-pad]
+    x = 0.5 + 0.12 * (x - x.mean()) / x.std()
+    return torch.cat([x + tint, x, x - tint]).clamp(0, 1)
+
+
+def _width(clf: TextureClassifier) -> int:
+    """How many values ``clf.features`` gives a window: named features and, with pair features, the descriptor."""
+    return clf.features.num_features + clf.features.descriptor_size((clf.patch_size, clf.patch_size))
+
+
 @pytest.fixture(scope="module")
 def textures() -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
@@ -52,22 +75,25 @@ def trained(textures) -> tuple[TextureClassifier, dict]:
     return train_texture_classifier(textures, P, TINY, progress=False)
 
 
-def test_separates_stripes_from_noise(trained, textures):
+def test_separates_stripes_from_noise_and_pairs_noise_with_noise(trained, textures):
     clf, report = trained
     assert report["accuracy"] > 0.9 and report["roc_auc"] > 0.95
     assert report["num_holdout_pairs"] == round(TINY.num_pairs * TINY.holdout_fraction)
-    assert report["num_parameters"] == 2 * len(clf.feature_names) + 1
+    assert clf.has_pair_features and len(clf.pair_feature_names) == 4
+    assert report["num_parameters"] == 2 * len(clf.feature_names) + len(clf.pair_feature_names) + 1
     assert (clf.weight_diff <= 0).all()  # a difference only ever speaks against "same texture"
+    assert (clf.weight_pair >= 0).all()  # agreement only ever speaks for it
+    assert report["num_positive_texture"] > 0  # same-texture pairs without pixel correspondence were drawn
     # Fresh windows: same texture scores high, different textures low.
     stripes, noise = textures
     a, b = stripes[:, 5:5 + P, 9:9 + P], stripes[:, 40:40 + P, 30:30 + P]
     c = noise[:, 20:20 + P, 11:11 + P]
     with torch.no_grad():
-        same, different = clf(torch.stack([a, c]), torch.stack([b, noise[:, 50:50 + P, 50:50 + P]]))
+        same, noise_pair = clf(torch.stack([a, c]), torch.stack([b, noise[:, 50:50 + P, 50:50 + P]]))
         cross = clf(a[None], c[None])
-    # Stripes in phase can stand in for each other; stripes and noise cannot; two windows of fine noise share
-    # their statistics but not their layout, so neither explains the other in the least-squares fit.
-    assert same > 0.5 and cross < 0.5 and different < 0.5
+    # Stripes in phase can stand in for each other; stripes and noise cannot. Two windows of fine noise share
+    # their statistics but not their pixels: the same texture all the same (the first classifier said no).
+    assert same > 0.5 and cross < 0.5 and noise_pair > 0.5
 
 
 def test_pair_scores_are_symmetric(trained, generator):
@@ -75,15 +101,15 @@ def test_pair_scores_are_symmetric(trained, generator):
     a, b = torch.rand(2, 6, 3, P, P, generator=generator)
     with torch.no_grad():
         assert torch.equal(clf(a, b), clf(b, a))
-    fa, fb = torch.randn(2, 4, 5, len(clf.feature_names), generator=generator)
+    fa, fb = torch.randn(2, 4, 5, _width(clf), generator=generator)
     assert torch.equal(clf.pair_logits(fa, fb), clf.pair_logits(fb, fa))
     assert clf.pair_logits(fa, fb).shape == (4, 5)
 
 
 def test_all_pairs_pattern_equals_the_broadcast(trained, generator):
     clf, _ = trained
-    tiles = torch.randn(2, 5, 1, len(clf.feature_names), generator=generator)  # (B, T, 1, F)
-    windows = torch.randn(2, 1, 30, len(clf.feature_names), generator=generator)  # (B, 1, N, F)
+    tiles = torch.randn(2, 5, 1, _width(clf), generator=generator)  # (B, T, 1, F + D)
+    windows = torch.randn(2, 1, 30, _width(clf), generator=generator)  # (B, 1, N, F + D)
     expected = clf.pair_logits(tiles, windows)  # grad enabled: the plain broadcast
     with torch.no_grad():
         fast = clf.pair_logits(tiles, windows)
@@ -131,9 +157,23 @@ def test_features_constant_in_the_data_get_zero_weights(textures):
 def test_weight_table_names_every_weight(trained):
     clf, _ = trained
     table = clf.weight_table()
-    assert len(table) == 2 * len(clf.feature_names)
+    assert len(table) == 2 * len(clf.feature_names) + len(clf.pair_feature_names)
     assert table[0] == (f"{clf.feature_names[0]}|diff|", pytest.approx(clf.weight_diff[0].item()))
     assert table[1] == (f"{clf.feature_names[0]}*prod", pytest.approx(clf.weight_prod[0].item()))
+    assert table[-4:] == [(f"pair:{name}", pytest.approx(w)) for name, w in
+                          zip(clf.pair_feature_names, clf.weight_pair.tolist(), strict=True)]
+    assert len({name for name, _ in table}) == len(table)
+
+
+def test_pair_contributions_include_the_pair_features(trained, generator):
+    clf, _ = trained
+    a, b = torch.rand(2, 3, 3, P, P, generator=generator)
+    fa, fb = clf.features(a), clf.features(b)
+    terms = clf.pair_contributions(fa, fb)
+    assert terms.shape == (3, len(clf.weight_table()))
+    torch.testing.assert_close(terms.sum(-1), clf.pair_logits(fa, fb) - clf.bias, rtol=1e-5, atol=1e-5)
+    expected = clf.standardize_pairs(clf.pair_features(fa, fb)) * clf.weight_pair
+    torch.testing.assert_close(terms[:, -4:], expected)
 
 
 def test_save_load_round_trip_gives_identical_scores(trained, tmp_path, generator):
@@ -145,6 +185,7 @@ def test_save_load_round_trip_gives_identical_scores(trained, tmp_path, generato
     with torch.no_grad():
         assert torch.equal(loaded(a, b), clf(a, b))
     assert loaded.feature_names == clf.feature_names and loaded.patch_size == P
+    assert loaded.pair_feature_names == clf.pair_feature_names and torch.equal(loaded.pair_std, clf.pair_std)
     assert loaded.report["roc_auc"] == report["roc_auc"]
     assert load_texture_classifier(folder / "classifier.json").patch_size == P  # a file inside works too
 
@@ -178,6 +219,25 @@ def test_loading_a_damaged_classifier_raises_a_user_error(trained, tmp_path, dam
     with pytest.raises(TextureClassifierError) as info:
         load_texture_classifier(folder)
     assert isinstance(info.value, UserError)
+
+
+def test_a_version_2_classifier_without_pair_features_still_loads(tmp_path, generator):
+    first = TextureClassifier(P, scales=(1, 2))  # the first kind: no pair features
+    with torch.no_grad():
+        first.weight_diff.copy_(-torch.rand(first.weight_diff.shape, generator=generator))
+    folder = save_texture_classifier(first, tmp_path / "v2")
+    meta = json.loads((folder / "classifier.json").read_text())
+    for key in ("pair_features", "max_shift", "pair_feature_names"):  # as version 2 wrote it
+        meta.pop(key)
+    (folder / "classifier.json").write_text(json.dumps({**meta, "version": 2}))
+    loaded = load_texture_classifier(folder)
+    assert not loaded.has_pair_features and loaded.pair_feature_names == []
+    a, b = torch.rand(2, 4, 3, P, P, generator=generator)
+    with torch.no_grad():
+        assert torch.equal(loaded(a, b), first(a, b))
+    (folder / "classifier.json").write_text(json.dumps({**meta, "version": 1}))
+    with pytest.raises(TextureClassifierError, match="version"):
+        load_texture_classifier(folder)
 
 
 def test_roc_auc_matches_pairwise_counting(generator):
@@ -232,7 +292,8 @@ def test_cli_train_then_show(textures, tmp_path, capsys):
     assert {p.name for p in out.iterdir()} == {"classifier.json", "classifier.safetensors", "weights.png"}
     assert main(["texture", "show", str(out), "--out", str(tmp_path / "plot.png")]) == 0
     printed = capsys.readouterr().out
-    assert "grad_energy_s1_o0_mean|diff|" in printed and (tmp_path / "plot.png").is_file()
+    assert "grad_energy_s1_o0_mean|diff|" in printed and "pair:abs_ncc_best_shift" in printed
+    assert (tmp_path / "plot.png").is_file()
     (out / "classifier.json").write_text("garbage")
     assert main(["texture", "show", str(out)]) == 2
 
@@ -307,3 +368,35 @@ def test_held_out_auc_is_on_images_the_fit_never_saw(generator):
     assert report["num_negative_nearby"] > 0
     _, few = train_texture_classifier(images[:3], P, cfg, progress=False)
     assert few["holdout"] == "pairs" and few["roc_auc_lq"] is None
+
+
+def test_a_stochastic_texture_gets_partners(generator):
+    # Fresh samples of the stochastic textures the classifier was trained on (fine noise, streaks): every patch
+    # should find windows of the same texture elsewhere, although no window correlates with it. The first
+    # classifier (partners defined by pixel correlation) found none: "no window above min_score".
+    images = [_stripes(72, 7.0, generator), _noise(72, generator), _grain(72, (0.6, 2.5), generator)]
+    clf, _ = train_texture_classifier(images, P, TINY, progress=False)
+    search = TextureSearch(clf, stride=4, top_k=3, min_score=0.5, max_iou=0.0, ridge=1e-3, query="gt",
+                           region_size=None)
+    fresh = torch.Generator().manual_seed(5)
+    for texture in (_noise(64, fresh), _grain(64, (0.6, 2.5), fresh)):
+        match = search(texture[None])
+        partnered = match.valid.any(-1)
+        assert partnered.float().mean() >= 0.9
+        # ... honestly: the windows share the texture, not the pixels, so they explain little of each patch.
+        assert match.tile_r2[partnered].mean() < 0.5
+    # Stripes still pair with stripes that can stand in for them.
+    assert search(_stripes(64, 7.0, fresh)[None]).tile_r2.mean() > 0.8
+
+
+def test_held_out_auc_on_tiny_synthetic_textures_is_above_a_floor(generator):
+    # Eight textures, two held out by image: repeated structure (stripes) and stochastic grain of several kinds.
+    images = [_stripes(64, period, generator) for period in (5.0, 9.0)] + [
+        _grain(64, sigma, generator, tint) for sigma, tint in (((0.7, 0.7), 0.0), ((2.0, 2.0), 0.05),
+                                                               ((0.5, 3.0), 0.0), ((3.0, 0.5), 0.1),
+                                                               ((1.2, 1.2), -0.05), ((0.6, 1.8), 0.05))]
+    cfg = dataclasses.replace(TINY, num_pairs=512, holdout_fraction=0.25, steps=80)
+    clf, report = train_texture_classifier(images, P, cfg, progress=False)
+    assert report["holdout"] == "images"
+    assert report["roc_auc"] > 0.85 and report["roc_auc_texture"] > 0.8
+    assert report["rank_accuracy"] > 0.8  # the window that correlates more is ranked first

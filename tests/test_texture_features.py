@@ -1,4 +1,5 @@
-"""TextureFeatures: names, shapes, window_features == forward on crops, reference values, invariances."""
+"""TextureFeatures: names, shapes, window_features == forward on crops, reference values, invariances; the pair
+features (named, symmetric, bounded, what each one sees)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ from xswinir.texture import TextureFeatures
 @pytest.fixture(scope="module")
 def features() -> TextureFeatures:
     return TextureFeatures(scales=(1, 2, 4), num_orientations=4)
+
+
+@pytest.fixture(scope="module")
+def paired() -> TextureFeatures:
+    """The features the trained classifier uses: named features, then each window's descriptor."""
+    return TextureFeatures(scales=(1, 2, 4), num_orientations=4, pair_features=True)
 
 
 def _index(features: TextureFeatures, name: str) -> int:
@@ -30,14 +37,17 @@ def test_names_match_the_feature_vector(features, generator):
     assert len(TextureFeatures(layout_grid=0).feature_names) == 2 * 3 * 4 + 16
 
 
+@pytest.mark.parametrize("with_pairs", [False, True])
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize(("size", "stride"), [((40, 37), 3), ((32, 32), 16)])
-def test_window_features_equal_forward_on_each_window(features, generator, channels, size, stride):
+def test_window_features_equal_forward_on_each_window(features, paired, generator, channels, size, stride,
+                                                      with_pairs):
     p = 16
+    features = paired if with_pairs else features
     images = torch.rand(2, channels, *size, generator=generator)
     windows = features.window_features(images, p, stride)
     nh, nw = (size[0] - p) // stride + 1, (size[1] - p) // stride + 1
-    assert windows.shape == (2, features.num_features, nh, nw)
+    assert windows.shape == (2, features.num_features + features.descriptor_size((p, p)), nh, nw)
     crops = torch.stack([images[..., i * stride:i * stride + p, j * stride:j * stride + p]
                          for i in range(nh) for j in range(nw)], dim=1).flatten(0, 1)  # (2 * nh * nw, C, p, p)
     expected = features(crops).view(2, nh, nw, -1).permute(0, 3, 1, 2)
@@ -135,3 +145,105 @@ def test_cuda_matches_cpu(features, generator):
     got = features.to("cuda").window_features(images.cuda(), 16, 4).cpu()
     features.to("cpu")
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3)
+
+
+def _stripes(angle_degrees: float, period: float, phase: float, size: int = 16) -> torch.Tensor:
+    """Gray sinusoidal stripes (1, 3, size, size) across the given direction."""
+    y, x = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                          indexing="ij")
+    theta = math.radians(angle_degrees)
+    wave = 0.5 + 0.3 * torch.sin(2 * math.pi * (x * math.cos(theta) + y * math.sin(theta)) / period + phase)
+    return wave.expand(1, 3, -1, -1).clone()
+
+
+def _pairs(paired: TextureFeatures, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+    values = paired.pair_features(paired(a), paired(b), tuple(a.shape[-2:]))
+    return dict(zip(paired.pair_feature_names, values.unbind(-1), strict=True))
+
+
+def test_pair_features_are_named_and_follow_the_named_features(features, paired, generator):
+    assert paired.pair_feature_names == ["abs_ncc", "abs_ncc_best_shift", "orientation_agreement",
+                                         "energy_agreement"]
+    assert features.pair_feature_names == [] and features.descriptor_size((16, 16)) == 0
+    assert paired.feature_names == features.feature_names  # the named features are the same ones
+    patches = torch.rand(3, 3, 16, 16, generator=generator)
+    out = paired(patches)
+    assert out.shape == (3, paired.num_features + 16 * 16 + 8)
+    torch.testing.assert_close(out[:, :paired.num_features], features(patches))
+    named, luma, histogram = paired.split(out, (16, 16))
+    assert luma.shape == (3, 16, 16) and histogram.shape == (3, 8)
+    torch.testing.assert_close(luma.mean((-1, -2)), torch.zeros(3), atol=1e-6, rtol=0)  # centred
+    with pytest.raises(ValueError, match="descriptor"):
+        paired.split(out, (8, 8))
+
+
+def test_pair_features_are_symmetric_and_bounded(paired, generator):
+    fa = paired(torch.rand(6, 3, 16, 16, generator=generator))
+    fb = paired(torch.rand(6, 3, 16, 16, generator=generator) ** 3)
+    ab = paired.pair_features(fa, fb, (16, 16))
+    assert ab.shape == (6, 4)
+    assert torch.equal(ab, paired.pair_features(fb, fa, (16, 16)))  # exactly: the same products, in the same order
+    assert (ab >= 0).all() and (ab <= 1 + 1e-6).all()
+    # The best shift includes the zero shift.
+    assert (ab[:, 1] >= ab[:, 0]).all()
+    # Arbitrary vectors (not features of real windows) stay within [-1, 1] and symmetric too.
+    ra, rb = torch.randn(2, 4, 5, fa.shape[-1], generator=generator)
+    values = paired.pair_features(ra, rb, (16, 16))
+    assert values.abs().max() <= 1 + 1e-6 and torch.equal(values, paired.pair_features(rb, ra, (16, 16)))
+
+
+def test_outer_pair_features_equal_the_broadcast(paired, generator):
+    fa = paired(torch.rand(5, 3, 16, 16, generator=generator))
+    fb = paired(torch.rand(7, 3, 16, 16, generator=generator))
+    broadcast = paired.pair_features(fa[:, None], fb[None], (16, 16))
+    outer = paired.outer_pair_features(fa, fb, (16, 16))
+    assert outer.shape == (5, 7, 4)
+    torch.testing.assert_close(outer, broadcast, atol=1e-5, rtol=1e-5)
+    batched = paired.outer_pair_features(fa.expand(2, -1, -1), fb[None], (16, 16))  # leading dims broadcast
+    torch.testing.assert_close(batched[1], broadcast, atol=1e-5, rtol=1e-5)
+
+
+def test_a_window_agrees_with_itself_and_ignores_brightness_and_contrast(paired, generator):
+    a = 0.2 + 0.5 * torch.rand(2, 3, 16, 16, generator=generator)
+    same = paired.pair_features(paired(a), paired(a), (16, 16))
+    torch.testing.assert_close(same, torch.ones(2, 4), atol=1e-5, rtol=0)
+    brighter = paired.pair_features(paired(a), paired(0.5 * (a - 0.45) + 0.6), (16, 16))
+    torch.testing.assert_close(brighter, torch.ones(2, 4), atol=1e-4, rtol=0)
+
+
+def test_best_shift_finds_a_displaced_copy(paired, generator):
+    # Noise and the same noise moved by (1, 2) px: no correlation in place, almost all of it after the shift.
+    image = torch.rand(1, 3, 24, 24, generator=generator)
+    values = _pairs(paired, image[..., 4:20, 4:20], image[..., 5:21, 6:22])
+    assert values["abs_ncc"] < 0.2
+    # The overlap after the shift is 15 x 14 of the 16 x 16 pixels of each window.
+    assert values["abs_ncc_best_shift"] > 0.7
+    assert _pairs(paired, image[..., 4:20, 4:20], image[..., 4:20, 7:23])["abs_ncc_best_shift"] < 0.3  # 3 px: beyond
+
+
+def test_orientation_and_energy_agreement_see_structure_without_pixel_correspondence(paired):
+    vertical = _stripes(0, 5.0, 0.0)
+    vertical_moved = _stripes(0, 5.0, 1.3)  # the same stripes, out of phase: no pixel correspondence
+    horizontal = _stripes(90, 5.0, 0.0)
+    coarse = _stripes(0, 14.0, 0.0)  # the same direction, another scale
+    moved = _pairs(paired, vertical, vertical_moved)
+    turned = _pairs(paired, vertical, horizontal)
+    assert moved["orientation_agreement"] > 0.95 and turned["orientation_agreement"] < 0.2
+    assert moved["energy_agreement"] > 0.95 and turned["energy_agreement"] < moved["energy_agreement"] - 0.3
+    assert _pairs(paired, vertical, coarse)["energy_agreement"] < moved["energy_agreement"] - 0.05
+    assert _pairs(paired, vertical, coarse)["orientation_agreement"] > 0.9  # one direction, whatever the scale
+
+
+def test_flat_windows_agree_with_nothing(paired, generator):
+    flat = torch.full((1, 3, 16, 16), 0.4) + 0.001 * torch.rand(1, 3, 16, 16, generator=generator)
+    textured = torch.rand(1, 3, 16, 16, generator=generator)
+    values = paired.pair_features(paired(flat), paired(textured), (16, 16))[0]
+    assert values.max() < 0.3  # sensor noise in a flat window is no structure
+
+
+def test_pair_features_pass_gradients_to_both_windows(paired, generator):
+    a = torch.rand(2, 3, 16, 16, generator=generator, requires_grad=True)
+    b = torch.rand(2, 3, 16, 16, generator=generator, requires_grad=True)
+    paired.pair_features(paired(a), paired(b), (16, 16)).sum().backward()
+    for x in (a, b):
+        assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

@@ -13,12 +13,13 @@ import yaml
 
 from xswinir.config import ConfigError, config_fields, load_config
 from xswinir.metrics import VAL_PSNR_Y
-from xswinir.tune.manifest import MANIFEST_FILE, ResumeRefused, verify_manifest, write_manifest
+from xswinir.tune.manifest import SIGNATURE_FILE, ResumeRefused, verify_signature, write_signature
 from xswinir.tune.plots import param_importances
-from xswinir.tune.results import TrialRow, format_table
+from xswinir.tune.results import format_table
 from xswinir.tune.search_space import Domain, check_search_space, parse_search_space, to_optuna, to_tune
 from xswinir.tune.sweep import BaselineFirst
 from xswinir.tune.sweep_config import TEXTURE_WEIGHT, SweepConfig, load_sweep_config
+from xswinir.tune.trials import TrialRow
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -223,7 +224,7 @@ def _saved_experiment(folder: Path) -> Path:
     (folder / "t_00000" / "params.pkl").write_bytes(pickle.dumps({TEXTURE_WEIGHT: 0.0}))
     (folder / "train").mkdir()
     (folder / "train" / "big_checkpoint.bin").write_bytes(b"not hashed")
-    write_manifest(str(folder))
+    write_signature(str(folder))
     return folder
 
 
@@ -231,10 +232,10 @@ def test_manifest_accepts_the_saved_sweep_and_refuses_every_change(tmp_path, mon
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.delenv("XSWINIR_SWEEP_KEY", raising=False)
     exp = _saved_experiment(tmp_path / "sweeps" / "s")
-    verify_manifest(str(exp))  # as saved: accepted
+    verify_signature(str(exp))  # as saved: accepted
     assert (tmp_path / "config" / "xswinir" / "sweep.key").stat().st_mode & 0o077 == 0
     (exp / "train" / "big_checkpoint.bin").write_bytes(b"Train checkpoints are safetensors: not Ray's pickles")
-    verify_manifest(str(exp))
+    verify_signature(str(exp))
 
     marker = tmp_path / "pwned"
     for name, change, match in [
@@ -242,12 +243,12 @@ def test_manifest_accepts_the_saved_sweep_and_refuses_every_change(tmp_path, mon
         ("added", lambda d: (d / "searcher-state-2026.pkl").write_bytes(b"x"), "searcher-state-2026.pkl"),
         ("trial", lambda d: (d / "t_00000" / "error.pkl").write_bytes(b"x"), "t_00000/error.pkl"),
         ("state", lambda d: (d / "experiment_state-2026-01-01_00-00-00.json").write_text("{}"), "experiment_state"),
-        ("no manifest", lambda d: (d / MANIFEST_FILE).unlink(), "is missing"),
+        ("no manifest", lambda d: (d / SIGNATURE_FILE).unlink(), "is missing"),
     ]:
         copy = shutil.copytree(exp, tmp_path / "tampered" / name)
         change(copy)
         with pytest.raises(ResumeRefused, match=match):
-            verify_manifest(str(copy))
+            verify_signature(str(copy))
     assert not marker.exists()
 
     # A manifest rewritten by someone without the key does not pass either.
@@ -256,7 +257,7 @@ def test_manifest_accepts_the_saved_sweep_and_refuses_every_change(tmp_path, mon
     _saved_experiment(forged)
     monkeypatch.delenv("XSWINIR_SWEEP_KEY")
     with pytest.raises(ResumeRefused, match="not signed with this machine's key"):
-        verify_manifest(str(forged))
+        verify_signature(str(forged))
 
 
 def test_resume_of_a_tampered_sweep_is_refused_before_ray_or_unpickling(tmp_path, monkeypatch, capsys):
@@ -292,17 +293,3 @@ def test_exports_are_complete_files_and_best_config_trains(tmp_path):
     assert [r["trial_id"] for r in table] == ["t_00000", "t_00001"] and table[0]["baseline"]
     best = load_config(summary.files["best_config"])
     assert summary.best.trial_id == "t_00001" and best.loss.texture_weight == 0.1 and best.texture.patch_size == 32
-
-
-def test_latest_validation_reads_the_last_val_row_of_a_metrics_file(tmp_path):
-    """What a trial resumed into a finished Train run reports when Ray's snapshot was set aside."""
-    from xswinir.training_log import MetricsWriter
-    from xswinir.tune.sweep import _latest_validation
-
-    writer = MetricsWriter(tmp_path, 0)
-    writer.write(2, {"val/psnr_y": 20.0, "val/ssim_y": 0.5})
-    writer.write(4, {"train/loss": 0.1})
-    writer.write(4, {"val/psnr_y": 21.5, "val/ssim_y": 0.6})
-    writer.close()
-    assert _latest_validation(tmp_path / "metrics.jsonl") == {"step": 4, "val/psnr_y": 21.5, "val/ssim_y": 0.6}
-    assert _latest_validation(tmp_path / "missing.jsonl") == {}

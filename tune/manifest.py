@@ -4,11 +4,12 @@
 ``searcher-state-*.pkl`` files, the cloudpickled fields inside ``experiment_state-*.json`` and each trial's
 ``params.pkl`` and ``error.pkl``. Whoever can write to the sweep's storage could therefore run code on the
 machine that resumes it. So when the driver leaves a sweep (finished, interrupted, or failed), it records the
-sha256 of every such file in ``xswinir_manifest.json`` together with an HMAC-SHA256 over that list, keyed by
+sha256 of every such file in ``xswinir_manifest.json`` (:data:`SIGNATURE_FILE`, written by
+:func:`write_signature`) together with an HMAC-SHA256 over that list, keyed by
 a secret that never goes to the storage: ``$XSWINIR_SWEEP_KEY``, or else ``~/.config/xswinir/sweep.key``
-(created on first use, readable only by its owner). ``--resume`` first checks that the same files, with the
-same digests, are there and that the list was signed with this key; anything else is refused before Ray
-starts. The manifest cannot be forged without the key, so the boundary is the key, not the folder.
+(created on first use, readable only by its owner). ``--resume`` first checks (:func:`verify_signature`) that
+the same files, with the same digests, are there and that the list was signed with this key; anything else is
+refused before Ray starts. The manifest cannot be forged without the key, so the boundary is the key, not the folder.
 
 A driver killed outright (SIGKILL, a lost node) writes no manifest: such a sweep cannot be resumed, only
 restarted under another name.
@@ -22,11 +23,17 @@ import json
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from xswinir.atomic import sha256_stream
 from xswinir.errors import UserError
-from xswinir.storage import is_remote
+from xswinir.paths import filesystem_and_path
 
-MANIFEST_FILE = "xswinir_manifest.json"
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
+# Not a checkpoint's manifest.json (xswinir.checkpoint): this one is signed, and lists only what Ray unpickles.
+SIGNATURE_FILE = "xswinir_manifest.json"
 KEY_ENV = "XSWINIR_SWEEP_KEY"
 # Folders of an experiment that Ray never unpickles: our Train runs (safetensors, JSON) and the texture classifiers.
 _SKIPPED_DIRS = ("train", "classifiers")
@@ -58,27 +65,19 @@ def _key(create: bool) -> bytes:
     return path.read_bytes().strip()
 
 
-def _filesystem(exp_path: str):
-    import pyarrow.fs as pafs
-
-    if is_remote(exp_path):
-        return pafs.FileSystem.from_uri(exp_path)
-    return pafs.LocalFileSystem(), str(Path(exp_path))
-
-
 def restorable_files(exp_path: str) -> dict[str, str]:
     """sha256 by relative path of every file in the experiment that Ray may unpickle on restore."""
     import pyarrow.fs as pafs
 
-    fs, root = _filesystem(exp_path)
+    fs, root = filesystem_and_path(exp_path)
     digests = {}
     for top in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         if top.type == pafs.FileType.File and _restorable(top.base_name):
-            digests[top.base_name] = _sha256(fs, top.path)
+            digests[top.base_name] = _file_sha256(fs, top.path)
         elif top.type == pafs.FileType.Directory and top.base_name not in _SKIPPED_DIRS:
             for inner in fs.get_file_info(pafs.FileSelector(top.path)):
                 if inner.type == pafs.FileType.File and inner.base_name.endswith(".pkl"):
-                    digests[f"{top.base_name}/{inner.base_name}"] = _sha256(fs, inner.path)
+                    digests[f"{top.base_name}/{inner.base_name}"] = _file_sha256(fs, inner.path)
     return digests
 
 
@@ -88,12 +87,9 @@ def _restorable(name: str) -> bool:
     return name.endswith(".pkl") or (name.endswith(".json") and "state" in name)
 
 
-def _sha256(fs, path: str) -> str:
-    digest = hashlib.sha256()
+def _file_sha256(fs: pafs.FileSystem, path: str) -> str:
     with fs.open_input_stream(path) as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha256_stream(f)
 
 
 def _signature(files: dict[str, str], key: bytes) -> str:
@@ -101,28 +97,28 @@ def _signature(files: dict[str, str], key: bytes) -> str:
     return hmac.new(key, payload, hashlib.sha256).hexdigest()
 
 
-def write_manifest(exp_path: str) -> None:
+def write_signature(exp_path: str) -> None:
     """Records (and signs) the digests of the experiment's restorable files; call when the driver leaves it."""
     files = restorable_files(exp_path)
     if not files:
         return
     text = json.dumps({"files": files, "hmac_sha256": _signature(files, _key(create=True))}, indent=1)
-    fs, root = _filesystem(exp_path)
-    tmp, final = f"{root}/.{MANIFEST_FILE}.tmp", f"{root}/{MANIFEST_FILE}"
+    fs, root = filesystem_and_path(exp_path)
+    tmp, final = f"{root}/.{SIGNATURE_FILE}.tmp", f"{root}/{SIGNATURE_FILE}"
     with fs.open_output_stream(tmp) as out:
         out.write(text.encode())
     fs.move(tmp, final)
 
 
-def verify_manifest(exp_path: str) -> None:
+def verify_signature(exp_path: str) -> None:
     """Raises :class:`ResumeRefused` unless the restorable files are exactly those our driver signed.
 
     Reads only the manifest and hashes files; nothing is unpickled, and Ray need not be running.
     """
-    fs, root = _filesystem(exp_path)
-    where = f"{exp_path}/{MANIFEST_FILE}"
+    fs, root = filesystem_and_path(exp_path)
+    where = f"{exp_path}/{SIGNATURE_FILE}"
     try:
-        with fs.open_input_stream(f"{root}/{MANIFEST_FILE}") as f:
+        with fs.open_input_stream(f"{root}/{SIGNATURE_FILE}") as f:
             manifest = json.loads(f.read())
         signed, signature = dict(manifest["files"]), str(manifest["hmac_sha256"])
     except FileNotFoundError as err:

@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 
 from xswinir.atomic import atomic_path
-from xswinir.tune.results import TrialRow
 from xswinir.tune.search_space import Domain, numeric_position, to_optuna
 from xswinir.tune.sweep_config import SweepConfig
+from xswinir.tune.trials import TrialRow
 
 log = logging.getLogger(__name__)
 

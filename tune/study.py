@@ -4,8 +4,8 @@ A study is a *grid*, not a search: every arm (a named set of config overrides, e
 ``projection_l1``, ``pull_l0.1``) is trained once per seed, with the same steps, data and degradations, so
 that two arms with the same seed differ only in what the arm changes (the seed fixes the initial weights, the
 batches and the degradations of every step). Each trial is one ``xswinir train`` run (Ray Train inside a
-Tune function trainable, as in :mod:`xswinir.tune.sweep`); after training, the final EMA weights are evaluated on
-every evaluation set with the ``eval_degradation`` at the fixed ``eval_seed``
+Tune function trainable, launched as a sweep's are: :mod:`xswinir.tune.launch`); after training, the final EMA
+weights are evaluated on every evaluation set with the ``eval_degradation`` at the fixed ``eval_seed``
 (:func:`xswinir.evaluation.evaluate_model`: each image degraded the same way for every model) and the
 per-image rows are written beside the run (``eval.json``), so nothing depends on Tune's result objects.
 
@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from xswinir.atomic import atomic_path
+from xswinir.checkpoint import load_model
 from xswinir.config import (
     Config,
     ConfigError,
@@ -40,11 +39,11 @@ from xswinir.config import (
     show,
 )
 from xswinir.errors import UserError
-from xswinir.metrics import LPIPS, MS_SSIM_Y, PSNR_Y, SCC_Y, SSIM_Y
-from xswinir.storage import check_writable, is_remote
-from xswinir.tune.manifest import verify_manifest, write_manifest
-
-log = logging.getLogger(__name__)
+from xswinir.evaluation import evaluate_model
+from xswinir.metrics import LPIPS, MS_SSIM_Y, PSNR_Y, SCC_Y, SSIM_Y, VIF_Y
+from xswinir.paths import experiment_path, is_remote, printable_path
+from xswinir.sources import absolute_source
+from xswinir.tune.launch import absolute_path_overrides, check_experiment, fit_trial, run_trials
 
 EVAL_FILE = "eval.json"
 STUDY_TABLE = "study.parquet"
@@ -52,7 +51,7 @@ STUDY_REPORT = "study.md"
 STUDY_PLOT = "study_psnr.png"
 STUDY_SUMMARY = "study_summary.json"
 # Metrics compared between arms, higher is better for all but LPIPS.
-COMPARED = (PSNR_Y, SSIM_Y, MS_SSIM_Y, SCC_Y, LPIPS)
+COMPARED = (PSNR_Y, SSIM_Y, MS_SSIM_Y, SCC_Y, VIF_Y, LPIPS)
 
 
 @dataclass
@@ -92,7 +91,7 @@ class StudyConfig:
         return apply_overrides(base, [*self.arms[arm], f"train.seed={seed}"])
 
     def experiment_path(self) -> Path:
-        return Path(self.storage).expanduser().resolve() / self.name
+        return Path(experiment_path(self.storage, self.name))
 
 
 def load_study_config(path: str | Path, extra_overrides: list[str] | None = None, **changes: Any) -> StudyConfig:
@@ -103,8 +102,6 @@ def load_study_config(path: str | Path, extra_overrides: list[str] | None = None
     Raises:
         ConfigError: unknown keys, wrong types, or an arm whose overrides make an invalid training config.
     """
-    from xswinir.images import printable_path
-
     file = resolve_config_path(path)
     data = {**read_yaml_mapping(file), **{k: v for k, v in changes.items() if v is not None}}
     try:
@@ -128,14 +125,10 @@ def load_study_config(path: str | Path, extra_overrides: list[str] | None = None
 
 
 def with_absolute_paths(study: StudyConfig) -> StudyConfig:
-    """The study with its local data paths made absolute: Tune trials run in their own working directory."""
-    from xswinir.images import absolute_source
-    from xswinir.tune.sweep import absolute_local_paths
-
+    """The study with its local paths made absolute (the base config, its data and classifier paths, the
+    evaluation sets, the storage): Tune trials run in their own working directory."""
     base = study.arm_config(study.baseline, study.seeds[0])
-    fixed = absolute_local_paths(base)
-    extra = [f"{key}={value}" for key, value in (("data.train", fixed.data.train), ("data.val", fixed.data.val))
-             if value != getattr(base.data, key.split(".")[1])]
+    extra = [f"{key}={value}" for key, value in absolute_path_overrides(base).items()]
     base_path = resolve_config_path(study.base)
     return dataclasses.replace(study, base=str(base_path.resolve()), overrides=[*study.overrides, *extra],
                                eval_sets=[absolute_source(s) for s in study.eval_sets],
@@ -148,22 +141,13 @@ def run_name(arm: str, seed: int) -> str:
 
 def study_trial(config: dict[str, Any], study: dict[str, Any], classifier_cache: str) -> None:
     """Tune function trainable: trains one (arm, seed), then evaluates its final EMA weights on every set."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from xswinir.checkpoint import load_model
-    from xswinir.evaluation import evaluate_model
-    from xswinir.trainer import fit, run_exists
+    from ray import tune  # here, not at the top: `xswinir study --report-only` runs without Ray
 
     s = StudyConfig(**study)
     arm, seed = config["arm"], int(config["seed"])
+    cfg = s.arm_config(arm, seed)
     train_storage = s.experiment_path() / "train"
-    cfg = apply_overrides(s.arm_config(arm, seed), {
-        "run.name": run_name(arm, seed), "run.storage": str(train_storage), "run.address": None,
-        "run.progress": False,
-    })
-    result = fit(cfg, resume=run_exists(cfg.run), callbacks=[TuneReportCallback()],
-                 classifier_cache=Path(classifier_cache))
+    result = fit_trial(cfg, run_name(arm, seed), str(train_storage), classifier_cache)
     if result.checkpoint is None:
         raise RuntimeError(f"{run_name(arm, seed)} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
@@ -194,44 +178,17 @@ def _mean_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def run_study(study: StudyConfig, resume: bool = False) -> Path:
     """Runs (or continues) every (arm, seed) trial and writes the report; returns ``study.md``'s path."""
-    from ray import tune
+    from ray import tune  # here, not at the top: `xswinir study --report-only` runs without Ray
 
-    from xswinir.trainer import init_ray
-
-    exp_path = study.experiment_path()
-    can_restore = exp_path.is_dir() and tune.Tuner.can_restore(str(exp_path))
-    if resume and not can_restore:
-        raise UserError(f"nothing to resume: no study '{study.name}' in {study.storage}")
-    if not resume and can_restore:
-        raise UserError(f"study '{study.name}' already exists in {study.storage}: pass --resume to continue it, "
-                        "or choose another name")
-    if resume:
-        verify_manifest(str(exp_path))  # Tuner.restore unpickles the folder's files
-    check_writable(study.storage)
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
+    exp_path = check_experiment("study", study.name, study.storage, resume)
     study = with_absolute_paths(study)
     base = study.arm_config(study.baseline, study.seeds[0])
-    init_ray(dataclasses.replace(base.run, address=study.address))
-    trainable = tune.with_resources(
-        tune.with_parameters(study_trial, study=dataclasses.asdict(study),
-                             classifier_cache=str(exp_path / "classifiers")),
-        {"cpu": 0.01},  # the trial function only drives its TorchTrainer
-    )
-    if resume:
-        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=True)
-    else:
-        # Seeds outermost: the first finished trials already form complete pairs.
-        space = {"seed": tune.grid_search(list(study.seeds)), "arm": tune.grid_search(list(study.arms))}
-        tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent,
-                                        trial_dirname_creator=lambda t: run_name(t.config["arm"], t.config["seed"])),
-            run_config=tune.RunConfig(name=study.name, storage_path=str(exp_path.parent), verbose=1),
-        )
-    try:
-        tuner.fit()
-    finally:
-        write_manifest(str(exp_path))  # sign what a --resume will unpickle
+    # Seeds outermost: the first finished trials already form complete pairs.
+    space = {"seed": tune.grid_search(list(study.seeds)), "arm": tune.grid_search(list(study.arms))}
+    tune_config = tune.TuneConfig(max_concurrent_trials=study.max_concurrent,
+                                  trial_dirname_creator=lambda t: run_name(t.config["arm"], t.config["seed"]))
+    run_trials(study_trial, {"study": dataclasses.asdict(study), "classifier_cache": f"{exp_path}/classifiers"},
+               exp_path, dataclasses.replace(base.run, address=study.address), resume, tune_config, space)
     return write_report(study)
 
 

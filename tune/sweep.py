@@ -1,10 +1,8 @@
 """A Ray Tune sweep over training configs: Optuna TPE proposes, ASHA stops the weak, Ray Train trains.
 
-One trial is one ``xswinir train`` run (possibly multi-worker, ``run.num_workers``): a Tune *function*
-trainable builds the trial's config from the base config, the sweep's overrides and the sampled values,
-and calls :func:`xswinir.trainer.fit` with Tune's ``TuneReportCallback`` (the Ray Train V2 pattern; passing
-a ``TorchTrainer`` to the ``Tuner`` is refused under V2). The trainable itself asks for 0.01 CPU, so the
-CPUs go to the Train workers.
+One trial is one ``xswinir train`` run (possibly multi-worker, ``run.num_workers``), launched as every
+experiment is (:mod:`xswinir.tune.launch`): :func:`train_trial` builds the trial's config from the base config,
+the sweep's overrides and the sampled values, and trains it with Tune's report callback.
 
 The λ = 0 baseline. ``loss.texture_weight`` is searched log-uniformly, and 0 lies outside that domain.
 Enqueuing λ = 0 in Optuna (``OptunaSearch(points_to_evaluate=...)``) fails at the first suggestion (Optuna
@@ -27,32 +25,19 @@ starts.
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from ray import tune
 from ray.tune.search import Searcher
 
 from xswinir.config import Config, apply_overrides
-from xswinir.errors import UserError
-from xswinir.storage import check_writable, is_remote
-from xswinir.tune.manifest import verify_manifest, write_manifest
+from xswinir.paths import filesystem_and_path, is_remote
+from xswinir.tune.launch import absolute_path_overrides, check_experiment, fit_trial, run_trials
 from xswinir.tune.results import SweepSummary, export_results
 from xswinir.tune.search_space import to_tune
 from xswinir.tune.sweep_config import TEXTURE_WEIGHT, SweepConfig
-
-log = logging.getLogger(__name__)
-
-
-def trial_config(base: Config, sampled: dict[str, Any], trial_id: str, train_storage: str) -> Config:
-    """The training config of one trial: the base, the sampled values, and a run named by the trial id."""
-    cfg = apply_overrides(base, sampled)
-    run = {"run.name": trial_id, "run.storage": train_storage, "run.address": None}
-    if "progress" in {f.name for f in dataclasses.fields(cfg.run)}:
-        run["run.progress"] = False  # a trial's log is a file; the sweep prints its own table
-    return apply_overrides(cfg, run)
 
 
 def train_trial(config: dict[str, Any], base: dict[str, Any], train_storage: str, classifier_cache: str) -> None:
@@ -64,35 +49,9 @@ def train_trial(config: dict[str, Any], base: dict[str, Any], train_storage: str
         train_storage: where the trials' Ray Train runs live (``<experiment>/train``).
         classifier_cache: shared texture-classifier cache, so trials with the same patch size train it once.
     """
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from xswinir.storage import log_dir
-    from xswinir.trainer import fit, run_exists
-    from xswinir.training_log import METRICS_FILE
-
     # The trial id is stable across a sweep's restore, so a resumed trial continues its own Train run.
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(Config.from_dict(base), config, trial_id, train_storage)
-    resumed = run_exists(cfg.run)
-    result = fit(cfg, resume=resumed, callbacks=[TuneReportCallback()], classifier_cache=Path(classifier_cache))
-    if resumed:
-        # A sweep interrupted after a trial's Train run had finished, but before Tune recorded it, resumes into a
-        # run with nothing left to train: fit reports nothing, and Tune refuses a final result without the
-        # metric. Report the latest metrics again (a repeat at the same step is harmless). Ray has none when the
-        # resume set its run snapshot aside (it named an older checkpoint than the newest good one): the run's
-        # own metrics file has them.
-        latest = dict(result.metrics or {}) or _latest_validation(log_dir(cfg.run) / METRICS_FILE)
-        if latest:
-            tune.report(latest)
-
-
-def _latest_validation(metrics_path: Path) -> dict[str, Any]:
-    """The last validation row of a run's metrics file (``step`` and the ``val/...`` values), or {}."""
-    from xswinir.training_log import read_metrics
-
-    rows = [r for r in read_metrics(metrics_path) if any(k.startswith("val/") for k in r)]
-    return {k: v for k, v in rows[-1].items() if k == "step" or k.startswith("val/")} if rows else {}
+    fit_trial(apply_overrides(Config.from_dict(base), config), trial_id, train_storage, classifier_cache)
 
 
 def trial_dirname(trial) -> str:
@@ -160,18 +119,6 @@ def _classifier_cache(sweep: SweepConfig) -> str:
     return str(Path(sweep.experiment_path()) / "classifiers")
 
 
-def absolute_local_paths(cfg: Config) -> Config:
-    """Local data and classifier paths as absolute ones: a trial may run in another working directory."""
-    from xswinir.images import absolute_source
-
-    changes: dict[str, Any] = {}
-    for key, value in (("data.train", cfg.data.train), ("data.train_lq", cfg.data.train_lq), ("data.val", cfg.data.val),
-                       ("texture.classifier.path", cfg.texture.classifier.path)):
-        if value and absolute_source(value) != value:
-            changes[key] = absolute_source(value)
-    return apply_overrides(cfg, changes) if changes else cfg
-
-
 def run_sweep(sweep: SweepConfig, resume: bool = False, callbacks: list | None = None) -> SweepSummary:
     """Runs (or with ``resume``, continues) the sweep and exports its results.
 
@@ -184,58 +131,22 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, callbacks: list | None =
     Raises:
         UserError: the sweep exists and ``resume`` is False, or there is nothing to resume.
     """
-    from ray import tune
-
-    from xswinir.trainer import init_ray
-
     # Everything that can refuse the sweep runs before Ray starts: a refusal is one line, not a cluster.
-    base = absolute_local_paths(sweep.base_config())
-    exp_path = sweep.experiment_path()
-    local = not is_remote(exp_path)
-    can_restore = tune.Tuner.can_restore(exp_path) if (not local or Path(exp_path).is_dir()) else False
-    if resume and not can_restore:
-        raise UserError(f"nothing to resume: no sweep '{sweep.name}' in {sweep.storage}")
-    if not resume and can_restore:
-        raise UserError(f"sweep '{sweep.name}' already exists in {sweep.storage}: pass --resume to continue it, "
-                        "or choose another name")
-    if resume:
-        verify_manifest(exp_path)  # Tuner.restore unpickles the folder's files
-    else:
-        search_alg, scheduler = build_search_alg(sweep), build_scheduler(sweep, base)
-    check_writable(sweep.storage)
-    # Concurrent trials start their Train workers (each importing torch) at the same moment; on a small,
-    # busy machine that overruns Ray Train's default 60 s and the trial fails. Inherited by a local cluster.
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
-    init_ray(dataclasses.replace(base.run, address=sweep.address))
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            train_trial, base=base.to_dict(), train_storage=f"{exp_path}/train",
-            classifier_cache=_classifier_cache(sweep),
-        ),
-        # The trial function only drives its TorchTrainer; a whole CPU each would starve the Train workers.
-        {"cpu": 0.01},
+    base = sweep.base_config()
+    base = apply_overrides(base, absolute_path_overrides(base))
+    exp_path = check_experiment("sweep", sweep.name, sweep.storage, resume)
+    tune_config = None if resume else tune.TuneConfig(
+        metric=sweep.metric, mode=sweep.mode, search_alg=build_search_alg(sweep),
+        scheduler=build_scheduler(sweep, base), num_samples=sweep.num_samples, trial_name_creator=trial_dirname,
+        trial_dirname_creator=trial_dirname,
     )
-    if resume:
-        log.info("resuming sweep %s", exp_path)
-        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                metric=sweep.metric, mode=sweep.mode, search_alg=search_alg, scheduler=scheduler,
-                num_samples=sweep.num_samples, trial_name_creator=trial_dirname, trial_dirname_creator=trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=sweep.name, storage_path=str(Path(exp_path).parent) if local else exp_path.rsplit("/", 1)[0],
-                failure_config=tune.FailureConfig(max_failures=sweep.max_failures), callbacks=callbacks,
-                verbose=1,
-            ),
-        )
-    try:
-        grid = tuner.fit()
-    finally:
-        # Tune has synced its final state (also after Ctrl-C or an error): sign what a --resume will unpickle.
-        write_manifest(exp_path)
+    grid = run_trials(
+        train_trial, {"base": base.to_dict(), "train_storage": f"{exp_path}/train",
+                      "classifier_cache": _classifier_cache(sweep)},
+        exp_path, dataclasses.replace(base.run, address=sweep.address), resume, tune_config,
+        max_failures=sweep.max_failures, callbacks=callbacks,
+    )
+    local = not is_remote(exp_path)
     out_dir = Path(exp_path) if local else Path(tempfile.mkdtemp(prefix=f"xswinir_sweep_{sweep.name}_"))
     summary = export_results(grid, sweep, base, out_dir)
     if not local:
@@ -255,9 +166,7 @@ def build_scheduler(sweep: SweepConfig, base: Config):
 
 def _upload(folder: Path, uri: str) -> None:
     """Copies the exported result files next to the experiment on remote storage."""
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(uri)
+    fs, root = filesystem_and_path(uri)
     for file in folder.iterdir():
         if file.is_file():
             with fs.open_output_stream(f"{root}/{file.name}") as out:

@@ -18,7 +18,6 @@ from typing import Any, Literal
 from xswinir.config import (
     Config,
     ConfigError,
-    _unknown_key,
     apply_overrides,
     build_section,
     check_name,
@@ -26,9 +25,10 @@ from xswinir.config import (
     read_yaml_mapping,
     resolve_config_path,
     show,
+    unknown_key_error,
 )
 from xswinir.metrics import VAL_PSNR_Y, VAL_SSIM_Y
-from xswinir.storage import is_remote
+from xswinir.paths import experiment_path, printable_path
 from xswinir.tune.search_space import Domain, check_search_space, parse_search_space
 
 TEXTURE_WEIGHT = "loss.texture_weight"
@@ -96,9 +96,7 @@ class SweepConfig:
         return load_config(self.base, list(self.overrides))
 
     def experiment_path(self) -> str:
-        if is_remote(self.storage):
-            return f"{self.storage.rstrip('/')}/{self.name}"
-        return str(Path(self.storage).expanduser().resolve() / self.name)
+        return experiment_path(self.storage, self.name)
 
 
 _SWEEP_KEYS = {f.name for f in dataclasses.fields(SweepConfig)}
@@ -117,8 +115,6 @@ def load_sweep_config(path: str | Path, extra_overrides: list[str] | None = None
         ConfigError: an unreadable file, unknown keys, wrong types, bad domains, a metric the trainer does not
             report, or domain values that make an invalid training config. The message names the file.
     """
-    from xswinir.images import printable_path
-
     file = resolve_config_path(path)
     where = printable_path(file)
     data = read_yaml_mapping(file)  # UTF-8, bounded size and alias expansion: one-line errors
@@ -140,7 +136,7 @@ def _parse(data: dict[str, Any], file: Path, extra_overrides: list[str], changes
     data = {**data, **{k: v for k, v in changes.items() if v is not None}}
     for key in data:
         if key not in _SWEEP_KEYS:
-            raise _unknown_key(SweepConfig, key, "")
+            raise unknown_key_error(SweepConfig, key, "")
     search = parse_search_space(data.pop("search", None))
     overrides = data.get("overrides")
     if overrides is None:

@@ -1,23 +1,24 @@
 """Checkpoints: model weights in every layout we read or write, and the training checkpoint folder.
 
 * weights: our ``.safetensors`` (the model config in its metadata), the official ``.pth`` layout (``params`` /
-  ``params_ema``), and training checkpoint folders; :func:`load_model` builds a SwinIR from any of them;
+  ``params_ema``), and training checkpoint folders; :func:`load_model` builds a SwinIR from any of them, and
+  :func:`load_pretrained` fills a run's fresh model from any of them (``model.init_from``);
 * a training checkpoint folder: weights, EMA weights, optimizer and RNG states, the config, and the texture
   classifier the run trained with, so that a checkpoint alone restores or explains a run; its manifest,
   written last, lists every file with size and sha256, so a damaged or unfinished folder is recognised
-  (:func:`checkpoint_problem`) on a local disk and on remote storage alike.
+  (:func:`checkpoint_problem`) on a local disk and on remote storage alike. Which checkpoint of a run folder a
+  run resumes from is :mod:`xswinir.runs`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
 import re
-import tempfile
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from xswinir.config import MODEL_PRESETS, Config, ModelConfig, build_section
+from xswinir.atomic import sha256_stream
+from xswinir.config import Config, build_section
 from xswinir.errors import UserError
 from xswinir.model import REBUILT_BUFFERS, SwinIR, build_swinir
-from xswinir.storage import is_remote
+from xswinir.model_spec import MODEL_PRESETS, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +193,8 @@ def _config_to_json(cfg: ModelConfig) -> str:
     return json.dumps(dataclasses.asdict(cfg))
 
 
-def _config_from_json(text: str, source: str) -> ModelConfig:
+def model_config_from_metadata(text: str, source: str) -> ModelConfig:
+    """The :class:`ModelConfig` stored as JSON in a weights file's metadata; ``source`` names the file in errors."""
     # Metadata comes with a file from anywhere: the config's typed loader checks every key, type and size
     # (the parameter bound included) before a model is built from it.
     try:
@@ -226,7 +229,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], ModelConfig | None
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from err
     text = metadata.get("model_config")
-    return tensors, _config_from_json(text, str(path)) if text else None
+    return tensors, model_config_from_metadata(text, str(path)) if text else None
 
 
 def _read_pth(path: Path, prefer_ema: bool) -> dict[str, Tensor]:
@@ -358,8 +361,6 @@ def save_checkpoint(
     Args:
         rng_states: every rank's RNG states (:func:`rng_state`), indexed by rank; None: this process's only.
     """
-    import shutil
-
     save_weights(model, cfg.model, directory / MODEL_FILE)
     save_weights(ema_model, cfg.model, directory / EMA_FILE)
     state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_states or [rng_state()]}
@@ -398,13 +399,6 @@ def rng_state() -> dict[str, Tensor | None]:
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
-def _sha256(stream: Any) -> str:
-    digest = hashlib.sha256()
-    while chunk := stream.read(1 << 20):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_manifest(directory: Path) -> None:
     """Writes ``manifest.json``: every file of the checkpoint folder with its size and sha256.
 
@@ -414,20 +408,10 @@ def write_manifest(directory: Path) -> None:
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
         with path.open("rb") as f:
-            files[path.relative_to(directory).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(f)}
+            files[path.relative_to(directory).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_stream(f)}
     tmp = directory / f".{MANIFEST_FILE}.tmp"
     tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1))
     os.replace(tmp, directory / MANIFEST_FILE)
-
-
-def filesystem_and_path(location: str | Path) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and the path inside it of a local path or a URI (``s3://``, ``gs://``, ``file://``)."""
-    import pyarrow.fs as pafs
-
-    text = str(location)
-    if is_remote(text):
-        return pafs.FileSystem.from_uri(text)
-    return pafs.LocalFileSystem(), Path(text).expanduser().resolve().as_posix()
 
 
 def checkpoint_problem(path: str | Path, filesystem: pafs.FileSystem | None = None, hashes: bool = True) -> str | None:
@@ -467,65 +451,8 @@ def checkpoint_problem(path: str | Path, filesystem: pafs.FileSystem | None = No
         if hashes:
             for name, (_, sha256) in expected.items():
                 with fs.open_input_stream(f"{path}/{name}") as f:
-                    if _sha256(f) != sha256:
+                    if sha256_stream(f) != sha256:
                         return f"{name} does not match its sha256 in the manifest"
     except (OSError, pa.ArrowException) as err:
         return f"it cannot be read ({err})"
     return None
-
-
-def list_checkpoints(run_path: str, filesystem: pafs.FileSystem) -> list[str]:
-    """The checkpoint folders of a Ray Train run folder (``checkpoint_<timestamp>``), oldest first."""
-    import pyarrow.fs as pafs
-
-    infos = filesystem.get_file_info(pafs.FileSelector(str(run_path).rstrip("/"), allow_not_found=True))
-    # Ray names them by time (checkpoint_2026-01-31_12-00-00.123456): name order is time order.
-    return sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-
-
-def newest_good_checkpoint(
-    candidates: list[str], filesystem: pafs.FileSystem, hashes: bool = True
-) -> tuple[str | None, list[tuple[str, str]]]:
-    """The newest checkpoint of ``candidates`` (oldest first) that passes :func:`checkpoint_problem`.
-
-    Returns:
-        The folder (None if none passes) and the ``(folder, reason)`` of every newer one that did not pass.
-    """
-    skipped = []
-    for path in reversed(candidates):
-        problem = checkpoint_problem(path, filesystem, hashes)
-        if problem is None:
-            return path, skipped
-        skipped.append((path, problem))
-    return None, skipped
-
-
-def classifier_from_payload(payload: dict[str, bytes] | None, device: torch.device) -> tuple[Any, Path | None]:
-    """Writes the classifier files that travelled in the train-loop config to a local folder and loads them."""
-    if payload is None:
-        return None, None
-    from xswinir.texture import load_texture_classifier
-
-    folder = Path(tempfile.mkdtemp(prefix="xswinir_classifier_"))
-    for name, data in payload.items():
-        (folder / name).write_bytes(data)
-    return load_texture_classifier(folder).to(device), folder
-
-
-def classifier_payload(cfg: Config, cache: Path | None = None) -> tuple[Config, dict[str, bytes] | None]:
-    """Makes sure a classifier exists when the texture term is on, and packs its files for the workers.
-
-    The files travel inside the train-loop config (a few KB), so that workers need no shared file system.
-
-    Args:
-        cache: where classifiers trained on the fly are kept; None: ``<storage>/classifiers``.
-    """
-    if not cfg.texture_enabled:
-        return cfg, None
-    from xswinir.config import apply_overrides
-    from xswinir.storage import classifier_cache
-    from xswinir.texture import ensure_texture_classifier
-
-    path = Path(ensure_texture_classifier(cfg, cache if cache is not None else classifier_cache(cfg.run)))
-    cfg = apply_overrides(cfg, {"texture.classifier.path": str(path)})
-    return cfg, {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}

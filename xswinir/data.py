@@ -13,8 +13,9 @@ resumed at step ``t`` sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +23,24 @@ from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from xswinir.config import Config, ConfigError
 from xswinir.errors import UserError
-from xswinir.images import ImageReadError, lq_candidates, printable_path, read_image, resolve_image_files
+from xswinir.images import ImageReadError, read_image, read_image_data
+from xswinir.paths import printable_path
+from xswinir.pixel_limit import MAX_PIXELS_ENV, max_pixels
 from xswinir.resize import modcrop
-from xswinir.shards import ShardImages, check_shards, is_shard_source
+from xswinir.seeds import batch_seed, crop_seed, loader_seed
+from xswinir.shards import PairMismatchError, ShardImages, check_pair_size, check_shards, is_shard_source
+from xswinir.sources import lq_candidates, resolve_image_files
 
 log = logging.getLogger(__name__)
+
+# check_train_source names this many skipped images one by one, then counts the rest.
+MAX_NAMED_SKIPS = 20
 
 
 class DataError(UserError, ValueError):
@@ -40,10 +49,6 @@ class DataError(UserError, ValueError):
 
 class SmallImageError(ImageReadError):
     """An image smaller than the training patch (or search region), with ``data.small_images: skip``."""
-
-
-class PairMismatchError(ImageReadError):
-    """A paired HR image whose LQ partner is missing or not its size divided by the scale."""
 
 
 class ImageList(Protocol):
@@ -144,11 +149,22 @@ def open_images(source: str, channels: int = 3, lq_source: str | None = None, sc
     return images if lq_source is None else PairedFiles(images, lq_source, scale)
 
 
-def check_train_source(cfg: Config) -> None:
-    """Refuses a training source that cannot work, with one line, before Ray starts (cheap: no decoding).
+def check_train_source(cfg: Config) -> list[tuple[str, str]]:
+    """Refuses a training source that cannot work, with one line, before Ray starts; names what will be skipped.
+
+    Shards are checked on their footers. Image folders are checked on every file's header, without decoding
+    (seconds for thousands of files): each image must be readable and large enough for a patch (or search
+    region), and with ``data.train_lq`` each HR image must have its LQ partner, the HR image's size (after
+    modcrop) divided by the scale. A pair whose header sizes disagree is decoded to be sure. What fails is
+    what the workers would skip: each is named in a warning here, where the console shows it, and the run is
+    refused when nothing is left. (A file that is cut short is only found by decoding it: the workers name
+    and skip it.)
+
+    Returns:
+        ``(printable name, reason)`` of every image the workers will skip; empty for shards.
 
     Raises:
-        DataError: ``data.train`` or ``data.train_lq`` names nothing.
+        DataError: ``data.train`` or ``data.train_lq`` names nothing, or none of its images is usable.
         ShardError: a shard file is unreadable or lacks a column (named).
     """
     if is_shard_source(cfg.data.train):
@@ -156,18 +172,90 @@ def check_train_source(cfg: Config) -> None:
         if cfg.data.train_lq is not None:
             raise DataError(f"data.train_lq is for image folders: the shards {cfg.data.train} carry their own LQ "
                             "images when packed with `xswinir pack --lq`")
-        return
+        return []
     for source in filter(None, (cfg.data.train, cfg.data.train_lq)):
         try:
             resolve_image_files(source)
         except FileNotFoundError as err:
             raise DataError(f"data source '{source}': {err}") from err
+    images = open_images(cfg.data.train, cfg.model.in_chans, cfg.data.train_lq, cfg.scale)
+    cutter = PatchCutter.from_config(cfg)
+    skipped: list[tuple[str, str]] = []
+    kinds: Counter[str] = Counter()
+    for i, name in enumerate(images.names):
+        try:
+            _check_image_file(images, i, cutter)
+        except ImageReadError as err:
+            skipped.append((printable_path(name), str(err)))
+            if isinstance(err, PairMismatchError):
+                kinds["without an LQ partner" if images.lq_paths[i] is None else "with an LQ partner of the wrong "
+                      f"size (not HR / {cfg.scale})"] += 1
+            else:
+                kinds["smaller than the patch" if isinstance(err, SmallImageError) else "not readable"] += 1
+    if skipped and len(skipped) == len(images):
+        where = printable_path(cfg.data.train) + (f" (LQ partners in {printable_path(cfg.data.train_lq)})"
+                                                  if cfg.data.train_lq else "")
+        counts = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
+        raise DataError(f"data.train {where}: none of its {len(images)} images is usable ({counts}); first: "
+                        f"{skipped[0][1]}")
+    for _, reason in skipped[:MAX_NAMED_SKIPS]:
+        log.warning("training data: skipping %s", reason)
+    if len(skipped) > MAX_NAMED_SKIPS:
+        log.warning("training data: ... and %d more", len(skipped) - MAX_NAMED_SKIPS)
+    if skipped:
+        log.warning("training data: %d of %d images are skipped", len(skipped), len(images))
+    return skipped
 
 
-def sample_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across processes and Python versions (unlike ``hash``)."""
-    digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+def _header_size(path: Path) -> tuple[int, int]:
+    """``(H, W)`` of an image file as decoding gives it (EXIF orientation applied), read from its header.
+
+    Raises:
+        ImageReadError: not an image Pillow knows, or over :func:`xswinir.pixel_limit.max_pixels`.
+    """
+    name = printable_path(path)  # the messages are the decoder's (xswinir.images), so both name a file alike
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
+            with Image.open(path) as image:
+                W, H = image.size
+                orientation = image.getexif().get(0x0112, 1)
+    except UnidentifiedImageError as err:
+        raise ImageReadError(f"{name}: not a readable image (no image format Pillow knows)") from err
+    except Exception as err:  # any reader failure (Pillow raises many kinds) is this file's fault
+        raise ImageReadError(f"{name}: not a readable image ({str(err).strip() or type(err).__name__})") from err
+    limit = max_pixels()
+    if W * H > limit:
+        raise ImageReadError(f"{name}: declares {W}x{H} = {W * H:,} pixels, over the limit of {limit:,} (set "
+                             f"{MAX_PIXELS_ENV} to raise it)")
+    return (W, H) if orientation in (5, 6, 7, 8) else (H, W)  # 5-8 turn the picture by 90 degrees
+
+
+def _check_image_file(images: FileImages | PairedFiles, index: int, cutter: PatchCutter) -> None:
+    """What :class:`PatchDataset` finds decoding image ``index`` of files, found from the headers.
+
+    Raises:
+        ImageReadError: the file is unreadable; :class:`SmallImageError` or :class:`PairMismatchError` as the
+            dataset raises them.
+    """
+    name = images.names[index]
+    if not images.paired:
+        H, W = _header_size(images.paths[index])
+        cutter.check_size(torch.empty(0, H, W), name)
+        return
+    s = cutter.scale
+    gt_size = _header_size(images.hr.paths[index])  # in the dataset's order: the HR image, then its partner
+    lq_path = images.lq_paths[index]
+    if lq_path is None:
+        images.load_lq(index)  # raises the dataset's PairMismatchError, naming the stems looked for
+    lq_size = _header_size(lq_path)
+    try:
+        check_pair_size(gt_size, lq_size, name, s)
+    except PairMismatchError:
+        # Headers can miss a PNG's orientation chunk behind its pixels: decode before calling a pair wrong.
+        gt_size = tuple(read_image_data(images.hr.paths[index]).image.shape[1:])
+        check_pair_size(gt_size, tuple(read_image_data(lq_path).image.shape[1:]), name, s)
+    cutter.check_size(torch.empty(0, gt_size[0] - gt_size[0] % s, gt_size[1] - gt_size[1] % s), name, paired=True)
 
 
 @dataclass
@@ -342,7 +430,7 @@ class PatchDataset(Dataset):
         sizes = getattr(images, "sizes", None)
         for i, name in enumerate(images.names):
             try:
-                if sizes is not None:
+                if sizes is not None and sizes[i] is not None:  # None: a damaged shard row, found by decoding
                     H, W = sizes[i]
                     s = cutter.scale if self.paired else 1
                     self.cutter.check_size(torch.empty(0, H - H % s, W - W % s), name, self.paired)
@@ -367,9 +455,7 @@ class PatchDataset(Dataset):
         s = self.cutter.scale
         image = modcrop(image, s)
         lq = self.images.load_lq(i)
-        if tuple(lq.shape[1:]) != (image.shape[1] // s, image.shape[2] // s):
-            raise PairMismatchError(f"{printable_path(name)}: its LQ image is {lq.shape[2]}x{lq.shape[1]}, not "
-                                    f"{image.shape[2]}x{image.shape[1]} (after modcrop) / {s}")
+        check_pair_size(tuple(image.shape[1:]), tuple(lq.shape[1:]), name, s)
         return self.cutter.check_size(image, name, paired=True), lq
 
     def _remember(self, index: int, pair: tuple[Tensor, Tensor | None]) -> None:
@@ -407,7 +493,7 @@ class PatchDataset(Dataset):
                 self.failed.add(self.usable[j])
                 log.warning("skipping %s; using the next image instead", err)
                 continue
-            return [self.cutter(image, seed if c == 0 else sample_seed(seed, c), lq) for c in range(count)]
+            return [self.cutter(image, seed if c == 0 else crop_seed(seed, c), lq) for c in range(count)]
         raise DataError("no image of the data source can be read any more")
 
 
@@ -428,7 +514,7 @@ class StepBatchSampler:
         self.crops_per_image = crops_per_image
 
     def batch(self, step: int) -> list[tuple[int, int, int]]:
-        g = torch.Generator().manual_seed(sample_seed(self.seed, step, self.rank))
+        g = torch.Generator().manual_seed(batch_seed(self.seed, step, self.rank))
         k = self.crops_per_image
         n = -(-self.batch_size // k)
         indices = torch.randint(self.num_images, (n,), generator=g)
@@ -479,7 +565,7 @@ def build_train_batches(cfg: Config, rank: int, world_size: int, start_step: int
     # Its own generator: starting the iterator (on resume, too) must not draw from the global RNG.
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
-                        generator=torch.Generator().manual_seed(sample_seed(cfg.train.seed, rank)))
+                        generator=torch.Generator().manual_seed(loader_seed(cfg.train.seed, rank)))
     return iter(loader)
 
 

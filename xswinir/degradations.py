@@ -13,7 +13,7 @@ The returned ``params`` record what was done to each sample, so a batch can be r
 (:func:`describe_params`). Conventions: a sigma, scale or quality of 0 means "not applied".
 
 Generators: random numbers are drawn on ``generator.device``; a CUDA batch needs a CUDA generator
-(``torch.Generator(device="cuda").manual_seed(seed)``, see :func:`make_generator`), otherwise a
+(``torch.Generator(device="cuda").manual_seed(seed)``, see :func:`xswinir.seeds.make_generator`), otherwise a
 ``ValueError`` says so. The same seed gives the same parameters on the same device type, but CPU and CUDA
 generators produce different streams.
 """
@@ -30,11 +30,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xswinir.config import DegradationConfig, ResizeMode
-
-
-def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A seeded generator on ``device``, as :meth:`Degrader.forward` needs for a batch on that device."""
-    return torch.Generator(device=torch.device(device)).manual_seed(seed)
 
 
 def _uniform(generator: torch.Generator, n: int, bounds: tuple[float, float], device: torch.device) -> Tensor:
@@ -177,7 +172,7 @@ class Degrader(nn.Module):
         if generator.device.type != gt.device.type:
             raise ValueError(
                 f"the generator is on {generator.device} but the batch is on {gt.device}; pass "
-                f"torch.Generator(device='{gt.device.type}').manual_seed(seed) (xswinir.degradations.make_generator)"
+                f"torch.Generator(device='{gt.device.type}').manual_seed(seed) (xswinir.seeds.make_generator)"
             )
         B, _, H, W = gt.shape
         if H % self.scale or W % self.scale:

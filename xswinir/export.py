@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import re
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -29,15 +30,15 @@ import torch
 from torch import Tensor, nn
 
 from xswinir.atomic import atomic_path
-from xswinir.checkpoint import EMA_FILE, MODEL_FILE, load_model
+from xswinir.checkpoint import EMA_FILE, MODEL_FILE, load_model, model_config_from_metadata
 from xswinir.config import ModelConfig
 from xswinir.errors import UserError
-from xswinir.model import SwinIR, relative_position_index, shifted_window_mask
+from xswinir.model import SwinIR, pad_to_multiple, relative_position_index, shifted_window_mask
 
 log = logging.getLogger(__name__)
 
 ExportFormat = Literal["official", "safetensors", "onnx"]
-FORMATS: tuple[str, ...] = ("official", "safetensors", "onnx")
+FORMATS: tuple[str, ...] = typing.get_args(ExportFormat)
 ONNX_INPUT, ONNX_OUTPUT = "lq", "sr"
 ONNX_OPSET = 18
 
@@ -210,17 +211,13 @@ class OnnxModel(nn.Module):
         metadata = self.session.get_modelmeta().custom_metadata_map
         if "model_config" not in metadata:
             raise ExportError(f"{path} was not written by `xswinir export` (no model_config in its metadata)")
-        from xswinir.checkpoint import _config_from_json
-
-        self.cfg = _config_from_json(metadata["model_config"], str(path))
+        self.cfg = model_config_from_metadata(metadata["model_config"], str(path))
         self.window_size = int(metadata["window_size"])
         self.upscale = int(metadata["upscale"])
         self.in_chans = self.cfg.in_chans
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` in [0, 1], any H and W -> ``(B, C, H * s, W * s)`` on ``x``'s device."""
-        from xswinir.model import pad_to_multiple
-
         height, width = x.shape[-2:]
         padded = pad_to_multiple(x.detach().float().cpu(), self.window_size).contiguous()
         outputs = [self.session.run([ONNX_OUTPUT], {ONNX_INPUT: image[None].numpy()})[0] for image in padded]

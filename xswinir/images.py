@@ -1,4 +1,4 @@
-"""Reading and writing image files as float tensors, and finding the images a source names.
+"""Image files <-> float tensors: reading (with the pixel limit, EXIF, 16-bit, alpha) and writing atomically.
 
 Every image enters the project through :func:`read_image_data` (or :func:`decode_image_data` for bytes);
 :func:`read_image` and :func:`decode_image` are the colour-only shortcuts. They turn anything a decoder can
@@ -13,7 +13,6 @@ with alpha, atomically.
 from __future__ import annotations
 
 import io
-import os
 import re
 import struct
 import warnings
@@ -27,46 +26,12 @@ from PIL import Image, UnidentifiedImageError
 
 from xswinir.atomic import atomic_path
 from xswinir.errors import UserError
+from xswinir.paths import printable_path
 from xswinir.pixel_limit import MAX_PIXELS_ENV, max_pixels
-from xswinir.storage import is_remote
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-# Images inside the scikit-image wheel: real photographs and textures with nothing to download.
-# The two default sets are disjoint, so validation never sees a training image.
-SKIMAGE_FILES = {
-    "astronaut": "astronaut.png",
-    "coffee": "coffee.png",
-    "rocket": "rocket.jpg",
-    "immunohistochemistry": "ihc.png",
-    "hubble_deep_field": "hubble_deep_field.jpg",
-    "brick": "brick.png",
-    "grass": "grass.png",
-    "gravel": "gravel.png",
-    "chelsea": "chelsea.png",
-    "camera": "camera.png",
-    "coins": "coins.png",
-}
-SKIMAGE_SETS = {
-    "train": ("astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "brick", "grass",
-              "gravel"),
-    "val": ("chelsea", "camera", "coins"),
-}
 
 
 class ImageReadError(UserError, ValueError):
     """An image file that is missing, unreadable, not an image, or larger than :func:`max_pixels`."""
-
-
-def printable_path(path: str | Path | bytes) -> str:
-    """A path as it can always be printed: bytes that are not valid UTF-8 appear as ``\\xNN`` escapes.
-
-    POSIX file names are bytes; Python keeps undecodable ones as lone surrogates, which a UTF-8 console or log
-    file refuses with ``UnicodeEncodeError``. Every message that names a user's file goes through this.
-    """
-    raw = path if isinstance(path, bytes) else os.fsencode(str(path))
-    return raw.decode("utf-8", errors="backslashreplace")
 
 
 @dataclass
@@ -170,7 +135,7 @@ def decode_image_data(data: bytes, name: str = "<bytes>") -> ImageData:
 
     Args:
         data: the file's bytes.
-        name: what error messages call it (pass it through :func:`printable_path`).
+        name: what error messages call it (pass it through :func:`xswinir.paths.printable_path`).
 
     Raises:
         ImageReadError: empty, truncated, corrupt or unknown data, more than :func:`max_pixels` pixels, or no
@@ -247,11 +212,6 @@ def to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
         weights = torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype).view(3, 1, 1)
         return (image * weights).sum(dim=0, keepdim=True)
     return image
-
-
-def rgb_to_gray(array: np.ndarray) -> np.ndarray:
-    """ITU-R BT.601 luma of an (H, W, 3) array in [0, 1], as (H, W, 1)."""
-    return (array @ np.array([0.299, 0.587, 0.114], dtype=array.dtype))[..., None]
 
 
 def decode_image(data: bytes, name: str = "<bytes>", channels: int = 3) -> torch.Tensor:
@@ -345,69 +305,3 @@ def write_image(path: str | Path, image: torch.Tensor, overwrite: bool = False, 
             options = {"quality": int(quality)} if quality is not None and image_format in ("JPEG", "WEBP") else {}
             Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(tmp, format=image_format, **options)
     return path
-
-
-def skimage_data_dir() -> Path:
-    import skimage
-
-    return Path(skimage.__file__).parent / "data"
-
-
-def absolute_source(source: str) -> str:
-    """A source with its existing local paths made absolute (each part of a ``;`` list); URIs and
-    ``skimage:`` names unchanged. Ray Tune trials run in their own working directory."""
-    parts = []
-    for part in source.split(";"):
-        text = part.strip()
-        local = text and not is_remote(text) and not text.startswith("skimage:")
-        parts.append(str(Path(text).expanduser().resolve()) if local and Path(text).expanduser().exists() else text)
-    return ";".join(parts)
-
-
-def resolve_image_files(source: str | Path) -> list[Path]:
-    """The image files a source names, sorted.
-
-    Args:
-        source: an image file, a folder (searched recursively for image suffixes), or
-            ``skimage:NAME,...`` where a NAME is a key of ``SKIMAGE_FILES`` or of ``SKIMAGE_SETS``; several
-            such sources joined by ``;`` (``T91;BSD200``) name all their files, in that order.
-
-    Raises:
-        FileNotFoundError: the source names nothing that exists.
-    """
-    text = str(source)
-    if ";" in text:
-        return [file for part in text.split(";") if part.strip() for file in resolve_image_files(part.strip())]
-    if text.startswith("skimage:"):
-        names: list[str] = []
-        for name in filter(None, text[len("skimage:"):].split(",")):
-            if name in SKIMAGE_SETS:
-                names.extend(SKIMAGE_SETS[name])
-            elif name in SKIMAGE_FILES:
-                names.append(name)
-            else:
-                raise FileNotFoundError(
-                    f"'{name}' is not an image shipped with scikit-image here; choose from "
-                    f"{sorted(SKIMAGE_FILES)} or the sets {sorted(SKIMAGE_SETS)}"
-                )
-        return [skimage_data_dir() / SKIMAGE_FILES[name] for name in names]
-    path = Path(text).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        # Hidden files are skipped: macOS "._name.png" resource forks and unfinished atomic writes.
-        files = sorted(p for p in path.rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-        if not files:
-            raise FileNotFoundError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-        return files
-    raise FileNotFoundError(f"{path} does not exist")
-
-
-def lq_candidates(hr_name: str, scale: int) -> list[str]:
-    """File stems the LQ partner of an HR image may have: ``{stem}x{s}``, ``{stem}_x{s}`` or ``{stem}``.
-
-    The naming of the benchmark sets' LR folders (``babyx2.png``); paired training and ``pack --lq`` match by it.
-    """
-    stem = Path(hr_name).stem
-    return [f"{stem}x{scale}", f"{stem}_x{scale}", stem]

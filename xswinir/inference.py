@@ -1,19 +1,22 @@
 """Inference on whole images of any size: overlapping tiles, optional x8 self-ensemble, bicubic baseline.
 
-Tiles keep memory bounded: the model only ever sees ``tile x tile`` LR pixels (times the batch). Tiles
-overlap by ``overlap`` LR pixels and are blended with smooth weights: a tile's weight is 0 within
+Tiles keep memory bounded: the model only ever sees ``tile x tile`` LQ pixels (times the batch). Tiles
+overlap by ``overlap`` LQ pixels and are blended with smooth weights: a tile's weight is 0 within
 ``overlap / 4`` of an edge it shares with a neighbour (where its context is cut off), rises linearly over
 the next ``overlap / 2`` and is 1 beyond, and the weights are normalised per pixel. A model whose receptive
-field reaches at most ``overlap / 4`` LR pixels therefore gives exactly the untiled result (to float
+field reaches at most ``overlap / 4`` LQ pixels therefore gives exactly the untiled result (to float
 rounding), and SwinIR, whose attention reaches further, gives a close result without visible seams. Image
 edges are not shared edges: tiles there keep full weight, since the untiled run sees the same border.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from xswinir.errors import UserError
 from xswinir.resize import imresize
 
 
@@ -36,7 +39,7 @@ def _spans(length: int, tile: int, overlap: int, window: int) -> list[tuple[int,
 def _profile(size: int, scale: int, overlap: int, inner_left: bool, inner_right: bool,
              device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """1-D blend weight of one tile over its ``size * scale`` output pixels, ``(size * scale,)``."""
-    # Pixel centres in LR units, measured from the tile's start.
+    # Pixel centres in LQ units, measured from the tile's start.
     pos = (torch.arange(size * scale, device=device, dtype=torch.float64) + 0.5) / scale
     margin, ramp = overlap / 4, max(overlap / 2, 1e-6)
     weight = torch.ones_like(pos)
@@ -102,8 +105,8 @@ def restore(model: nn.Module, lq: torch.Tensor, tile: int | None = None, overlap
             attribute, if any, rounds the tile size down to a multiple of it. Put it in eval mode and
             on ``lq``'s device first.
         lq: ``(B, C, H, W)`` or ``(C, H, W)`` inputs in [0, 1].
-        tile: tile size in LR pixels; None runs the whole image at once.
-        overlap: LR pixels shared by neighbouring tiles (at most ``tile // 2`` is used).
+        tile: tile size in LQ pixels; None runs the whole image at once.
+        overlap: LQ pixels shared by neighbouring tiles (at most ``tile // 2`` is used).
         self_ensemble: average the outputs over the 8 flips and transposes (x8 the compute).
 
     Returns:
@@ -125,32 +128,32 @@ def restore(model: nn.Module, lq: torch.Tensor, tile: int | None = None, overlap
     return sr.squeeze(0) if squeeze else sr
 
 
-# Images above this many pixels are resized tile by tile (RESIZE_TILE x RESIZE_TILE LR pixels, plus a margin),
+# Images above this many pixels are resized tile by tile (RESIZE_TILE x RESIZE_TILE LQ pixels, plus a margin),
 # so a bicubic pass needs a few MB beside its input and output instead of a dense weight matrix per axis
 # whose size grows with the square of the side.
 RESIZE_TILE = 512
-_RESIZE_MARGIN = 4  # LR pixels; the cubic kernel reaches 2 LR pixels (2 * scale HR pixels when down-scaling)
+_RESIZE_MARGIN = 4  # LQ pixels; the cubic kernel reaches 2 LQ pixels (2 * scale HR pixels when down-scaling)
 
 
 def _resize_tiled(x: torch.Tensor, scale: int, up: bool) -> torch.Tensor:
-    """MATLAB bicubic by an integer factor, rounded to 8 bits per pass, over LR tiles with a margin.
+    """MATLAB bicubic by an integer factor, rounded to 8 bits per pass, over LQ tiles with a margin.
 
-    Each output tile comes from a crop that starts on the LR grid, so its kernel weights are the whole
+    Each output tile comes from a crop that starts on the LQ grid, so its kernel weights are the whole
     image's; the crop's own mirror padding only touches the margin, which is dropped. At the image border
     the crop ends where the image does and pads as the whole image would. Equal to :func:`imresize` up to
     float64 summation order.
     """
     b, c, h, w = x.shape
-    lr_h, lr_w = (h, w) if up else (h // scale, w // scale)
-    out = x.new_empty(b, c, *((lr_h * scale, lr_w * scale) if up else (lr_h, lr_w)))
+    lq_h, lq_w = (h, w) if up else (h // scale, w // scale)  # the low-resolution side of the resize
+    out = x.new_empty(b, c, *((lq_h * scale, lq_w * scale) if up else (lq_h, lq_w)))
     step, m = RESIZE_TILE, _RESIZE_MARGIN
-    in_unit, out_unit = (1, scale) if up else (scale, 1)  # input / output pixels per LR pixel
-    for y0 in range(0, lr_h, step):
-        y1 = min(y0 + step, lr_h)
-        cy0, cy1 = max(0, y0 - m), min(lr_h, y1 + m)
-        for x0 in range(0, lr_w, step):
-            x1 = min(x0 + step, lr_w)
-            cx0, cx1 = max(0, x0 - m), min(lr_w, x1 + m)
+    in_unit, out_unit = (1, scale) if up else (scale, 1)  # input / output pixels per LQ pixel
+    for y0 in range(0, lq_h, step):
+        y1 = min(y0 + step, lq_h)
+        cy0, cy1 = max(0, y0 - m), min(lq_h, y1 + m)
+        for x0 in range(0, lq_w, step):
+            x1 = min(x0 + step, lq_w)
+            cx0, cx1 = max(0, x0 - m), min(lq_w, x1 + m)
             crop = x[..., cy0 * in_unit:cy1 * in_unit, cx0 * in_unit:cx1 * in_unit]
             part = imresize(crop, scale if up else 1 / scale, round_intermediate=True)
             out[..., y0 * out_unit:y1 * out_unit, x0 * out_unit:x1 * out_unit] = part[
@@ -158,7 +161,8 @@ def _resize_tiled(x: torch.Tensor, scale: int, up: bool) -> torch.Tensor:
     return out
 
 
-def _batched(fn, x: torch.Tensor, *args) -> torch.Tensor:
+def _batched(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: object) -> torch.Tensor:
+    """``fn`` on a ``(B, C, H, W)`` batch, also for one ``(C, H, W)`` image."""
     return fn(x.unsqueeze(0), *args).squeeze(0) if x.dim() == 3 else fn(x, *args)
 
 
@@ -201,8 +205,6 @@ def resolve_device(name: str | None = None) -> torch.device:
     Raises:
         UserError: CUDA was asked for but is not available.
     """
-    from xswinir.errors import UserError
-
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

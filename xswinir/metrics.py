@@ -8,15 +8,18 @@ scale, either over the RGB channels or on the luma ``Y`` of ITU-R BT.601
 functions here follow those rules on ``(B, C, H, W)`` float tensors in [0, 1] on any device, in float64
 as the numpy reference does.
 
-Beside them, three full-reference metrics that react to lost or invented texture, all from torchmetrics
+Beside them, four full-reference metrics that react to lost or invented texture, all from torchmetrics
 and measured on the same rounded, cropped images: MS-SSIM on Y (:func:`ms_ssim`), the spatial correlation
-coefficient of Laplacian high-passes on Y (:func:`scc`), and LPIPS (:func:`load_lpips`), which needs
-ImageNet AlexNet weights and is only used when they are already on disk - nothing is ever downloaded.
+coefficient of Laplacian high-passes on Y (:func:`scc`), the pixel-domain visual information fidelity on Y
+(:func:`vif`: how much of gt's local detail survives, blind to a brightness shift), and LPIPS
+(:func:`load_lpips`), which needs ImageNet AlexNet weights and is only used when they are already on disk -
+nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 from collections.abc import Iterator
@@ -29,8 +32,6 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 # Metric names reported to Ray and logged; the trainer and tune import these, never retype them.
-VAL_PSNR = "val/psnr"
-VAL_SSIM = "val/ssim"
 VAL_PSNR_Y = "val/psnr_y"
 VAL_SSIM_Y = "val/ssim_y"
 VAL_PSNR_BICUBIC_Y = "val/psnr_y_bicubic"
@@ -43,13 +44,19 @@ PSNR_Y = "psnr_y"
 SSIM_Y = "ssim_y"
 MS_SSIM_Y = "ms_ssim_y"
 SCC_Y = "scc_y"
+VIF_Y = "vif_y"
 LPIPS = "lpips"  # lower is better; None where the backbone weights are not on disk
-EVAL_METRICS = (PSNR, SSIM, PSNR_Y, SSIM_Y, MS_SSIM_Y, SCC_Y, LPIPS)
+EVAL_METRICS = (PSNR, SSIM, PSNR_Y, SSIM_Y, MS_SSIM_Y, SCC_Y, VIF_Y, LPIPS)
 
 # Wang, Simoncelli, Bovik 2003, finest scale first; torchmetrics' defaults.
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 SSIM_WINDOW = 11  # side of the Gaussian SSIM window: the smallest image any SSIM here can measure
 SCC_WINDOW = 8  # local correlation window of the spatial correlation coefficient (torchmetrics' default)
+# VIF-P (Sheikh & Bovik 2006) as torchmetrics computes it: four scales, each a (2^(4-s) + 1)-tap Gaussian of
+# sigma side / 5 that both measures local statistics and (for s > 0) low-passes before halving the image.
+VIF_WINDOWS = (17, 9, 5, 3)
+VIF_MIN_SIZE = 41  # pixels per side: one 3 x 3 window at the coarsest scale reads 8 * 2 + 25 = 41 pixels
+VIF_NOISE_VARIANCE = 2.0  # sigma_n^2, the visual noise, on the 0-255 scale (the paper's and torchmetrics' default)
 LPIPS_MIN_SIZE = 31  # pixels per side for which AlexNet's second max-pool still gets a 3 x 3 input
 LPIPS_MAX_PIXELS = 2048 * 2048  # AlexNet runs on whole images; above this `xswinir eval` reports lpips n/a
 
@@ -391,6 +398,116 @@ def _scc_map(x: torch.Tensor, y: torch.Tensor, pads: tuple[int, int, int, int]) 
     cov = F.conv2d(hx * hy, window, groups=channels) - mean_x * mean_y
     den = var_y.sqrt() * var_x.sqrt()
     return torch.where(den == 0, torch.zeros_like(cov), cov / torch.where(den == 0, torch.ones_like(den), den))
+
+
+def vif(sr: torch.Tensor, gt: torch.Tensor, crop_border: int = 0, y_channel: bool = False,
+        quantize: bool = True) -> torch.Tensor:
+    """Pixel-domain visual information fidelity, VIF-P (Sheikh & Bovik 2006, torchmetrics), per image.
+
+    Per scale and window, gt's local variance is compared with what of it reaches ``sr`` through a local gain
+    ``g`` and an added noise ``sigma_v^2``: ``log10(1 + g^2 sigma_gt^2 / (sigma_v^2 + sigma_n^2))`` against
+    ``log10(1 + sigma_gt^2 / sigma_n^2)``, summed over four scales; VIF is the ratio of the sums. Blur and
+    invented detail lower ``g`` or raise ``sigma_v^2`` where gt has texture; a constant brightness shift changes
+    neither, so unlike PSNR it scores lost texture worse than a small uniform offset. Computed in float64 on
+    the 0-255 scale, tile by tile with a halo (tiles start on multiples of 8, so every scale's grid lines up),
+    equal to torchmetrics' ``visual_information_fidelity`` on the whole image.
+
+    Args:
+        sr: ``(B, C, H, W)`` restored images in [0, 1].
+        gt: ``(B, C, H, W)`` ground truth in [0, 1].
+        crop_border: pixels cut from every side before measuring.
+        y_channel: measure the BT.601 luma of RGB inputs instead of all channels (the mean over channels).
+        quantize: round both to 8 bits first.
+
+    Returns:
+        ``(B,)`` float64, at least 0; 1 for equal images, above 1 only where ``sr`` has more local contrast
+        than gt (sharpened); NaN for images under 41 px per side after cropping or with no texture at all.
+    """
+    sr, gt = _crop(sr, gt, crop_border)
+    h, w = sr.shape[-2:]
+    if min(h, w) < VIF_MIN_SIZE:
+        return torch.full((sr.shape[0],), math.nan, dtype=torch.float64, device=sr.device)
+    channels = 1 if y_channel and sr.shape[1] == 3 else sr.shape[1]
+    kept = torch.zeros(2, sr.shape[0], channels, dtype=torch.float64, device=sr.device)  # (sr's, gt's) sums
+    for (ys, rows), (xs, cols) in itertools.product(_vif_spans(h), _vif_spans(w)):
+        kept += _vif_sums(_to_255(sr[..., ys, xs], y_channel, quantize), _to_255(gt[..., ys, xs], y_channel, quantize),
+                          rows, cols)
+    return (kept[0] / kept[1]).mean(dim=1)
+
+
+def _vif_spans(n: int) -> Iterator[tuple[slice, int | None]]:
+    """Tiles of one axis for :func:`vif`: the input rows, and how many finest-scale positions the tile owns.
+
+    Tiles start on multiples of 8 (2 ** 3, the coarsest scale's step), so a tile's scale-``s`` position ``q``
+    is the image's position ``start / 2 ** s + q``. A tile owns its positions up to the next tile's start
+    (``None``: all, for the last one) and reads 40 rows more: the footprint of a position at any scale.
+    """
+    tile = max(8, METRIC_TILE // 8 * 8)
+    halo = 8 * 2 + 24  # a coarsest-scale position p reads rows [8p, 8p + 40]; finer scales read less
+    for start in range(0, n, tile):
+        stop = start + tile
+        yield slice(start, min(n, stop + halo)), (tile if stop < n else None)
+
+
+@functools.lru_cache(maxsize=64)
+def _vif_band(length: int, taps: int, step: int, device: torch.device) -> torch.Tensor:
+    """'Valid' filtering with torchmetrics' VIF Gaussian (``taps`` taps, sigma ``taps / 5``), every ``step``-th
+    output kept, as a ``(outputs, length)`` float64 matrix: the 2-D window is separable, so filtering is
+    ``band_h @ x @ band_w.T`` (two fast float64 matrix products, as :func:`_gaussian_band`)."""
+    coords = torch.arange(taps, dtype=torch.float64) - (taps - 1) / 2
+    kernel = torch.exp(-(coords**2) / (2 * (taps / 5) ** 2))
+    kernel = kernel / kernel.sum()
+    band = torch.zeros(length - taps + 1, length, dtype=torch.float64)
+    for offset in range(taps):
+        band.diagonal(offset).fill_(float(kernel[offset]))
+    return band[::step].to(device)
+
+
+def _vif_sums(x: torch.Tensor, y: torch.Tensor, rows: int | None, cols: int | None) -> torch.Tensor:
+    """VIF's numerator and denominator sums over the positions one tile owns (:func:`_vif_spans`).
+
+    Args:
+        x: ``(B, C, h, w)`` float64 tile of sr on the 0-255 scale.
+        y: ``(B, C, h, w)`` the same tile of gt.
+        rows: finest-scale rows the tile owns, from its first (None: all it can compute).
+        cols: the same for columns.
+
+    Returns:
+        ``(2, B, C)``: the sums of the information sr keeps and of the information gt holds.
+    """
+    eps = 1e-10  # torchmetrics' guard against dividing by a flat window's variance
+    sums = torch.zeros(2, *x.shape[:2], dtype=torch.float64, device=x.device)
+    for scale, taps in enumerate(VIF_WINDOWS):
+        if scale > 0:  # low-pass with this scale's window, then keep every second pixel
+            if min(x.shape[-2:]) < taps:
+                break
+            down_h, down_w = (_vif_band(n, taps, 2, x.device) for n in x.shape[-2:])
+            x, y = down_h @ x @ down_w.T, down_h @ y @ down_w.T
+        if min(x.shape[-2:]) < taps:  # the tile holds no position of this or any coarser scale
+            break
+        band_h, band_w = (_vif_band(n, taps, 1, x.device) for n in x.shape[-2:])
+        mu_x, mu_y, xx, yy, xy = band_h @ torch.stack([x, y, x * x, y * y, x * y]) @ band_w.T
+        h_end = None if rows is None else rows >> scale
+        w_end = None if cols is None else cols >> scale
+        own = (..., slice(0, h_end), slice(0, w_end))
+        mu_x, mu_y, xx, yy, xy = mu_x[own], mu_y[own], xx[own], yy[own], xy[own]
+        var_y = (yy - mu_y**2).clamp(min=0)  # gt: the reference signal
+        var_x = (xx - mu_x**2).clamp(min=0)  # sr: the distorted one
+        cov = xy - mu_x * mu_y
+        # torchmetrics' order: gain and distortion noise, then flat-gt, flat-sr and negative-gain windows.
+        gain = cov / (var_y + eps)
+        noise = var_x - gain * cov
+        flat_gt = var_y < eps
+        gain, noise = gain.masked_fill(flat_gt, 0), torch.where(flat_gt, var_x, noise)
+        var_y = var_y.masked_fill(flat_gt, 0)
+        flat_sr = var_x < eps
+        gain, noise = gain.masked_fill(flat_sr, 0), noise.masked_fill(flat_sr, 0)
+        negative = gain < 0
+        noise, gain = torch.where(negative, var_x, noise), gain.masked_fill(negative, 0)
+        noise = noise.clamp(min=eps)
+        sums[0] += torch.log10(1 + gain**2 * var_y / (noise + VIF_NOISE_VARIANCE)).sum(dim=(-2, -1))
+        sums[1] += torch.log10(1 + var_y / VIF_NOISE_VARIANCE).sum(dim=(-2, -1))
+    return sums
 
 
 def lpips_weights_path() -> Path:

@@ -33,14 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xswinir.config import ModelConfig, ResiConnection, Upsampler, check_model_args
+from xswinir.model_spec import NUM_FEAT, ModelConfig, ResiConnection, Upsampler, check_model_args
 
 # Buffers of the official code that we rebuild instead of loading: they depend on the input size only.
 REBUILT_BUFFERS = ("attn_mask", "relative_position_index")
 _RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean, as the official code subtracts it
 _MASK_VALUE = -100.0  # the official code's value for "other region" in shifted windows (not -inf)
 _MAX_CACHED_SIZES = 8  # input sizes whose window layout stays cached
-_NUM_FEAT = 64  # channels of the reconstruction convs of the classical and real-world upsamplers
 
 
 def relative_position_index(window_size: int, device: torch.device | None = None) -> Tensor:
@@ -401,7 +400,7 @@ class SwinIR(nn.Module):
                  upsampler: Upsampler = "pixelshuffledirect", resi_connection: ResiConnection = "1conv",
                  drop_path_rate: float = 0.1) -> None:
         super().__init__()
-        # The config's rules (a ConfigError is a ValueError), sizes bounded before anything is allocated.
+        # ModelConfig's rules (a ConfigError is a ValueError), sizes bounded before anything is allocated.
         check_model_args(upscale=upscale, in_chans=in_chans, img_size=img_size, window_size=window_size,
                          img_range=img_range, depths=depths, embed_dim=embed_dim, num_heads=num_heads,
                          mlp_ratio=mlp_ratio, upsampler=upsampler, resi_connection=resi_connection,
@@ -431,20 +430,20 @@ class SwinIR(nn.Module):
         self.conv_after_body = _conv_block(embed_dim, resi_connection)
 
         if upsampler == "pixelshuffle":
-            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, _NUM_FEAT, 3, 1, 1),
+            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, NUM_FEAT, 3, 1, 1),
                                                       nn.LeakyReLU(inplace=True))
-            self.upsample: nn.Module = Upsample(upscale, _NUM_FEAT)
-            self.conv_last = nn.Conv2d(_NUM_FEAT, in_chans, 3, 1, 1)
+            self.upsample: nn.Module = Upsample(upscale, NUM_FEAT)
+            self.conv_last = nn.Conv2d(NUM_FEAT, in_chans, 3, 1, 1)
         elif upsampler == "pixelshuffledirect":
             self.upsample = UpsampleOneStep(upscale, embed_dim, in_chans)
         elif upsampler == "nearest+conv":
-            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, _NUM_FEAT, 3, 1, 1),
+            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, NUM_FEAT, 3, 1, 1),
                                                       nn.LeakyReLU(inplace=True))
-            self.conv_up1 = nn.Conv2d(_NUM_FEAT, _NUM_FEAT, 3, 1, 1)
+            self.conv_up1 = nn.Conv2d(NUM_FEAT, NUM_FEAT, 3, 1, 1)
             if upscale == 4:
-                self.conv_up2 = nn.Conv2d(_NUM_FEAT, _NUM_FEAT, 3, 1, 1)
-            self.conv_hr = nn.Conv2d(_NUM_FEAT, _NUM_FEAT, 3, 1, 1)
-            self.conv_last = nn.Conv2d(_NUM_FEAT, in_chans, 3, 1, 1)
+                self.conv_up2 = nn.Conv2d(NUM_FEAT, NUM_FEAT, 3, 1, 1)
+            self.conv_hr = nn.Conv2d(NUM_FEAT, NUM_FEAT, 3, 1, 1)
+            self.conv_last = nn.Conv2d(NUM_FEAT, in_chans, 3, 1, 1)
             self.lrelu = nn.LeakyReLU(0.2, inplace=True)
         else:
             self.conv_last = nn.Conv2d(embed_dim, in_chans, 3, 1, 1)

@@ -3,12 +3,12 @@
 A small file can declare a huge image (a PNG of 120 KB holding 10000 x 10000 gray pixels, or a
 "decompression bomb" declaring 20000 x 20000); decoding it, and the float copies made after, exhaust memory.
 :func:`xswinir.images.decode_image_data` refuses (and the commands skip, naming it) any image over
-:func:`max_pixels`. Light on purpose: the CLI builds its parser from here without importing torch.
+:func:`max_pixels`. Light on purpose (no torch, no Pillow): the CLI's ``--max-pixels`` option
+(:mod:`xswinir.cli.options`) describes its default from here while building the parser.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 
 from xswinir.errors import UserError
@@ -35,24 +35,3 @@ def max_pixels() -> int:
     if value < 1:
         raise UserError(f"{MAX_PIXELS_ENV}={text!r}: expected a positive whole number of pixels")
     return value
-
-
-def add_max_pixels_argument(parser: argparse.ArgumentParser) -> None:
-    """The ``--max-pixels N`` option of the commands that read user images."""
-    parser.add_argument("--max-pixels", type=int, metavar="N",
-                        help=f"skip images whose header declares more than N pixels, before decoding them "
-                             f"(default: ${MAX_PIXELS_ENV} or {DEFAULT_MAX_PIXELS:,})")
-
-
-def apply_max_pixels(args: argparse.Namespace) -> None:
-    """Makes ``--max-pixels`` the limit of this process and of the processes it starts (via the environment).
-
-    Raises:
-        UserError: a value below 1.
-    """
-    value = getattr(args, "max_pixels", None)
-    if value is None:
-        return
-    if value < 1:
-        raise UserError(f"--max-pixels {value}: expected a positive number of pixels")
-    os.environ[MAX_PIXELS_ENV] = str(value)

@@ -21,12 +21,14 @@ that training decodes 480-pixel PNGs instead of 2K ones. Shards are read with pl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import os
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +40,10 @@ import torch
 from PIL import Image, ImageOps
 
 from xswinir.errors import UserError
-from xswinir.images import ImageReadError, decode_image, lq_candidates, printable_path, resolve_image_files
-from xswinir.storage import is_remote
+from xswinir.images import ImageReadError, decode_image
+from xswinir.lease import Lease
+from xswinir.paths import filesystem_and_path, is_remote, printable_path
+from xswinir.sources import lq_candidates, resolve_image_files
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,27 @@ class ShardError(UserError, ValueError):
     """Shards that cannot be written or read as asked."""
 
 
+class PairMismatchError(ImageReadError):
+    """A paired HR image whose LQ partner is missing or not its size divided by the scale."""
+
+
+def check_pair_size(gt_size: tuple[int, int], lq_size: tuple[int, int], name: str, scale: int) -> None:
+    """Refuses an LQ partner that is not the HR image, modcropped to the scale, divided by the scale.
+
+    Args:
+        gt_size: the HR image's ``(H, W)``, before modcrop.
+        lq_size: the LQ image's ``(H, W)``.
+        name: the HR image, for the message.
+
+    Raises:
+        PairMismatchError: the sizes do not agree.
+    """
+    H, W = gt_size[0] - gt_size[0] % scale, gt_size[1] - gt_size[1] % scale
+    if tuple(lq_size) != (H // scale, W // scale):
+        raise PairMismatchError(f"{printable_path(name)}: its LQ image is {lq_size[1]}x{lq_size[0]}, not {W}x{H} "
+                                f"(after modcrop) / {scale}")
+
+
 @dataclass
 class PackSummary:
     """What :func:`pack_images` did."""
@@ -71,6 +96,7 @@ class PackSummary:
     bytes: int = 0  # encoded image bytes written
     shards: list[Path] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (printable name, reason)
+    skip_kinds: Counter[str] = field(default_factory=Counter)  # why files were skipped, counted (see _Skip)
 
     def __str__(self) -> str:
         rows = f"{self.images} images" if self.images == self.files else \
@@ -144,13 +170,6 @@ def _entries(data: bytes, size: tuple[int, int], name: str, lq_data: bytes | Non
     return rows
 
 
-def _check_pair(gt: torch.Tensor, lq: torch.Tensor, name: str, scale: int) -> None:
-    H, W = gt.shape[1] - gt.shape[1] % scale, gt.shape[2] - gt.shape[2] % scale
-    if tuple(lq.shape[1:]) != (H // scale, W // scale):
-        raise ImageReadError(f"{name}: its LQ image is {lq.shape[2]}x{lq.shape[1]}, not {W}x{H} (after modcrop) "
-                             f"/ {scale}")
-
-
 def pack_images(source: str | Path, out: str | Path, shard_size_mb: float = 256.0, overwrite: bool = False,
                 progress: bool = True, sub_image: int | None = None, sub_step: int | None = None,
                 lq_source: str | Path | None = None, scale: int | None = None, workers: int = 1) -> PackSummary:
@@ -159,10 +178,11 @@ def pack_images(source: str | Path, out: str | Path, shard_size_mb: float = 256.
     Every file is decoded once to check it (and to record its size); files that are not readable images
     (decompression bombs included) are named in the summary and skipped. The shards are written into a
     temporary sibling of ``out`` and moved in only once all are complete, so a pack that fails leaves any
-    earlier shards in ``out`` as they were.
+    earlier shards in ``out`` as they were. The pack holds a lease on ``out`` (:class:`xswinir.lease.Lease`)
+    from its first look at the folder to its last write, so two packs into one folder never mix.
 
     Args:
-        source: an image folder, an image file or ``skimage:NAMES`` (see :func:`xswinir.images.resolve_image_files`).
+        source: an image folder, an image file or ``skimage:NAMES`` (see :func:`xswinir.sources.resolve_image_files`).
         out: the output folder; created if missing.
         shard_size_mb: a shard is closed once its encoded images reach this size.
         overwrite: replace existing ``shard-*.parquet`` files in ``out`` instead of refusing.
@@ -177,15 +197,13 @@ def pack_images(source: str | Path, out: str | Path, shard_size_mb: float = 256.
     Raises:
         ShardError: ``out`` is a file, or already holds shards and ``overwrite`` is False, or nothing could be
             packed, or the sub-image settings cannot work.
+        LeaseHeldError: another live process is packing into ``out``.
+        StorageError: ``out`` cannot be written.
         FileNotFoundError: the source names nothing.
     """
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise ShardError(f"{printable_path(out)} is a file, not a folder for shards")
-    existing = sorted(out.glob("shard-*.parquet")) if out.is_dir() else []
-    if existing and not overwrite:
-        raise ShardError(f"{printable_path(out)} already holds {len(existing)} shard(s); pass --overwrite to "
-                         "replace them")
     if (lq_source is None) != (scale is None):
         raise ShardError("packing LQ partners needs both lq_source (--lq) and scale (--scale)")
     sub_step = sub_step or (sub_image // 2 if sub_image else None)
@@ -195,8 +213,27 @@ def pack_images(source: str | Path, out: str | Path, shard_size_mb: float = 256.
         raise ShardError(f"with --lq, the sub-image size and step must be multiples of the scale {scale}")
     files = resolve_image_files(source)
     lq_files = {p.stem: p for p in resolve_image_files(lq_source)} if lq_source is not None else {}
+    created = not out.exists()
+    try:
+        # One pack at a time per folder: two would each replace the other's shards without a word.
+        with Lease(out, "xswinir pack", hint="wait for it to end, or pack into another folder"):
+            existing = sorted(out.glob("shard-*.parquet"))
+            if existing and not overwrite:
+                raise ShardError(f"{printable_path(out)} already holds {len(existing)} shard(s); pass --overwrite "
+                                 "to replace them")
+            return _pack_leased(source, out, files, lq_files, lq_source, scale, shard_size_mb, progress, sub_image,
+                                sub_step, workers)
+    finally:
+        if created:  # a pack that failed leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+
+
+def _pack_leased(source: str | Path, out: Path, files: list[Path], lq_files: dict[str, Path],
+                 lq_source: str | Path | None, scale: int | None, shard_size_mb: float, progress: bool,
+                 sub_image: int | None, sub_step: int | None, workers: int) -> PackSummary:
+    """:func:`pack_images` once it holds the lease on ``out``: packs into a temporary sibling, then moves in."""
     root = Path(str(source)).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.packing-", dir=out.parent))
     try:
         jobs = []
@@ -206,12 +243,23 @@ def pack_images(source: str | Path, out: str | Path, shard_size_mb: float = 256.
             jobs.append(_Job(path, name, scale, found[0] if found else None, sub_image, sub_step))
         summary = _pack_into(tmp, jobs, scale, shard_size_mb, progress, workers)
         if not summary.images:
-            raise ShardError(f"no readable images in {printable_path(source)}; skipped {len(summary.skipped)} "
-                             "file(s)")
+            raise ShardError(_nothing_packed(source, lq_source, scale, summary))
         summary.shards = _move_in(tmp, out, summary.shards)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary
+
+
+def _nothing_packed(source: str | Path, lq_source: str | Path | None, scale: int | None,
+                    summary: PackSummary) -> str:
+    """The one line for a pack whose every file was skipped: how many for which reason, and the first."""
+    phrases = {_Skip.NO_PARTNER: f"without an LQ partner in {printable_path(lq_source or '')}",
+               _Skip.WRONG_SIZE: f"whose LQ partner is not their size / {scale}",
+               _Skip.UNREADABLE: "not readable"}
+    counts = ", ".join(f"{count} {phrases[kind]}" for kind, count in summary.skip_kinds.most_common())
+    name, reason = summary.skipped[0]
+    return (f"nothing to pack from {printable_path(source)}: all {len(summary.skipped)} file(s) were skipped "
+            f"({counts}); first: {name}: {reason}")
 
 
 @dataclass
@@ -226,8 +274,20 @@ class _Job:
     sub_step: int | None
 
 
-def _pack_one(job: _Job) -> tuple[str, list[dict[str, Any]] | str]:
-    """``(printable name, rows)`` of one source file, or ``(printable name, reason)`` to skip it."""
+@dataclass
+class _Skip:
+    """Why a source file was not packed."""
+
+    NO_PARTNER = "no partner"
+    WRONG_SIZE = "wrong size"
+    UNREADABLE = "unreadable"
+
+    reason: str  # the message, without the file's name
+    kind: str  # one of the constants above
+
+
+def _pack_one(job: _Job) -> tuple[str, list[dict[str, Any]] | _Skip]:
+    """``(printable name, rows)`` of one source file, or ``(printable name, why)`` to skip it."""
     shown = printable_path(job.name)  # Parquet strings and consoles need UTF-8; file names need not be
     try:
         data = job.path.read_bytes()
@@ -235,14 +295,18 @@ def _pack_one(job: _Job) -> tuple[str, list[dict[str, Any]] | str]:
         lq_data = None
         if job.scale is not None:
             if job.lq_path is None:
-                raise ImageReadError(f"{shown}: no LQ partner (looked for "
-                                     f"{', '.join(lq_candidates(shown, job.scale))})")
+                raise PairMismatchError(f"{shown}: no LQ partner (looked for "
+                                        f"{', '.join(lq_candidates(shown, job.scale))})")
             lq_data = job.lq_path.read_bytes()
-            _check_pair(gt, decode_image(lq_data, printable_path(job.lq_path.name)), shown, job.scale)
+            lq = decode_image(lq_data, printable_path(job.lq_path.name))
+            check_pair_size(tuple(gt.shape[1:]), tuple(lq.shape[1:]), shown, job.scale)
         rows = _entries(data, tuple(gt.shape[1:]), shown, lq_data, job.scale or 1, job.sub_image, job.sub_step)
     except (ImageReadError, OSError, Image.DecompressionBombError) as err:
         # The decoder names bombs as ImageReadError; the PIL error is caught too for the re-opened sub-images.
-        return shown, printable_path(str(err)).removeprefix(f"{shown}: ")
+        kind = _Skip.UNREADABLE
+        if isinstance(err, PairMismatchError):
+            kind = _Skip.NO_PARTNER if job.lq_path is None else _Skip.WRONG_SIZE
+        return shown, _Skip(printable_path(str(err)).removeprefix(f"{shown}: "), kind)
     for row in rows:
         row["sha256"] = hashlib.sha256(row["image"]).hexdigest()
         if "lq" in row:
@@ -266,9 +330,10 @@ def _pack_into(tmp: Path, jobs: list[_Job], scale: int | None, shard_size_mb: fl
         # map() keeps the input order, so the shards do not depend on the number of workers.
         results = pool.map(_pack_one, jobs) if pool is not None else map(_pack_one, jobs)
         for shown, entries in tqdm(results, total=len(jobs), desc="packing", unit="img", disable=not progress):
-            if isinstance(entries, str):
-                summary.skipped.append((shown, entries))
-                log.warning("skipping %s: %s", shown, entries)
+            if isinstance(entries, _Skip):
+                summary.skipped.append((shown, entries.reason))
+                summary.skip_kinds[entries.kind] += 1
+                log.warning("skipping %s: %s", shown, entries.reason)
                 continue
             summary.files += 1
             for row in entries:
@@ -291,9 +356,6 @@ def _pack_into(tmp: Path, jobs: list[_Job], scale: int | None, shard_size_mb: fl
 
 def _move_in(tmp: Path, out: Path, shards: list[Path]) -> list[Path]:
     """Moves the complete new shards from ``tmp`` into ``out``; old shards go only once the new ones are there."""
-    if not out.exists():
-        os.replace(tmp, out)  # one rename: out appears complete or not at all
-        return [out / p.name for p in shards]
     new = {p.name for p in shards}
     for path in shards:
         os.replace(path, out / path.name)  # atomic per file, on the same filesystem as out
@@ -318,10 +380,7 @@ def shard_files(source: str | Path) -> tuple[pafs.FileSystem, list[str]]:
     """The filesystem and sorted ``.parquet`` paths that a shard source names."""
     text = str(source)
     try:
-        if is_remote(text):
-            fs, path = pafs.FileSystem.from_uri(text)
-        else:
-            fs, path = pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+        fs, path = filesystem_and_path(text)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
             return fs, [path]
@@ -367,6 +426,11 @@ class ShardImages:
     checking its sha256. Usable wherever :mod:`xswinir.data` takes a list of images, and picklable for
     DataLoader workers (which fork after the bytes are read, so the pages are shared).
 
+    A *damaged* row, one with an empty (null) cell where ``pack`` always writes a value, is listed like any
+    other; decoding it raises ``ImageReadError`` naming the row and its shard file, so that it is named and
+    skipped like a checksum mismatch. Its ``sizes`` entry is None, so that :class:`xswinir.data.PatchDataset`
+    decodes it up front and skips it by name.
+
     Args:
         source: a ``.parquet`` file, a folder of them or a URI.
         channels: 1 or 3; images are converted on decoding.
@@ -388,31 +452,52 @@ class ShardImages:
         self.source = str(source)
         self.channels = channels
         self.verify_checksums = verify_checksums
-        self.names: list[str] = table.column("name").to_pylist()
-        self.sizes: list[tuple[int, int]] = list(zip(table.column("height").to_pylist(),
-                                                     table.column("width").to_pylist(), strict=True))
-        self.checksums: list[str] = table.column("sha256").to_pylist()
+        # Which shard file each row came from, for naming a damaged one: (first row, file) per file.
+        self._files = [(sum(len(t) for t in tables[:k]), path) for k, path in enumerate(files)]
+        names = table.column("name").to_pylist()
+        self.names: list[str] = [name if name is not None else f"row {i}" for i, name in enumerate(names)]
+        self._recorded = list(zip(table.column("height").to_pylist(), table.column("width").to_pylist(), strict=True))
+        # None for a damaged row (any empty cell), so that a reader that trusts the recorded sizes decodes it
+        # instead, and skips it by name.
+        damaged = [any(row) for row in zip(*(table.column(c).is_null().to_pylist() for c in columns), strict=True)]
+        self.sizes: list[tuple[int, int] | None] = [None if bad else size
+                                                    for bad, size in zip(damaged, self._recorded, strict=True)]
+        self.checksums: list[str | None] = table.column("sha256").to_pylist()
         self._images = table.column("image").combine_chunks()
         if self.paired:
-            self.lq_checksums: list[str] = table.column("lq_sha256").to_pylist()
+            self.lq_checksums: list[str | None] = table.column("lq_sha256").to_pylist()
             self._lq = table.column("lq").combine_chunks()
 
     def __len__(self) -> int:
         return len(self.names)
 
-    def data(self, index: int) -> bytes:
-        """The encoded bytes of image ``index``, as they were packed."""
+    def data(self, index: int) -> bytes | None:
+        """The encoded bytes of image ``index``, as they were packed; None in a damaged row."""
         return self._images[index].as_py()
 
     def load(self, index: int) -> torch.Tensor:
         """Image ``index`` decoded to float32 ``(channels, H, W)`` in [0, 1]; raises ``ImageReadError``."""
-        return self._decode(self.data(index), self.checksums[index], self.names[index])
+        empty = [column for column, value in (("image", self._images[index].is_valid),
+                                              ("width/height", None not in self._recorded[index]),
+                                              ("sha256", self.checksums[index] is not None)) if not value]
+        return self._decode(index, self.data(index), self.checksums[index], self.names[index], empty)
 
     def load_lq(self, index: int) -> torch.Tensor:
         """The LQ partner of image ``index`` (paired shards only), as :meth:`load`."""
-        return self._decode(self._lq[index].as_py(), self.lq_checksums[index], f"{self.names[index]} (LQ)")
+        empty = [column for column, value in (("lq", self._lq[index].is_valid),
+                                              ("lq_sha256", self.lq_checksums[index] is not None)) if not value]
+        return self._decode(index, self._lq[index].as_py(), self.lq_checksums[index], f"{self.names[index]} (LQ)",
+                            empty)
 
-    def _decode(self, data: bytes, checksum: str, name: str) -> torch.Tensor:
+    def shard_of(self, index: int) -> str:
+        """The shard file that holds row ``index``, printable."""
+        return printable_path(next(path for first, path in reversed(self._files) if first <= index))
+
+    def _decode(self, index: int, data: bytes | None, checksum: str | None, name: str,
+                empty: list[str]) -> torch.Tensor:
+        if empty:  # pack never writes an empty cell: the file was damaged, or written by another tool
+            raise ImageReadError(f"{printable_path(name)}: damaged shard row (empty {', '.join(empty)} cell) in "
+                                 f"{self.shard_of(index)}")
         if self.verify_checksums and hashlib.sha256(data).hexdigest() != checksum:
             raise ImageReadError(f"{name}: sha256 does not match the shard's record (corrupted shard in "
                                  f"{self.source}?)")

@@ -1,7 +1,8 @@
-"""Where runs live: local folders or remote URIs (``s3://``, ``gs://``, ...), and the paths derived from them.
+"""Checking, before Ray starts, that the local folders a run or sweep will write to can be written.
 
-The one place that decides whether a storage string is remote, so that the trainer, the sweep, the study and
-job submission agree on it.
+Where those folders are is :mod:`xswinir.paths`; this module only asks the local disk whether a new file can
+be created there, so that a read-only storage is one line naming the folder instead of a ``PermissionError``
+traceback from pyarrow inside a Ray worker. Remote storage (``s3://``, ``gs://``) is left to pyarrow.
 """
 
 from __future__ import annotations
@@ -9,40 +10,12 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from xswinir.config import RunConfig
 from xswinir.errors import UserError
+from xswinir.paths import is_remote, printable_path
 
 
 class StorageError(UserError):
     """A local folder that a run or sweep must write to and cannot."""
-
-
-def is_remote(storage: str | Path) -> bool:
-    """True for a URI such as ``s3://bucket/runs``, False for a local path."""
-    return "://" in str(storage)
-
-
-def storage_path(run: RunConfig) -> str:
-    """The run's storage as Ray wants it: URIs as they are, local paths absolute."""
-    if is_remote(run.storage):
-        return run.storage
-    return str(Path(run.storage).expanduser().resolve())
-
-
-def log_dir(run: RunConfig) -> Path:
-    """The run's local log folder (metrics, curves, Ray's logs): under the storage, or ``./xswinir_logs``."""
-    if run.log_dir is not None:
-        return Path(run.log_dir).expanduser().resolve()
-    if is_remote(run.storage):
-        return Path("xswinir_logs", run.name).resolve()
-    return Path(storage_path(run)) / run.name / "logs"
-
-
-def classifier_cache(run: RunConfig) -> Path:
-    """Where texture classifiers trained on the fly are kept: ``<storage>/classifiers``, or a temp folder."""
-    if is_remote(run.storage):
-        return Path(tempfile.gettempdir(), "xswinir_classifiers")
-    return Path(storage_path(run)) / "classifiers"
 
 
 def check_writable(*folders: str | Path) -> None:
@@ -55,8 +28,6 @@ def check_writable(*folders: str | Path) -> None:
     Raises:
         StorageError: a folder, or the parent it would be created in, is not a writable folder.
     """
-    from xswinir.images import printable_path
-
     for folder in folders:
         if is_remote(folder):
             continue

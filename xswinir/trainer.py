@@ -11,49 +11,43 @@ Resuming is exact: every random draw of step t (the batch, its crops, the degrad
 comes from generators seeded with (seed, t, rank), never from history, and a checkpoint holds the weights,
 the EMA weights, the optimizer, the step and every rank's RNG states. A run restarted with the same name and
 storage (``--resume``), or restarted by Ray after a worker failure, continues from the newest checkpoint that
-passes verification (see ``xswinir.checkpoint.checkpoint_problem``) and computes what the uninterrupted run
-would have computed: bit for bit on the CPU (``tests/test_trainer.py``); GPU kernels that are not
-deterministic may differ in the last bits.
+passes verification (see :mod:`xswinir.runs`) and computes what the uninterrupted run would have computed:
+bit for bit on the CPU (``tests/test_trainer.py``); GPU kernels that are not deterministic may differ in the
+last bits.
 """
 
 from __future__ import annotations
 
 import bisect
-import contextlib
-import json
 import logging
 import logging.handlers
 import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
+from timm.utils import ModelEmaV3
 
-from xswinir.checkpoint import (
-    MANIFEST_FILE,
-    CheckpointError,
-    checkpoint_problem,
-    classifier_from_payload,
-    classifier_payload,
-    filesystem_and_path,
-    list_checkpoints,
-    load_checkpoint,
-    load_pretrained,
-    newest_good_checkpoint,
-    rng_state,
-    save_checkpoint,
-)
-from xswinir.config import Config, RunConfig, TrainConfig
+from xswinir.checkpoint import load_checkpoint, load_pretrained, rng_state, save_checkpoint
+from xswinir.config import Config, RunConfig, TrainConfig, apply_overrides
+from xswinir.data import build_train_batches, check_train_source
+from xswinir.degradations import build_degrader
 from xswinir.errors import UserError
 from xswinir.evaluation import build_validation_set, validate
-from xswinir.storage import check_writable, log_dir, storage_path
+from xswinir.losses import build_loss
+from xswinir.metrics import VAL_PSNR_Y
+from xswinir.model import build_swinir
+from xswinir.paths import filesystem_and_path, log_dir, storage_path
+from xswinir.runs import prepare_run, verified_checkpoint
+from xswinir.seeds import MODEL_STREAM, step_seed
+from xswinir.storage import check_writable
+from xswinir.texture.payload import classifier_from_payload, classifier_payload
+from xswinir.training_log import CURVES_FILE, METRICS_FILE, MetricsWriter, ProgressFollower, plot_training_curves
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -63,10 +57,6 @@ log = logging.getLogger(__name__)
 # Fault injection for the recovery tests and for trying out a cluster's failure handling: the first attempt
 # of a run raises in rank 0 after this many steps.
 FAILURE_ENV = "XSWINIR_INJECT_FAILURE_AT_STEP"
-# Ray Train V2's run snapshot in the run folder (ray.train.v2._internal.constants): the checkpoints Ray knows.
-RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
-# Seed streams of one step: independent draws for the degradations and for the model (stochastic depth).
-DEGRADE_STREAM, MODEL_STREAM = 0, 1
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -80,11 +70,6 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * cfg.gamma ** bisect.bisect_right(cfg.milestones, step)
     progress = (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps)
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def step_seed(seed: int, step: int, rank: int, stream: int = DEGRADE_STREAM) -> int:
-    """A seed for one stream of random draws of one step on one rank, independent of history."""
-    return ((seed * 1_000_003 + step) * 1_009 + rank) * 8 + stream
 
 
 def train_step(
@@ -139,12 +124,6 @@ class TrainingParts:
 
 def build_training_parts(cfg: Config, device: torch.device, classifier: nn.Module | None) -> TrainingParts:
     """The model, its EMA, Adam, the combined loss and the degrader of a run, on ``device``."""
-    from timm.utils import ModelEmaV3
-
-    from xswinir.degradations import build_degrader
-    from xswinir.losses import build_loss
-    from xswinir.model import build_swinir
-
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_swinir(cfg.model)
     if cfg.model.init_from:
@@ -195,25 +174,10 @@ def _gather(obj: Any, world_size: int) -> list[Any]:
     return out
 
 
-@contextlib.contextmanager
-def _local_copy(path: str, filesystem: pafs.FileSystem) -> Iterator[Path]:
-    """A checkpoint folder as a local folder: itself on a local disk, else downloaded to a temporary one."""
-    import pyarrow.fs as pafs
-
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        yield Path(path)
-        return
-    with tempfile.TemporaryDirectory(prefix="xswinir_checkpoint_") as tmp:
-        pafs.copy_files(path, tmp, source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
-        yield Path(tmp)
-
-
 def resume_training(parts: TrainingParts, checkpoint: str, filesystem: pafs.FileSystem | None = None,
                     rank: int = 0) -> int:
-    """Loads ``checkpoint`` into ``parts``, or the newest older checkpoint of its run folder that passes.
-
-    Each candidate is checked on the storage (manifest, names, sizes) and then, once local, by sha256, so
-    what is loaded is what was saved. Rank 0 logs one warning per skipped checkpoint; nothing is deleted.
+    """Loads ``checkpoint`` into ``parts``, or the newest older checkpoint of its run folder that passes
+    verification (:func:`xswinir.runs.verified_checkpoint`).
 
     Args:
         checkpoint: a checkpoint folder inside ``filesystem`` (local when None), e.g. Ray's latest.
@@ -224,35 +188,14 @@ def resume_training(parts: TrainingParts, checkpoint: str, filesystem: pafs.File
     Raises:
         CheckpointError: neither ``checkpoint`` nor any older checkpoint of its run folder passes.
     """
-    import pyarrow.fs as pafs
-
-    fs = filesystem or pafs.LocalFileSystem()
-    checkpoint = str(checkpoint).rstrip("/")
-    run_path = checkpoint.rsplit("/", 1)[0]
-    older = [p for p in list_checkpoints(run_path, fs) if p < checkpoint]
-    problems = []
-    for path in [checkpoint, *reversed(older)]:
-        problem = checkpoint_problem(path, fs, hashes=False)
-        if problem is None:
-            with _local_copy(path, fs) as directory:
-                problem = checkpoint_problem(directory)
-                if problem is None:
-                    return load_checkpoint(directory, parts.model, parts.ema.module, parts.optimizer, rank)
-        if rank == 0:
-            log.warning("skipping checkpoint %s: %s", path, problem)
-        problems.append(problem)
-    raise CheckpointError(f"none of the {len(problems)} checkpoint(s) in run folder {run_path} passes verification "
-                          f"(the newest: {problems[0]}); nothing was deleted")
+    with verified_checkpoint(checkpoint, filesystem, rank) as directory:
+        return load_checkpoint(directory, parts.model, parts.ema.module, parts.optimizer, rank)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker function: builds everything from the config dict and trains."""
-    import ray.train
+    import ray.train  # only here and in the driver: the step and its tests run without Ray
     import ray.train.torch
-
-    from xswinir.data import build_train_batches
-    from xswinir.metrics import VAL_PSNR_Y
-    from xswinir.training_log import MetricsWriter
 
     cfg = Config.from_dict(loop_config["config"])
     context = ray.train.get_context()
@@ -409,7 +352,8 @@ def build_trainer(cfg: Config, callbacks: list | None = None, classifier: dict[s
 
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "classifier": classifier, "log_dir": str(log_dir(cfg.run)),
+        train_loop_config={"config": cfg.to_dict(), "classifier": classifier,
+                           "log_dir": str(log_dir(cfg.run.storage, cfg.run.name, cfg.run.log_dir)),
                            "resume_from": resume_from},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
@@ -417,7 +361,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None, classifier: dict[s
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=storage_path(cfg.run),
+            storage_path=storage_path(cfg.run.storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             # A worker group that can never be scheduled must fail, not retry forever (Ray's default).
             failure_config=ray.train.FailureConfig(max_failures=failure_limit(cfg.run), controller_failure_limit=3),
@@ -428,154 +372,42 @@ def build_trainer(cfg: Config, callbacks: list | None = None, classifier: dict[s
     )
 
 
-def run_location(run: RunConfig) -> str:
-    """The run folder, ``<storage>/<name>``: a local path or a URI."""
-    return f"{storage_path(run).rstrip('/')}/{run.name}"
-
-
-def _run_checkpoints(run: RunConfig) -> tuple[pafs.FileSystem, str, list[str]]:
-    import pyarrow as pa
-
-    try:
-        fs, path = filesystem_and_path(run_location(run))
-        return fs, path, list_checkpoints(path, fs)
-    except (OSError, pa.ArrowException) as err:
-        raise UserError(f"cannot list the run folder {run_location(run)}: {err}") from err
-
-
-def _finished(fs: pafs.FileSystem, checkpoints: list[str]) -> list[str]:
-    """The checkpoint folders that got as far as their manifest (intact or not)."""
-    import pyarrow.fs as pafs
-
-    infos = fs.get_file_info([f"{path}/{MANIFEST_FILE}" for path in checkpoints])
-    return [path for path, info in zip(checkpoints, infos, strict=True) if info.type == pafs.FileType.File]
-
-
-def run_exists(run: RunConfig) -> bool:
-    """True once the run has finished a checkpoint: a run that failed before its first one can be rerun."""
-    fs, _, checkpoints = _run_checkpoints(run)
-    return bool(_finished(fs, checkpoints))
-
-
-def _ray_snapshot_checkpoints(fs: pafs.FileSystem, run_path: str) -> tuple[set[str], str | None] | None:
-    """The checkpoint folder names Ray's run snapshot refers to and its latest; None without a snapshot.
-
-    Raises:
-        ValueError: the snapshot is not what Ray 2.60 writes.
-    """
-    import pyarrow.fs as pafs
-
-    path = f"{run_path}/{RAY_SNAPSHOT_FILE}"
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        state = json.loads(f.read())
-    latest = (state.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    names = {r["checkpoint_dir_name"] for r in state["checkpoint_results"] + state["pending_training_results"]}
-    return names | ({latest} if latest else set()), latest
-
-
-def _prepare_ray_snapshot(fs: pafs.FileSystem, run_path: str, resume_from: str | None) -> None:
-    """Sets Ray's run snapshot aside unless every checkpoint it names passes and its latest is ``resume_from``.
-
-    Ray refuses to start from a snapshot that names a missing checkpoint, would hand a damaged latest one to
-    the workers, and deletes the checkpoints it knows beyond ``run.keep_checkpoints``. Renamed (not deleted),
-    the snapshot is out of Ray's sight: Ray starts a new one, the workers start from ``resume_from``, and the
-    older checkpoints stay until the user removes them.
-    """
-    import pyarrow as pa
-
-    try:
-        found = _ray_snapshot_checkpoints(fs, run_path)
-        if found is None:
-            return
-        names, latest = found
-        reason = None if latest == resume_from else f"its latest checkpoint is {latest}, not {resume_from}"
-        for name in sorted(names):
-            if reason is None and checkpoint_problem(f"{run_path}/{name}", fs, hashes=False) is not None:
-                reason = f"it names {name}, which fails verification"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        reason = f"it is not readable ({type(err).__name__}: {err})"
-    if reason is None:
-        return
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d_%H-%M-%S")
-    aside = f"{run_path}/{RAY_SNAPSHOT_FILE.removesuffix('.json')}.set-aside-{stamp}.json"
-    try:
-        fs.move(f"{run_path}/{RAY_SNAPSHOT_FILE}", aside)
-    except (OSError, pa.ArrowException) as err:
-        raise UserError(f"cannot set Ray's run snapshot aside in {run_path} ({err})") from err
-    log.info("Ray's run snapshot set aside as %s: %s", aside, reason)
-
-
-def _resume_point(fs: pafs.FileSystem, run_path: str, checkpoints: list[str]) -> str:
-    """The name of the newest checkpoint that passes a names-and-sizes check; one warning per newer one."""
-    good, skipped = newest_good_checkpoint(checkpoints, fs, hashes=False)
-    for path, problem in skipped:
-        log.warning("skipping checkpoint %s: %s", path, problem)
-    if good is None:
-        raise CheckpointError(f"none of the {len(checkpoints)} checkpoint(s) in run folder {run_path} passes "
-                              f"verification (the newest: {skipped[0][1]}); nothing was deleted")
-    return good.rsplit("/", 1)[-1]
-
-
 def fit(cfg: Config, resume: bool = False, callbacks: list | None = None, classifier_cache: Path | None = None):
     """Trains on Ray (local single-node when ``cfg.run.address`` is None) and returns the ``ray.train.Result``.
 
-    ``classifier_cache`` holds texture classifiers trained on the fly (default ``<storage>/classifiers``);
-    the trials of a sweep share one.
+    Everything that can refuse the run does so here, before Ray starts, in one line: the storage, the data,
+    ``model.init_from``, the run folder against ``resume`` (:func:`xswinir.runs.prepare_run`: a run "exists" once
+    it has finished a checkpoint; ``resume`` starts from the newest that passes verification) and the texture
+    classifier. The workers check the sha256 of the checkpoint they load (:func:`resume_training`).
 
-    A run "exists" once it has finished a checkpoint: a run that failed before is simply run again (what it
-    left, such as an unfinished checkpoint folder, stays where it is).
-    With ``resume`` the checkpoints are verified here, before Ray reads them: the newest that passes is the
-    start (one warning per newer one skipped), and Ray's run snapshot is set aside if it names anything else
-    (see :func:`_prepare_ray_snapshot`); the workers check the sha256 of what they load
-    (:func:`resume_training`).
+    Args:
+        classifier_cache: where texture classifiers trained on the fly are kept (default
+            ``<storage>/classifiers``); the trials of a sweep share one.
 
     Raises:
         UserError: the run exists and ``resume`` is False; ``resume`` is True and there is no run folder, or
             no checkpoint in it passes verification; the cluster cannot be reached.
     """
-    import pyarrow.fs as pafs
-
-    from xswinir.data import check_train_source
-    from xswinir.training_log import CURVES_FILE, METRICS_FILE, ProgressFollower, plot_training_curves
-
-    check_writable(storage_path(cfg.run), log_dir(cfg.run))  # before Ray: not a PermissionError inside it
+    logs = log_dir(cfg.run.storage, cfg.run.name, cfg.run.log_dir)
+    check_writable(storage_path(cfg.run.storage), logs)  # before Ray: not a PermissionError inside it
     check_train_source(cfg)  # a bad source fails here in one line, not inside Ray
     if cfg.model.init_from:  # so does a model.init_from that does not fit
-        from xswinir.model import build_swinir
-
         load_pretrained(build_swinir(cfg.model), cfg.model.init_from, strict=cfg.model.init_strict)
-    fs, run_path, checkpoints = _run_checkpoints(cfg.run)
-    finished = _finished(fs, checkpoints)
-    if finished and not resume:
-        raise UserError(
-            f"run '{cfg.run.name}' already exists in {storage_path(cfg.run)}: pass --resume to continue it, or "
-            "choose another run.name"
-        )
-    resume_from = None
-    if resume and finished:
-        resume_from = _resume_point(fs, run_path, checkpoints)
-    elif resume and fs.get_file_info(run_path).type == pafs.FileType.Directory:
-        log.warning("run '%s' has no finished checkpoint: it starts from step 0", cfg.run.name)
-    elif resume:
-        raise UserError(f"nothing to resume: no run '{cfg.run.name}' in {storage_path(cfg.run)}")
-    _prepare_ray_snapshot(fs, run_path, resume_from)
-    if resume_from is not None:
-        resume_from = f"{run_location(cfg.run)}/{resume_from}"
-    cfg, classifier = classifier_payload(cfg, classifier_cache)
+    resume_from = prepare_run(cfg.run, resume)
+    classifier = classifier_payload(cfg, classifier_cache)  # None without the texture term
+    if classifier is not None:  # the run (and every checkpoint's config) names the classifier it trains with
+        cfg = apply_overrides(cfg, {"texture.classifier.path": str(classifier.path)})
     log.debug("config:\n%s", cfg.to_yaml())  # also saved in every checkpoint
-    init_ray(cfg.run, log_dir(cfg.run))
-    trainer = build_trainer(cfg, callbacks, classifier, resume_from)
-    metrics_path = log_dir(cfg.run) / METRICS_FILE
-    local = cfg.run.address is None
-    if local and cfg.run.progress:
+    init_ray(cfg.run, logs)
+    trainer = build_trainer(cfg, callbacks, None if classifier is None else classifier.files, resume_from)
+    metrics_path = logs / METRICS_FILE
+    if cfg.run.address is None and cfg.run.progress:  # a local run shows its progress on the console
         with ProgressFollower(metrics_path, cfg.train.total_steps, every=max(cfg.train.log_every,
                                                                              cfg.train.total_steps // 10)):
             result = trainer.fit()
     else:
         result = trainer.fit()
-    curves = plot_training_curves(metrics_path, log_dir(cfg.run) / CURVES_FILE)
+    curves = plot_training_curves(metrics_path, logs / CURVES_FILE)
     if curves is not None:
         log.info("training curves: %s", curves)
     return result

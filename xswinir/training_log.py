@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from xswinir.metrics import VAL_PSNR_BICUBIC_Y, VAL_PSNR_Y
+
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
 
@@ -91,7 +93,7 @@ def plot_training_curves(metrics_path: str | Path, out_path: str | Path) -> Path
     steps, values = series("lr")
     axes[1].plot(steps, values)
     axes[1].set_title("learning rate")
-    for key, label in (("val/psnr_y", "model (EMA)"), ("val/psnr_y_bicubic", "bicubic")):
+    for key, label in ((VAL_PSNR_Y, "model (EMA)"), (VAL_PSNR_BICUBIC_Y, "bicubic")):
         steps, values = series(key)
         if steps:
             axes[2].plot(steps, values, "o-" if label != "bicubic" else "--", label=label)
@@ -187,9 +189,9 @@ class ProgressFollower:
             stopping = self._stop.wait(self.interval_s)
             rows = read_metrics(self.path)
             step = min(rows[-1]["step"], self.total_steps) if rows else 0
-            new_val = any("val/psnr_y" in row for row in rows[printed_rows:])
+            new_val = any(VAL_PSNR_Y in row for row in rows[printed_rows:])
             due = step >= printed_step + self.every or new_val or (stopping and step > printed_step)
-            if rows and due and step > 0:
+            if due and step > 0:  # step > 0 implies rows
                 print(progress_line(rows, self.total_steps, time.monotonic() - start), file=stream, flush=True)
                 printed_step, printed_rows = step, len(rows)
             if stopping:
@@ -200,7 +202,7 @@ def _latest(rows: list[dict[str, Any]]) -> dict[str, str]:
     """The latest loss, validation PSNR and speed in ``rows``, formatted to 4 significant digits."""
     shown: dict[str, str] = {}
     for row in rows:
-        for key, name in (("train/loss", "loss"), ("val/psnr_y", "psnr_y"), ("steps_per_s", "it/s")):
+        for key, name in (("train/loss", "loss"), (VAL_PSNR_Y, "psnr_y"), ("steps_per_s", "it/s")):
             if key in row:
                 shown[name] = f"{row[key]:.4g}"
     return shown

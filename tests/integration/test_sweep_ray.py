@@ -13,7 +13,7 @@ import yaml
 from xswinir.config import load_config
 from xswinir.errors import UserError
 from xswinir.metrics import VAL_PSNR_Y
-from xswinir.tune.manifest import MANIFEST_FILE, ResumeRefused, verify_manifest
+from xswinir.tune.manifest import SIGNATURE_FILE, ResumeRefused, verify_signature
 from xswinir.tune.plots import PLOT_FILES
 from xswinir.tune.results import BEST_CONFIG_FILE, TRIALS_FILE
 from xswinir.tune.sweep import run_sweep
@@ -112,8 +112,8 @@ def test_sweep_interrupted_then_resumed_runs_baseline_and_exports(tmp_path, own_
 
     # The interrupted driver signed what Ray will unpickle; a copy with one changed pickle is refused.
     exp = tmp_path / "sweeps" / "tiny"
-    assert (exp / MANIFEST_FILE).is_file() and (exp / "tuner.pkl").is_file()
-    verify_manifest(str(exp))
+    assert (exp / SIGNATURE_FILE).is_file() and (exp / "tuner.pkl").is_file()
+    verify_signature(str(exp))
     copy = shutil.copytree(exp, tmp_path / "copied" / "tiny")
     (copy / "tuner.pkl").write_bytes((copy / "tuner.pkl").read_bytes() + b"\n")
     with pytest.raises(ResumeRefused, match="tuner.pkl"):
@@ -123,4 +123,4 @@ def test_sweep_interrupted_then_resumed_runs_baseline_and_exports(tmp_path, own_
     assert resumed.finished
     assert done_before <= {r.trial_id for r in resumed.rows}
     _check_outputs(resumed, sweep)
-    verify_manifest(str(exp))  # re-signed after the resumed run
+    verify_signature(str(exp))  # re-signed after the resumed run

@@ -86,7 +86,8 @@ def test_resume_skips_a_deleted_and_a_truncated_checkpoint(ray_local, tmp_path, 
 
     from xswinir.checkpoint import MODEL_FILE
     from xswinir.errors import UserError
-    from xswinir.trainer import RAY_SNAPSHOT_FILE, fit
+    from xswinir.runs import RAY_SNAPSHOT_FILE
+    from xswinir.trainer import fit
 
     cfg = tiny_config(tmp_path, "train.total_steps=6", "train.val_every=2", "run.keep_checkpoints=3",
                       "loss.texture_weight=0")
@@ -101,7 +102,7 @@ def test_resume_skips_a_deleted_and_a_truncated_checkpoint(ray_local, tmp_path, 
     # before it half written.
     shutil.rmtree(third)
     _truncate(second / MODEL_FILE)
-    with caplog.at_level(logging.WARNING, logger="xswinir.trainer"):
+    with caplog.at_level(logging.WARNING, logger="xswinir.runs"):
         result = fit(cfg, resume=True)
     assert result.error is None and result.metrics["step"] == 6
     skipped = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -126,7 +127,8 @@ def test_every_damage_in_turn_and_a_failed_first_attempt(ray_local, tmp_path, ca
     from safetensors.torch import load_file
 
     from xswinir.checkpoint import MANIFEST_FILE, MODEL_FILE
-    from xswinir.trainer import FAILURE_ENV, RAY_SNAPSHOT_FILE, fit
+    from xswinir.runs import RAY_SNAPSHOT_FILE
+    from xswinir.trainer import FAILURE_ENV, fit
 
     assert RAY_SNAPSHOT_FILE == CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
     cfg = tiny_config(tmp_path, "train.total_steps=4", "train.val_every=2", "run.keep_checkpoints=20",
@@ -161,7 +163,7 @@ def test_every_damage_in_turn_and_a_failed_first_attempt(ray_local, tmp_path, ca
         if newest.exists():
             damaged.append(newest.name)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="xswinir.trainer"):
+        with caplog.at_level(logging.WARNING, logger="xswinir.runs"):
             result = fit(cfg, resume=True)
         assert result.error is None and result.metrics["step"] == 4, what
         with result.checkpoint.as_directory() as directory:
@@ -248,8 +250,9 @@ def test_cli_refuses_bad_configs_before_starting(tmp_path, capsys):
 # About a minute on 2 cores; tests/test_shards.py covers the shard reader in the default run.
 @pytest.mark.slow
 def test_trains_from_parquet_shards(ray_local, tmp_path):
-    from xswinir.images import read_image, resolve_image_files, write_image
+    from xswinir.images import read_image, write_image
     from xswinir.shards import pack_images
+    from xswinir.sources import resolve_image_files
     from xswinir.trainer import fit
 
     folder = tmp_path / "hr"

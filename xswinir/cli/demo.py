@@ -13,8 +13,14 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from xswinir.cli.train import add_set_argument
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from xswinir.config import Config
 
 HELP = "the main job: a short local training run, evaluation against bicubic, and an explanation picture"
 
@@ -27,24 +33,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from xswinir.checkpoint import CLASSIFIER_DIR, load_model
     from xswinir.config import load_config
-    from xswinir.degradations import build_degrader
     from xswinir.errors import UserError
-    from xswinir.evaluation import build_validation_set, evaluate_images
-    from xswinir.explain import explain
-    from xswinir.images import read_image, resolve_image_files
-    from xswinir.metrics import VAL_PSNR_BICUBIC_Y, VAL_PSNR_Y, VAL_SSIM_BICUBIC_Y, VAL_SSIM_Y
-    from xswinir.storage import log_dir
-    from xswinir.texture import load_texture_classifier
+    from xswinir.explain import degrade_hr, explain
+    from xswinir.explain_page import page_data, write_page
+    from xswinir.images import read_image
+    from xswinir.paths import log_dir
+    from xswinir.sources import resolve_image_files
+    from xswinir.texture import TextureSearch, load_texture_classifier
     from xswinir.trainer import fit, init_ray
     from xswinir.training_log import METRICS_FILE, read_metrics
 
     out = Path(args.out).expanduser().resolve()
     cfg = load_config(args.config, [f"run.storage={out / 'runs'}", f"run.log_dir={out / 'logs'}",
                                     *args.overrides])
+    logs = log_dir(cfg.run.storage, cfg.run.name, cfg.run.log_dir)
     if (out / "runs").exists():
         if not args.overwrite:
             raise UserError(f"{out} holds an earlier demo: pass --overwrite to replace it, or --out elsewhere")
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"[1/3] training {cfg.model.preset or 'SwinIR'} x{cfg.scale} for {cfg.train.total_steps} steps "
           f"on {cfg.data.train} (local Ray, {cfg.run.num_workers} worker)")
     started = time.time()
-    init_ray(cfg.run, log_dir(cfg.run))
+    init_ray(cfg.run, logs)
     ray_ready = time.time()
     result = fit(cfg)
     trained = time.time()
@@ -64,40 +68,33 @@ def run(args: argparse.Namespace) -> int:
     model.eval()
 
     print(f"\n[2/3] evaluation on {cfg.data.val}, degraded with '{cfg.degradation.preset}' as in training")
-    degrader = build_degrader(cfg.degradation, cfg.scale)
-    val_set = build_validation_set(cfg, degrader, torch.device("cpu"))
-    rows = evaluate_images(model, val_set, cfg.scale, cfg.data.val_tile)
-    print(f"{'image':<16}{'Y-PSNR model':>14}{'Y-PSNR bicubic':>16}{'Y-SSIM model':>14}{'Y-SSIM bicubic':>16}")
-    for row in rows:
-        print(f"{row['image']:<16}{row[VAL_PSNR_Y]:>14.3f}{row[VAL_PSNR_BICUBIC_Y]:>16.3f}"
-              f"{row[VAL_SSIM_Y]:>14.4f}{row[VAL_SSIM_BICUBIC_Y]:>16.4f}")
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "image"}
-    print(f"{'mean':<16}{mean[VAL_PSNR_Y]:>14.3f}{mean[VAL_PSNR_BICUBIC_Y]:>16.3f}"
-          f"{mean[VAL_SSIM_Y]:>14.4f}{mean[VAL_SSIM_BICUBIC_Y]:>16.4f}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps({"images": rows, "mean": mean, "checkpoint": str(checkpoint)},
-                                              indent=2))
+    evaluate_against_bicubic(model, cfg, out / "eval.json", checkpoint)
     evaluated = time.time()
 
     print("\n[3/3] explanation picture")
-    classifier = load_texture_classifier(checkpoint / CLASSIFIER_DIR)
+    search = TextureSearch.from_config(cfg.texture, load_texture_classifier(checkpoint / CLASSIFIER_DIR))
     hr = read_image(resolve_image_files(cfg.data.val)[0], channels=cfg.model.in_chans)
-    explanation = explain(model, classifier, hr, cfg, seed=0, out=out / "explain.png", html=True,
+    hr, lq, description = degrade_hr(hr, cfg.degradation, cfg.scale, search.patch_size, seed=0)
+    explanation = explain(model, search, lq, hr=hr, description=description, out=out / "explain.png",
                           tile=cfg.data.val_tile)
     picture = explanation.png
+    page = write_page(page_data(search, explanation.lq, explanation.sr, hr=explanation.hr, name="demo",
+                                description=description, tile=cfg.data.val_tile), out / "explain.html")
+    print(f"explorable page written to {page} (open it in a browser: click any patch)")
     explained = time.time()
 
     print("\noutputs:")
     print(f"  checkpoint        {checkpoint}")
     print(f"  evaluation        {out / 'eval.json'}")
     print(f"  explanation       {picture}")
-    print(f"  training curves   {log_dir(cfg.run) / 'training_curves.png'}")
-    print(f"  metrics, TensorBoard  {log_dir(cfg.run)}  (tensorboard --logdir {log_dir(cfg.run) / 'tensorboard'})")
-    if (log_dir(cfg.run) / "ray").is_dir():
-        print(f"  Ray's logs        {log_dir(cfg.run) / 'ray'}  (xswinir -v demo shows them)")
+    print(f"  explorable page   {page}")
+    print(f"  training curves   {logs / 'training_curves.png'}")
+    print(f"  metrics, TensorBoard  {logs}  (tensorboard --logdir {logs / 'tensorboard'})")
+    if (logs / "ray").is_dir():
+        print(f"  Ray's logs        {logs / 'ray'}  (xswinir -v demo shows them)")
 
     # When the steps ran, from the worker's metrics: its first line's time minus the steps since the loop began.
-    logged = [r for r in read_metrics(log_dir(cfg.run) / METRICS_FILE) if r.get("steps_per_s")]
+    logged = [r for r in read_metrics(logs / METRICS_FILE) if r.get("steps_per_s")]
     steps = logged[-1]["time"] - (logged[0]["time"] - logged[0]["step"] / logged[0]["steps_per_s"]) if logged else 0.0
     steps = min(max(steps, 0.0), trained - ray_ready)
     print(f"\ntime: {_duration(explained - started)} in all: Ray start-up {_duration(ray_ready - started)}, "
@@ -105,6 +102,35 @@ def run(args: argparse.Namespace) -> int:
           f"classifier, Ray Train start and stop {_duration(trained - ray_ready - steps)}), "
           f"evaluation {_duration(evaluated - trained)}, explanation {_duration(explained - evaluated)}")
     return 0
+
+
+def evaluate_against_bicubic(model: nn.Module, cfg: Config, path: Path, checkpoint: Path) -> None:
+    """The run's validation images, degraded as in training: the model against bicubic, printed and saved.
+
+    Args:
+        model: the trained (EMA) model, on CPU.
+        cfg: the run's config (``data.val``, ``degradation``, ``scale``, ``data.val_tile``).
+        path: the JSON file to write: ``{"images": rows, "mean": mean row, "checkpoint": str}``.
+        checkpoint: the checkpoint ``model`` came from, recorded in the file.
+    """
+    import torch
+
+    from xswinir.degradations import build_degrader
+    from xswinir.evaluation import (
+        VALIDATION_COLUMNS,
+        VALIDATION_METRICS,
+        average,
+        build_validation_set,
+        format_table,
+        validation_rows,
+    )
+
+    val_set = build_validation_set(cfg, build_degrader(cfg.degradation, cfg.scale), torch.device("cpu"))
+    rows = validation_rows(model, val_set, cfg.scale, cfg.data.val_tile)
+    print(format_table(rows, VALIDATION_COLUMNS))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"images": rows, "mean": average(rows, VALIDATION_METRICS),
+                                "checkpoint": str(checkpoint)}, indent=2))
 
 
 def _duration(seconds: float) -> str:

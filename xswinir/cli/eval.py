@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from xswinir.cli.options import add_max_pixels_argument, apply_max_pixels
 from xswinir.errors import UserError
-from xswinir.pixel_limit import add_max_pixels_argument, apply_max_pixels
 
 HELP = "PSNR/SSIM, MS-SSIM, SCC and LPIPS of a checkpoint or of bicubic up-sampling on HR test sets"
 
@@ -52,13 +52,13 @@ def _set_folder(source: str) -> str:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.out and Path(args.out).suffix.lower() not in (".csv", ".json"):
-        raise UserError(f"--out {args.out}: use a .csv or .json file name")
+    """What the flags alone can tell, before a checkpoint is loaded; the routes are checked by the library."""
+    from xswinir.evaluation import check_results_path
+
+    if args.out:
+        check_results_path(args.out)
     if args.bicubic and (args.self_ensemble or args.preset):
         raise UserError("--self-ensemble and --preset need a --checkpoint")
-    if args.degradation and args.lr:
-        raise UserError("--degradation and --lr are mutually exclusive: --lr reads the LQ inputs, --degradation "
-                        "makes them from the HR images")
     if args.seed is not None and not args.degradation:
         raise UserError("--seed only applies with --degradation")
     if args.lr and len(args.hr) > 1:
@@ -71,15 +71,16 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from xswinir.evaluation import evaluate, format_table, write_results
-    from xswinir.images import printable_path
     from xswinir.inference import resolve_device
+    from xswinir.paths import printable_path
 
     _check_args(args)
     apply_max_pixels(args)
+    gt_sources, lq_dir = args.hr, args.lr  # --hr / --lr for users; gt / lq in the library
     device = resolve_device(args.device)
     seed = args.seed if args.seed is not None else 0
     model = None
-    info: dict[str, Any] = {"hr": args.hr, "lr": args.lr, "degradation": args.degradation,
+    info: dict[str, Any] = {"hr": gt_sources, "lr": lq_dir, "degradation": args.degradation,
                             "seed": seed if args.degradation else None, "method": "bicubic"}
     if args.checkpoint:
         from xswinir.checkpoint import load_model
@@ -90,21 +91,21 @@ def run(args: argparse.Namespace) -> int:
                     overlap=args.overlap, self_ensemble=args.self_ensemble)
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
-    for source in args.hr:
+    for source in gt_sources:
         save_lq = None
         if args.save_lq:
-            save_lq = Path(args.save_lq) / _set_folder(source) if len(args.hr) > 1 else Path(args.save_lq)
-        rows += evaluate(source, scale=args.scale, model=model, lr=args.lr, tile=args.tile, overlap=args.overlap,
+            save_lq = Path(args.save_lq) / _set_folder(source) if len(gt_sources) > 1 else Path(args.save_lq)
+        rows += evaluate(source, scale=args.scale, model=model, lq=lq_dir, tile=args.tile, overlap=args.overlap,
                          self_ensemble=args.self_ensemble, device=device, degradation=args.degradation, seed=seed,
                          save_lq=save_lq, set_name=printable_path(source), skipped=skipped)
     if not rows:
         first = f"; first: {skipped[0]}" if skipped else ""
-        raise UserError(f"no image in {printable_path(', '.join(args.hr))} could be measured ({len(skipped)} "
+        raise UserError(f"no image in {printable_path(', '.join(gt_sources))} could be measured ({len(skipped)} "
                         f"skipped{first})")
     info["scale"] = rows[0]["scale"]
     what = f"checkpoint {args.checkpoint}" if args.checkpoint else "bicubic"
     inputs = (f"degradation '{args.degradation}' seed {seed}" if args.degradation
-              else "--lr folder" if args.lr else "MATLAB bicubic")
+              else "--lr folder" if lq_dir else "MATLAB bicubic")
     print(f"{what}, x{info['scale']}, {len(rows)} images, inputs: {inputs}, crop_border={info['scale']}, "
           f"device {device}")
     print(format_table(rows))

@@ -1,18 +1,35 @@
-"""``xswinir explain IMAGE``: a picture of what the texture term does for a restored image."""
+"""``xswinir explain IMAGE``: a picture of what the texture term does for a restored image.
+
+``--html-dir DIR`` adds the explorable page (every patch, :mod:`xswinir.explain_page`); ``xswinir explain FOLDER
+--html-dir DIR`` writes one page per image and an index ranking them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from xswinir.pixel_limit import add_max_pixels_argument, apply_max_pixels
+from xswinir.cli.options import add_max_pixels_argument, apply_max_pixels
+
+if TYPE_CHECKING:  # annotations only: the command's start-up loads no torch
+    import torch
+    from torch import Tensor, nn
+
+    from xswinir.explain import Degraded
+    from xswinir.texture import TextureSearch
+    from xswinir.trust import TrustModel
 
 HELP = ("restore an image (a real low-quality one with --lq, or a degraded HR one) and draw the texture windows "
         "and texture consistency behind the loss (PNG, optional HTML)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("image", help="an image file (PNG, JPEG, ...): HR, degraded first; with --lq the input itself")
+    parser.add_argument("image", help="an image file (PNG, JPEG, ...): HR, degraded first; with --lq the input itself; "
+                                      "or, with --html-dir, a folder of them")
     parser.add_argument("--lq", action="store_true",
                         help="IMAGE is a real low-quality input: restore it as it is, no degradation, no HR needed")
     parser.add_argument("--checkpoint", required=True,
@@ -30,19 +47,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "restored output) instead (repeatable)")
     parser.add_argument("--out", default="explain.png", help="the PNG to write (default: %(default)s)")
     parser.add_argument("--html", action="store_true", help="also write a self-contained HTML page beside it")
+    parser.add_argument("--html-dir", metavar="DIR", default=None,
+                        help="write the explorable page of every patch (one self-contained HTML file per image) into "
+                             "DIR; for a folder IMAGE also an index.html ranking the images, and no PNG")
+    parser.add_argument("--trust", metavar="FILE", default=None,
+                        help="a trust model (`xswinir trust fit`): the pages show each patch's expected error and "
+                             "bound, and the index ranks by it (default: ranked by inconsistency)")
     parser.add_argument("--tile", type=int, default=None,
                         help="LR tile size for the model on large images (default: the whole image at once)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     add_max_pixels_argument(parser)
 
 
-def _tiles(values: list[str] | None):
+def _positions(values: list[str] | None):
+    """The ``--tile-at TOP,LEFT`` values as an (n, 2) tensor, or None."""
+    # Imported here, not at the top: `xswinir --help` and the other commands must not load torch.
+    import torch
+
     from xswinir.explain import ExplainError
 
     if not values:
         return None
-    import torch
-
     out = []
     for text in values:
         try:
@@ -54,20 +79,25 @@ def _tiles(values: list[str] | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
+    # Imported here, not at the top: `xswinir --help` and the other commands must not load torch.
     from xswinir.checkpoint import CLASSIFIER_DIR, CONFIG_FILE, load_model
-    from xswinir.config import DEGRADATION_PRESETS, Config, ConfigError, DataConfig, TextureConfig, load_config
-    from xswinir.explain import ExplainError, explain, explain_lq
-    from xswinir.images import printable_path, read_image
+    from xswinir.config import DEGRADATION_PRESETS, ConfigError, TextureConfig, load_config
+    from xswinir.explain import ExplainError, degrade_hr, explain
+    from xswinir.explain_page import page_data, page_file_name, write_page
+    from xswinir.images import read_image
     from xswinir.inference import resolve_device
-    from xswinir.texture import load_texture_classifier
+    from xswinir.paths import printable_path
+    from xswinir.texture import TextureSearch, load_texture_classifier
+    from xswinir.trust import load_trust
 
     apply_max_pixels(args)
     if args.patches < 1:
         raise ExplainError(f"--patches must be >= 1, got {args.patches}")
     if args.lq and (args.degradation is not None or args.seed is not None):
         raise ExplainError("--degradation and --seed degrade an HR image; with --lq the image is used as it is")
+    folder = Path(args.image).is_dir()
+    if (folder or args.trust is not None) and args.html_dir is None:
+        raise ExplainError(f"{'a folder IMAGE' if folder else '--trust'} makes explorable pages: pass --html-dir DIR")
     degradation = args.degradation or "blur-noise"
     if degradation not in DEGRADATION_PRESETS:
         raise ConfigError(f"unknown --degradation {degradation!r}; choose one of {sorted(DEGRADATION_PRESETS)}")
@@ -79,25 +109,28 @@ def run(args: argparse.Namespace) -> int:
         classifier_path = checkpoint / CLASSIFIER_DIR
     device = resolve_device(args.device)
     model, model_cfg = load_model(checkpoint, preset=args.preset)
-    image = read_image(args.image, channels=model_cfg.in_chans)
+    image = None if folder else read_image(args.image, channels=model_cfg.in_chans)
     classifier = load_texture_classifier(classifier_path)
 
     # A training checkpoint carries its config: its texture search settings are what the loss used.
     texture = TextureConfig()
     if (checkpoint / CONFIG_FILE).is_file():
         texture = load_config(checkpoint / CONFIG_FILE).texture
-    texture = dataclasses.replace(texture, patch_size=classifier.patch_size)
-    tiles = _tiles(args.tile_at)
+    search = TextureSearch.from_config(dataclasses.replace(texture, patch_size=classifier.patch_size), classifier)
+    trust = None if args.trust is None else load_trust(args.trust)
+    if folder:
+        degrade = None if args.lq else functools.partial(
+            degrade_hr, degradation=DEGRADATION_PRESETS[degradation], scale=model_cfg.upscale,
+            patch_size=search.patch_size, seed=args.seed or 0, device=device)
+        return _explain_folder(args, model, search, degrade, trust, model_cfg.in_chans, device)
+    positions = _positions(args.tile_at)
     try:
-        if args.lq:
-            result = explain_lq(model, classifier, image, texture, patches=args.patches, tiles=tiles, out=args.out,
-                                html=args.html, tile=args.tile, device=device)
-        else:
-            scale = model_cfg.upscale
-            cfg = Config(model=model_cfg, data=dataclasses.replace(DataConfig(), gt_size=64 * scale),
-                         degradation=DEGRADATION_PRESETS[degradation], texture=texture)
-            result = explain(model, classifier, image, cfg, seed=args.seed or 0, patches=args.patches, tiles=tiles,
-                             out=args.out, html=args.html, tile=args.tile, device=device)
+        hr, lq, description = None, image, None
+        if not args.lq:  # an HR image: degraded as in training and evaluation, then explained beside it
+            hr, lq, description = degrade_hr(image, DEGRADATION_PRESETS[degradation], model_cfg.upscale,
+                                             search.patch_size, seed=args.seed or 0, device=device)
+        result = explain(model, search, lq, hr=hr, description=description, patches=args.patches,
+                         positions=positions, out=args.out, html=args.html, tile=args.tile, device=device)
     except ExplainError as err:
         raise ExplainError(f"{printable_path(args.image)}: {err}") from err  # say which of the user's files
     print(f"wrote {printable_path(result.png)}" + (f" and {printable_path(result.html)}" if result.html else ""))
@@ -113,4 +146,31 @@ def run(args: argparse.Namespace) -> int:
     th, tw = result.consistency.shape
     print(f"mean texture consistency of the restored image: {result.consistency_mean:.3f} "
           f"({th}x{tw} tiles of {classifier.patch_size} px)")
+    if args.html_dir is not None:
+        name = printable_path(Path(args.image).name)
+        data = page_data(search, result.lq, result.sr, hr=result.hr, trust=trust, model=model, name=name,
+                         description=result.description, tile=args.tile, device=device)
+        print(f"wrote {printable_path(write_page(data, Path(args.html_dir) / page_file_name(1, name)))}")
+    return 0
+
+
+def _explain_folder(args: argparse.Namespace, model: nn.Module, search: TextureSearch,
+                    degrade: Callable[[Tensor], Degraded] | None, trust: TrustModel | None, channels: int,
+                    device: torch.device) -> int:
+    """``explain FOLDER --html-dir DIR``: one page per image and the index, with a progress bar."""
+    from xswinir.explain import ExplainError
+    from xswinir.explain_page import explain_files
+    from xswinir.paths import printable_path
+    from xswinir.sources import resolve_image_files
+
+    try:
+        files = resolve_image_files(args.image)
+    except FileNotFoundError as err:
+        raise ExplainError(printable_path(str(err))) from err
+    result = explain_files(model, search, files, args.html_dir, degrade=degrade, trust=trust, channels=channels,
+                           tile=args.tile, device=device)
+    ranked = "mean trust estimate" if result.ranked_by == "trust" else "mean inconsistency 1 - r² (no --trust given)"
+    print(f"wrote {len(result.entries)} pages and {printable_path(result.index)}, ranked by {ranked}")
+    for line in result.skipped:
+        print(f"skipped {line}")
     return 0

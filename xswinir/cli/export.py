@@ -19,11 +19,11 @@ HELP = "export a checkpoint as an official SwinIR .pth, safetensors or ONNX"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from xswinir.export import FORMATS
-
     parser.add_argument("checkpoint", metavar="CHECKPOINT",
                         help="training checkpoint folder, .safetensors, or .pth (with --preset)")
-    parser.add_argument("--format", required=True, choices=FORMATS, help="output layout")
+    # No argparse choices: they would import xswinir.export (and torch) into `xswinir --help`;
+    # export_checkpoint names the formats in its one-line error.
+    parser.add_argument("--format", required=True, help="output layout: official, safetensors or onnx")
     parser.add_argument("--out", required=True, help="file to write")
     parser.add_argument("--preset", help="architecture of a .pth checkpoint without a stored config")
     parser.add_argument("--tile", type=int, default=64,

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from xswinir.errors import UserError
-    from xswinir.images import printable_path
+    from xswinir.paths import printable_path
     from xswinir.shards import pack_images
 
     if args.shard_size_mb <= 0:

@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Here, not at the top: torch stays off the command line's start-up path (`xswinir --help`).
     from xswinir.tune.study import load_study_config, run_study, write_report
 
     study = load_study_config(args.config, args.overrides, storage=args.storage, name=args.name, seeds=args.seeds,

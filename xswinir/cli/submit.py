@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from xswinir.errors import UserError
-from xswinir.storage import is_remote
+from xswinir.paths import is_remote
 
 HELP = "submit a training run or a sweep to a Ray cluster as a Ray Job (`xswinir submit --address URL -- train ...`)"
 

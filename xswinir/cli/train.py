@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from xswinir.config import Config, load_config
+from xswinir.errors import UserError
+
 HELP = "train SwinIR on Ray Train, locally or on a cluster"
 
 
@@ -31,9 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
-def config_from_args(args: argparse.Namespace):
-    from xswinir.config import load_config
-
+def config_from_args(args: argparse.Namespace) -> Config:
     overrides = list(args.overrides)
     for flag, key in (("num_workers", "run.num_workers"), ("address", "run.address"), ("storage", "run.storage"),
                       ("name", "run.name")):
@@ -51,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
         print(cfg.to_yaml())
         return 0
 
+    # Here, not at the top: torch and Ray stay off the command line's start-up path (`xswinir --help`).
     import ray.train
 
-    from xswinir.errors import UserError
     from xswinir.metrics import VAL_PSNR_BICUBIC_Y, VAL_PSNR_Y
     from xswinir.trainer import fit
 

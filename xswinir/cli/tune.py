@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Here, not at the top: torch and Ray stay off the command line's start-up path (`xswinir --help`).
     from xswinir.tune.results import format_table
     from xswinir.tune.sweep import run_sweep
     from xswinir.tune.sweep_config import load_sweep_config

@@ -1,13 +1,17 @@
 """A linear "same texture?" classifier on pairs of named texture features; saving, loading and plotting it.
 
-For two windows a and b with standardised features ``za``, ``zb`` (F each) the classifier is a logistic
-regression on the symmetric pair encoding ``[|za - zb|, za * zb]``::
+For two windows a and b with standardised features ``za``, ``zb`` (F each) and standardised named pair features
+``g(a, b)`` (P of them, see :mod:`xswinir.texture.features`: the windows' correlation at the best small shift,
+the agreement of their gradient orientations and of their spectral shape) the classifier is a logistic regression
+on the symmetric pair encoding ``[|za - zb|, za * zb, g]``::
 
-    logit(a, b) = bias + sum_f w_diff[f] * |za_f - zb_f| + w_prod[f] * za_f * zb_f
+    logit(a, b) = bias + sum_f (w_diff[f] * |za_f - zb_f| + w_prod[f] * za_f * zb_f) + sum_k w_pair[k] * g_k
 
-so it has ``2F + 1`` weights (113 with the default 56 features), each tied to a named feature: a negative
-``w_diff[f]`` says "a difference in feature f speaks against the same texture", a positive ``w_prod[f]`` says
-"both windows being high (or both low) in f speaks for it". Swapping a and b gives the same logit exactly.
+so it has ``2F + P + 1`` weights (117 with the default 56 features and 4 pair features), each tied to a name: a
+negative ``w_diff[f]`` says "a difference in feature f speaks against the same texture", a positive ``w_prod[f]``
+says "both windows being high (or both low) in f speaks for it", a positive ``w_pair[k]`` says "agreement k
+speaks for it". Swapping a and b gives the same logit exactly. A classifier built with ``pair_features=False``
+(the first kind, still read from files of format version 2) has no pair terms.
 
 A saved classifier is a folder with ``classifier.safetensors`` (weights and the feature standardisation) and
 ``classifier.json`` (feature settings and names, patch size and the training report).
@@ -26,7 +30,9 @@ from xswinir.errors import UserError
 from xswinir.texture.features import TextureFeatures
 
 FORMAT = "xswinir-texture-classifier"
-FORMAT_VERSION = 2  # 2: texture-only features (no mean brightness or colour), signed ramps
+FORMAT_VERSION = 3  # 3: named pair features; 2: texture-only features (no mean brightness or colour), signed ramps
+READABLE_VERSIONS = (2, 3)  # a version-2 file is a classifier without pair features
+_PAIR_TENSORS = ("weight_pair", "pair_mean", "pair_std")
 WEIGHTS_FILE = "classifier.safetensors"
 META_FILE = "classifier.json"
 
@@ -44,13 +50,18 @@ class TextureClassifier(nn.Module):
         num_orientations: filter orientations of :class:`TextureFeatures`.
         lbp_threshold: LBP threshold of :class:`TextureFeatures`.
         layout_grid: cells per side of the layout features of :class:`TextureFeatures`.
+        pair_features: add the named pair features (what :func:`~xswinir.texture.train_texture_classifier`
+            trains); then ``features`` returns each window's named features followed by its descriptor.
+        max_shift: the largest shift, in pixels, of the ``abs_ncc_best_shift`` pair feature.
     """
 
     def __init__(self, patch_size: int = 16, scales: tuple[int, ...] = (1, 2, 4), num_orientations: int = 4,
-                 lbp_threshold: float = 0.01, layout_grid: int = 4) -> None:
+                 lbp_threshold: float = 0.01, layout_grid: int = 4, pair_features: bool = False,
+                 max_shift: int = 2) -> None:
         super().__init__()
         self.patch_size = int(patch_size)
-        self.features = TextureFeatures(scales, num_orientations, lbp_threshold, layout_grid)
+        self.features = TextureFeatures(scales, num_orientations, lbp_threshold, layout_grid, pair_features,
+                                        max_shift)
         if self.patch_size < self.features.min_size:
             raise ValueError(f"patch_size={patch_size} is smaller than the largest filter "
                              f"({self.features.min_size} px for scales={tuple(scales)})")
@@ -60,15 +71,45 @@ class TextureClassifier(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1))
         self.register_buffer("feature_mean", torch.zeros(num))
         self.register_buffer("feature_std", torch.ones(num))
+        if self.has_pair_features:  # registered only then, so that a version-2 file loads as it was written
+            pairs = len(self.features.pair_feature_names)
+            self.weight_pair = nn.Parameter(torch.zeros(pairs))
+            self.register_buffer("pair_mean", torch.zeros(pairs))
+            self.register_buffer("pair_std", torch.ones(pairs))
         self.report: dict[str, Any] = {}  # the training report, saved beside the weights
 
     @property
     def feature_names(self) -> list[str]:
         return self.features.feature_names
 
+    @property
+    def pair_feature_names(self) -> list[str]:
+        """The named pair features (empty for a classifier without them)."""
+        return self.features.pair_feature_names
+
+    @property
+    def has_pair_features(self) -> bool:
+        return self.features.pair_features_on
+
     def standardize(self, f: Tensor) -> Tensor:
-        """Raw features (..., F) -> standardised features (..., F) with the stored training mean and std."""
+        """Raw features (..., F) or (..., F + D) -> standardised named features (..., F) (training mean and std)."""
+        f = f[..., :self.features.num_features]  # the descriptor, if any, is for the pair features only
         return (f - self.feature_mean.to(f.dtype)) / self.feature_std.to(f.dtype)
+
+    def pair_features(self, fa: Tensor, fb: Tensor) -> Tensor:
+        """The raw named pair features (..., P) of broadcast pairs of feature vectors (..., F + D); P may be 0."""
+        if not self.has_pair_features:
+            return fa.new_zeros(torch.broadcast_shapes(fa.shape[:-1], fb.shape[:-1]) + (0,))
+        return self.features.pair_features(fa, fb, (self.patch_size, self.patch_size))
+
+    def standardize_pairs(self, g: Tensor) -> Tensor:
+        """Raw pair features (..., P) -> standardised with the training pairs' mean and std."""
+        if not self.has_pair_features:
+            return g
+        return (g - self.pair_mean.to(g.dtype)) / self.pair_std.to(g.dtype)
+
+    def _pair_weights(self, like: Tensor) -> Tensor:
+        return self.weight_pair.to(like.dtype) if self.has_pair_features else like.new_zeros(0)
 
     def pair_logits(self, fa: Tensor, fb: Tensor) -> Tensor:
         """Logit of "same texture" for pairs of *raw* feature vectors (as ``features`` returns them).
@@ -76,7 +117,8 @@ class TextureClassifier(nn.Module):
         Standardisation happens inside, so do not call :meth:`standardize` first.
 
         Args:
-            fa: (..., F) raw features of the first windows.
+            fa: (..., F) raw features of the first windows ((..., F + D) with pair features: all that
+                ``features`` returns).
             fb: (..., F) raw features of the second windows; broadcasts against ``fa``.
 
         Returns:
@@ -86,9 +128,18 @@ class TextureClassifier(nn.Module):
         """
         za, zb = self.standardize(fa), self.standardize(fb)
         w_diff, w_prod = self.weight_diff.to(za.dtype), self.weight_prod.to(za.dtype)
+        w_pair = self._pair_weights(za)
         if _is_outer(za, zb) and not torch.is_grad_enabled():
-            return self._outer_logits(za.squeeze(-2), zb.squeeze(-3), w_diff, w_prod)
-        return (za - zb).abs() @ w_diff + (za * zb) @ w_prod + self.bias.to(za.dtype)
+            logits = self._outer_logits(za.squeeze(-2), zb.squeeze(-3), w_diff, w_prod)
+            if self.has_pair_features:
+                window = (self.patch_size, self.patch_size)
+                g = self.features.outer_pair_features(fa.squeeze(-2), fb.squeeze(-3), window)  # (..., T, N, P)
+                logits = logits + self.standardize_pairs(g) @ w_pair
+            return logits
+        logits = (za - zb).abs() @ w_diff + (za * zb) @ w_prod + self.bias.to(za.dtype)
+        if self.has_pair_features:
+            logits = logits + self.standardize_pairs(self.pair_features(fa, fb)) @ w_pair
+        return logits
 
     def _outer_logits(self, za: Tensor, zb: Tensor, w_diff: Tensor, w_prod: Tensor) -> Tensor:
         """All pairs of (..., T, F) and (..., N, F) -> (..., T, N) without a (..., T, N, F) intermediate.
@@ -104,6 +155,27 @@ class TextureClassifier(nn.Module):
             scale = w_diff[sel].abs()
             logits = logits + sign * torch.cdist(za[..., sel] * scale, zb[..., sel] * scale, p=1)
         return logits
+
+    def pair_contributions(self, fa: Tensor, fb: Tensor) -> Tensor:
+        """Each named weight's share of the logit: why a pair was (or was not) called the same texture.
+
+        Args:
+            fa: (..., F) raw features of the first windows (as ``features`` returns them, with the descriptor
+                when the classifier has pair features).
+            fb: (..., F) raw features of the second windows; broadcasts against ``fa``.
+
+        Returns:
+            (..., 2F + P) weight x encoded feature, in the order (and with the names) of :meth:`weight_table`:
+            ``w_diff[f] * |za_f - zb_f|`` then ``w_prod[f] * za_f * zb_f`` for each feature f, then
+            ``w_pair[k] * g_k`` for each standardised pair feature k. They sum to ``pair_logits(fa, fb) - bias``;
+            positive entries speak for the same texture.
+        """
+        za, zb = self.standardize(fa), self.standardize(fb)
+        diff = (za - zb).abs() * self.weight_diff.to(za.dtype)
+        prod = za * zb * self.weight_prod.to(za.dtype)
+        named = torch.stack((diff, prod), dim=-1).flatten(-2)  # interleaved: f0|diff|, f0*prod, f1|diff|, ...
+        pairs = self.standardize_pairs(self.pair_features(fa, fb)) * self._pair_weights(za)
+        return torch.cat((named, pairs), dim=-1)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         """P(same texture) of pairs of patches.
@@ -134,17 +206,22 @@ class TextureClassifier(nn.Module):
         return torch.sigmoid(self.pair_logits(fa[0], fb))
 
     def weight_table(self) -> list[tuple[str, float]]:
-        """The weights by name: ``("<feature>|diff|", w)`` and ``("<feature>*prod", w)`` for each feature, in order."""
+        """The weights by name: ``("<feature>|diff|", w)`` and ``("<feature>*prod", w)`` for each feature, in order,
+        then ``("pair:<pair feature>", w)`` for each pair feature."""
         rows = []
         for name, wd, wp in zip(self.feature_names, self.weight_diff.tolist(), self.weight_prod.tolist(), strict=True):
             rows += [(f"{name}|diff|", wd), (f"{name}*prod", wp)]
+        if self.has_pair_features:
+            rows += [(f"pair:{name}", w) for name, w in zip(self.pair_feature_names, self.weight_pair.tolist(),
+                                                             strict=True)]
         return rows
 
     def feature_settings(self) -> dict[str, Any]:
         return {
             "patch_size": self.patch_size, "scales": list(self.features.scales),
             "num_orientations": self.features.num_orientations, "lbp_threshold": self.features.lbp_threshold,
-            "layout_grid": self.features.layout_grid,
+            "layout_grid": self.features.layout_grid, "pair_features": self.has_pair_features,
+            "max_shift": self.features.max_shift,
         }
 
 
@@ -166,10 +243,11 @@ def save_texture_classifier(clf: TextureClassifier, path: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().float().cpu().contiguous()
                for name, t in (*clf.named_parameters(), *clf.named_buffers())
-               if name in ("weight_diff", "weight_prod", "bias", "feature_mean", "feature_std")}
+               if name in ("weight_diff", "weight_prod", "bias", "feature_mean", "feature_std", *_PAIR_TENSORS)}
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
     meta = {"format": FORMAT, "version": FORMAT_VERSION, **clf.feature_settings(),
-            "feature_names": clf.feature_names, "bias": float(clf.bias.detach()), "report": clf.report}
+            "feature_names": clf.feature_names, "pair_feature_names": clf.pair_feature_names,
+            "bias": float(clf.bias.detach()), "report": clf.report}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
@@ -195,13 +273,15 @@ def load_texture_classifier(path: str | Path) -> TextureClassifier:
         meta = json.loads(meta_file.read_text())
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"'format' is not '{FORMAT}'")
-        if meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"version {meta.get('version')!r}; this xswinir reads version {FORMAT_VERSION}")
+        if meta.get("version") not in READABLE_VERSIONS:
+            raise ValueError(f"version {meta.get('version')!r}; this xswinir reads versions {READABLE_VERSIONS}")
         clf = TextureClassifier(int(meta["patch_size"]), tuple(int(s) for s in meta["scales"]),
-                                int(meta["num_orientations"]), float(meta["lbp_threshold"]), int(meta["layout_grid"]))
+                                int(meta["num_orientations"]), float(meta["lbp_threshold"]), int(meta["layout_grid"]),
+                                pair_features=bool(meta.get("pair_features", False)),
+                                max_shift=int(meta.get("max_shift", 2)))
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise TextureClassifierError(f"{meta_file} is not a valid texture classifier description ({err})") from err
-    if meta.get("feature_names") != clf.feature_names:
+    if meta.get("feature_names") != clf.feature_names or meta.get("pair_feature_names", []) != clf.pair_feature_names:
         raise TextureClassifierError(f"{meta_file} lists other features than this xswinir computes; retrain it "
                                      "with `xswinir texture train`")
     try:
@@ -222,21 +302,24 @@ def load_texture_classifier(path: str | Path) -> TextureClassifier:
 
 
 def plot_classifier_weights(clf: TextureClassifier, path_or_axes: Any, top: int | None = None) -> Any:
-    """Horizontal bar chart of the weights by feature name: per feature a |diff| bar and a product bar.
+    """Horizontal bar chart of the weights by name: per feature a |diff| bar and a product bar, per pair feature one.
 
     Args:
         clf: the classifier.
         path_or_axes: a file to write (PNG, ...) or a matplotlib ``Axes`` to draw into.
-        top: only the ``top`` features with the largest total absolute weight; None: all.
+        top: only the ``top`` rows (features and pair features) with the largest total absolute weight; None: all.
 
     Returns:
         The written path, or the Axes drawn into.
     """
-    names = clf.feature_names
-    wd, wp = clf.weight_diff.detach().cpu(), clf.weight_prod.detach().cpu()
+    pairs = clf.weight_pair.detach().cpu() if clf.has_pair_features else torch.zeros(0)
+    names = [f"pair:{name}" for name in clf.pair_feature_names] + clf.feature_names  # pair features on top
+    wd = torch.cat((torch.zeros(len(pairs)), clf.weight_diff.detach().cpu()))
+    wp = torch.cat((torch.zeros(len(pairs)), clf.weight_prod.detach().cpu()))
+    wg = torch.cat((pairs, torch.zeros(len(clf.feature_names))))
     order = list(range(len(names)))
     if top is not None:
-        order = sorted(torch.argsort(wd.abs() + wp.abs(), descending=True)[:top].tolist())
+        order = sorted(torch.argsort(wd.abs() + wp.abs() + wg.abs(), descending=True)[:top].tolist())
     y = torch.arange(len(order), dtype=torch.float32).numpy()
     if isinstance(path_or_axes, (str, Path)):
         from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
@@ -247,6 +330,8 @@ def plot_classifier_weights(clf: TextureClassifier, path_or_axes: Any, top: int 
         fig, ax = None, path_or_axes
     ax.barh(y - 0.2, wd[order].numpy(), height=0.4, color="tab:red", label="|a - b| (difference)")
     ax.barh(y + 0.2, wp[order].numpy(), height=0.4, color="tab:blue", label="a * b (product)")
+    if len(pairs):
+        ax.barh(y, wg[order].numpy(), height=0.6, color="tab:green", label="pair feature (agreement)")
     ax.set_yticks(y, [names[i] for i in order], fontsize=7)
     ax.set_ylim(len(order) - 0.5, -0.5)  # the first feature on top, no empty margin
     ax.axvline(0.0, color="black", linewidth=0.6)

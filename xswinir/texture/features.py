@@ -32,6 +32,27 @@ added to the window.
   than ``lbp_threshold``). A uniform pattern (at most two on/off transitions around the circle) is binned by
   its number of "on" neighbours, which is the same under rotation; all other patterns share one bin.
   The histogram is piecewise constant in the image, so it passes no gradient.
+
+**Pair features** (``pair_features=True``, what the trained classifier uses): agreement between *two* windows,
+which no per-window feature can express, each symmetric in the two windows and bounded:
+
+* ``abs_ncc``: |normalised cross-correlation| of the two windows' luminance, in [0, 1]: how well one window
+  stands in for the other in the least-squares fit (what the fit rewards);
+* ``abs_ncc_best_shift``: the largest |cross-correlation| of the two unit-norm, centred windows over the shifts
+  of at most ``max_shift`` pixels (zero outside the overlap), in [0, 1]: the same structure, slightly offset,
+  e.g. a repeated pattern between the search's stride-4 windows;
+* ``orientation_agreement``: cosine of the windows' magnitude-weighted gradient-orientation histograms
+  (8 bins over [0, 180) degrees), in [0, 1]: the same directions of structure (fur, grass, brick courses), with no
+  pixel correspondence at all;
+* ``energy_agreement``: cosine of the windows' oriented multi-scale gradient energies (the
+  ``grad_energy_*_mean`` features), in [0, 1]: the same spectral shape whatever the contrast (gravel in shade
+  and in light), again without pixel correspondence.
+
+They are computed from each window's *descriptor*, which ``forward`` and ``window_features`` append after the
+named features when ``pair_features`` is on: the window's centred luminance (``p * p`` values) and its
+orientation histogram (8). :meth:`TextureFeatures.pair_features` computes them for broadcast pairs,
+:meth:`TextureFeatures.outer_pair_features` for every window against every patch (the search) with matrix
+products.
 """
 
 from __future__ import annotations
@@ -50,6 +71,16 @@ _LAYOUT_SPREAD_FLOOR = 0.02
 # The 8 neighbours of the LBP in circular order (dy, dx), so that "transitions" are between adjacent ones.
 _LBP_NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1))
 _LBP_BINS = 10  # 0..8 "on" neighbours of a uniform pattern, plus one bin for non-uniform patterns
+
+PAIR_FEATURE_NAMES = ("abs_ncc", "abs_ncc_best_shift", "orientation_agreement", "energy_agreement")
+ORIENTATION_BINS = 8  # gradient-orientation histogram bins over [0, 180) degrees
+# Soft orientation binning: a pixel adds m * max(0, cos(2 (theta - centre)))^this to each bin; 4 gives a bin a
+# half width at half height of about 16 degrees, a little more than the 11.25 degrees to the bin's edge.
+_ORIENTATION_SHARPNESS = 4
+# Norm floors of the pair features, so that flat, noisy windows agree with nothing instead of with everything:
+# a window's luminance spread below this counts as this (NCC), and so do histogram and energy norms below theirs.
+_NCC_SPREAD_FLOOR = 0.005  # luminance standard deviation, on the [0, 1] scale (about 1.3 grey levels)
+_AGREEMENT_NORM_FLOOR = 1e-3  # intensity per pixel, the unit of the gradient features
 
 
 def _oriented_kernels(scale: int, num_orientations: int) -> Tensor:
@@ -88,6 +119,45 @@ def _mean_and_std(x: Tensor, kernel: tuple[int, int], stride: int) -> tuple[Tens
     return mean, _soft_sqrt(var.clamp_min(0.0))
 
 
+def _centred_windows(luma: Tensor, window: tuple[int, int], stride: int, grid: tuple[int, int]) -> Tensor:
+    """(B, 1, H, W) -> (B, h*w, nh, nw): every window's luminance minus its mean, row-major pixels."""
+    x = F.unfold(luma, window, stride=stride)  # (B, h*w, nh*nw)
+    return (x - x.mean(1, keepdim=True)).unflatten(-1, tuple(grid))
+
+
+def _shifts(max_shift: int) -> list[tuple[int, int]]:
+    """All (dy, dx) with |dy|, |dx| <= max_shift, row-major, so that (0, 0) is the middle entry."""
+    steps = range(-max_shift, max_shift + 1)
+    return [(dy, dx) for dy in steps for dx in steps]
+
+
+def _overlap(x: Tensor, dy: int, dx: int) -> Tensor:
+    """Pixels ``x(y)`` of windows x (..., h, w) at the positions y that stay inside after a move by -(dy, dx).
+
+    ``_overlap(a, -dy, -dx) * _overlap(b, dy, dx)`` pairs ``a(x)`` with ``b(x + (dy, dx))`` wherever both exist.
+    """
+    h, w = x.shape[-2:]
+    return x[..., max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)]
+
+
+def _moved(x: Tensor, dy: int, dx: int) -> Tensor:
+    """Windows x (..., h, w) moved by (dy, dx), zero where nothing moved in: ``out(y) = x(y - (dy, dx))``."""
+    return F.pad(_overlap(x, -dy, -dx), (max(0, dx), max(0, -dx), max(0, dy), max(0, -dy)))
+
+
+def _unit(luma: Tensor) -> Tensor:
+    """Centred windows (..., h, w) scaled to unit norm; a spread below the floor counts as the floor."""
+    h, w = luma.shape[-2:]
+    luma = luma - luma.mean((-1, -2), keepdim=True)
+    norm = luma.square().sum((-1, -2), keepdim=True).sqrt()
+    return luma / norm.clamp_min(_NCC_SPREAD_FLOOR * math.sqrt(h * w))
+
+
+def _cosine_unit(x: Tensor) -> Tensor:
+    """Vectors (..., K) scaled to unit norm; a norm below the floor counts as the floor."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(_AGREEMENT_NORM_FLOOR)
+
+
 def _soft_sqrt(x: Tensor) -> Tensor:
     """sqrt(x) with a finite gradient at 0, and exactly 0 there (gray RGB == gray single-channel)."""
     return torch.sqrt(x + _STD_EPS) - _STD_EPS**0.5
@@ -105,11 +175,16 @@ class TextureFeatures(nn.Module):
     """
 
     def __init__(self, scales: tuple[int, ...] = (1, 2, 4), num_orientations: int = 4,
-                 lbp_threshold: float = 0.01, layout_grid: int = 4) -> None:
+                 lbp_threshold: float = 0.01, layout_grid: int = 4, pair_features: bool = False,
+                 max_shift: int = 2) -> None:
         super().__init__()
         self.layout_grid = int(layout_grid)
         if not scales or any(s < 1 for s in scales) or num_orientations < 1:
             raise ValueError(f"scales {scales} must be positive integers and num_orientations >= 1")
+        if max_shift < 0:
+            raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+        self.pair_features_on = bool(pair_features)
+        self.max_shift = int(max_shift)
         self.scales = tuple(int(s) for s in scales)
         self.num_orientations = int(num_orientations)
         self.lbp_threshold = float(lbp_threshold)
@@ -128,6 +203,10 @@ class TextureFeatures(nn.Module):
         names += [f"lbp_ones{k}" for k in range(9)] + ["lbp_nonuniform"]
         names += [f"layout_r{r}c{c}" for r in range(self.layout_grid) for c in range(self.layout_grid)]
         self.feature_names: list[str] = names
+        self.pair_feature_names: list[str] = list(PAIR_FEATURE_NAMES) if self.pair_features_on else []
+        self.register_buffer("gradient_kernels", _oriented_kernels(1, 2), persistent=False)  # d/dx, d/dy
+        energy = [i for i, n in enumerate(names) if n.startswith("grad_energy_") and n.endswith("_mean")]
+        self.register_buffer("energy_index", torch.tensor(energy), persistent=False)
 
     @property
     def num_features(self) -> int:
@@ -138,8 +217,13 @@ class TextureFeatures(nn.Module):
         """The smallest window the largest filter fits into."""
         return 2 * max(self.scales) + 1
 
+    def descriptor_size(self, window: tuple[int, int]) -> int:
+        """How many descriptor values follow the named features for an ``h x w`` window (0 without pairs)."""
+        return window[0] * window[1] + ORIENTATION_BINS if self.pair_features_on else 0
+
     def extra_repr(self) -> str:
-        return f"scales={self.scales}, num_orientations={self.num_orientations}, features={self.num_features}"
+        return (f"scales={self.scales}, num_orientations={self.num_orientations}, features={self.num_features}, "
+                f"pair_features={self.pair_feature_names or None}")
 
     def forward(self, patches: Tensor) -> Tensor:
         """Features of whole patches.
@@ -148,7 +232,8 @@ class TextureFeatures(nn.Module):
             patches: (N, C, p, p) with C in {1, 3}, values in [0, 1] (non-square patches work too).
 
         Returns:
-            (N, F) features in the order of ``feature_names``.
+            (N, F) features in the order of ``feature_names``; with ``pair_features``, (N, F + D) with the
+            ``D = descriptor_size((p, p))`` descriptor values after them.
         """
         h, w = patches.shape[-2:]
         return self._features(patches, (h, w), stride=1)[..., 0, 0]
@@ -162,8 +247,9 @@ class TextureFeatures(nn.Module):
             stride: step between windows; window (i, j) is ``images[..., i*stride:i*stride+p, j*stride:j*stride+p]``.
 
         Returns:
-            (B, F, nh, nw) with ``nh = (H - p) // stride + 1`` and ``nw = (W - p) // stride + 1``;
-            ``[..., i, j]`` equals ``forward`` of window (i, j) up to float rounding.
+            (B, F, nh, nw) with ``nh = (H - p) // stride + 1`` and ``nw = (W - p) // stride + 1``
+            ((B, F + D, nh, nw) with ``pair_features``); ``[..., i, j]`` equals ``forward`` of window (i, j) up
+            to float rounding.
         """
         if images.shape[-2] < patch_size or images.shape[-1] < patch_size:
             raise ValueError(f"images {tuple(images.shape[-2:])} are smaller than the window {patch_size}")
@@ -204,7 +290,86 @@ class TextureFeatures(nn.Module):
         out.append(_pool(self._lbp_onehot(luma), (ph - 2, pw - 2), stride))
         if self.layout_grid:
             out.append(self._layout(luma, (ph, pw), stride))
+        if self.pair_features_on:
+            out.append(_centred_windows(luma, (ph, pw), stride, out[-1].shape[-2:]))
+            out.append(_pool(self._orientation_votes(luma), (ph - 2, pw - 2), stride))
         return torch.cat(out, dim=1)
+
+    def _orientation_votes(self, luma: Tensor) -> Tensor:
+        """(B, 1, H, W) -> (B, 8, H - 2, W - 2): each pixel's gradient magnitude, soft-binned by orientation."""
+        g = F.conv2d(luma, self.gradient_kernels.to(luma.dtype))  # (B, 2, H - 2, W - 2): d/dx, d/dy
+        gx, gy = g[:, :1], g[:, 1:]
+        m2 = gx * gx + gy * gy
+        magnitude = _soft_sqrt(m2)
+        # The doubled angle makes orientation (not direction) continuous: theta and theta + 180 are one bin.
+        cos2, sin2 = (gx * gx - gy * gy) / (m2 + 1e-12), 2 * gx * gy / (m2 + 1e-12)
+        centres = torch.arange(ORIENTATION_BINS, device=luma.device, dtype=luma.dtype)
+        centres = centres * (2 * math.pi / ORIENTATION_BINS)  # doubled angles of the bins' centres
+        closeness = cos2 * centres.cos()[:, None, None] + sin2 * centres.sin()[:, None, None]  # (B, 8, h, w)
+        return magnitude * closeness.clamp_min(0) ** _ORIENTATION_SHARPNESS
+
+    def split(self, f: Tensor, window: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+        """A feature vector (..., F + D) -> named features (..., F), centred luma (..., h, w), histogram (..., 8)."""
+        num, (h, w) = self.num_features, window
+        if f.shape[-1] != num + self.descriptor_size(window):
+            raise ValueError(f"expected {num} features and a {h}x{w} descriptor ({num + self.descriptor_size(window)} "
+                             f"values), got {f.shape[-1]}")
+        luma = f[..., num:num + h * w].unflatten(-1, (h, w))
+        return f[..., :num], luma, f[..., num + h * w:]
+
+    def pair_features(self, fa: Tensor, fb: Tensor, window: tuple[int, int]) -> Tensor:
+        """The named pair features of broadcast pairs of feature vectors.
+
+        Args:
+            fa: (..., F + D) vectors of the first windows, as ``forward`` returns them with ``pair_features``.
+            fb: (..., F + D) of the second windows; broadcasts against ``fa``.
+            window: the windows' (h, w).
+
+        Returns:
+            (..., P) in the order of ``pair_feature_names``, symmetric in ``fa`` and ``fb`` (exactly: every
+            term is a sum of the same products in the same order), each in [0, 1] for real windows.
+        """
+        named_a, luma_a, hist_a = self.split(fa, window)
+        named_b, luma_b, hist_b = self.split(fb, window)
+        a, b = _unit(luma_a), _unit(luma_b)
+        shifts = []
+        for dy, dx in _shifts(self.max_shift):  # sum over x of a(x) b(x + (dy, dx)) where both exist
+            shifts.append((_overlap(a, -dy, -dx) * _overlap(b, dy, dx)).sum((-1, -2)).abs())
+        correlations = torch.stack(shifts, dim=-1)
+        ncc = correlations[..., len(shifts) // 2]  # the middle shift is (0, 0)
+        orientation = (_cosine_unit(hist_a) * _cosine_unit(hist_b)).sum(-1)
+        energy = self._energies(named_a, named_b)
+        energy = (_cosine_unit(energy[0]) * _cosine_unit(energy[1])).sum(-1)
+        return torch.stack((ncc, correlations.amax(-1), orientation, energy), dim=-1)
+
+    def outer_pair_features(self, fa: Tensor, fb: Tensor, window: tuple[int, int]) -> Tensor:
+        """The pair features of every vector of ``fa`` with every vector of ``fb``, by matrix products.
+
+        Args:
+            fa: (..., T, F + D), e.g. the patches of the search.
+            fb: (..., N, F + D), e.g. the candidate windows; the leading dimensions broadcast.
+            window: the windows' (h, w).
+
+        Returns:
+            (..., T, N, P), equal to ``pair_features(fa[..., :, None, :], fb[..., None, :, :], window)`` up to
+            float rounding, without a (..., T, N, F + D) intermediate.
+        """
+        named_a, luma_a, hist_a = self.split(fa, window)
+        named_b, luma_b, hist_b = self.split(fb, window)
+        a, b = _unit(luma_a), _unit(luma_b).flatten(-2)  # (..., T, h, w), (..., N, h*w)
+        shifted = torch.stack([_moved(a, dy, dx) for dy, dx in _shifts(self.max_shift)], dim=-3)  # (..., T, S, h, w)
+        T, S = shifted.shape[-4:-2]
+        correlations = (shifted.flatten(-2).flatten(-3, -2) @ b.transpose(-1, -2)).abs()  # (..., T * S, N)
+        correlations = correlations.unflatten(-2, (T, S))  # (..., T, S, N)
+        ncc = correlations[..., S // 2, :]
+        orientation = _cosine_unit(hist_a) @ _cosine_unit(hist_b).transpose(-1, -2)
+        energy_a, energy_b = self._energies(named_a, named_b)
+        energy = _cosine_unit(energy_a) @ _cosine_unit(energy_b).transpose(-1, -2)
+        return torch.stack((ncc, correlations.amax(-2), orientation, energy), dim=-1)
+
+    def _energies(self, named_a: Tensor, named_b: Tensor) -> tuple[Tensor, Tensor]:
+        index = self.energy_index.to(named_a.device)
+        return named_a.index_select(-1, index), named_b.index_select(-1, index)
 
     def _layout(self, luma: Tensor, window: tuple[int, int], stride: int) -> Tensor:
         """(B, 1, H, W) -> (B, g*g, nh, nw): cell means minus the window mean, over the window's spread."""
