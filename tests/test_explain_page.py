@@ -354,9 +354,9 @@ def test_cli_adds_the_page_of_one_hr_image(cli_parts, tmp_path, capsys):
     image = cli_parts["images"] / "stripes.png"
     rc = main(["explain", str(image), "--checkpoint", str(cli_parts["model"]), "--classifier",
                str(cli_parts["classifier"]), "--degradation", "bicubic", "--out", str(tmp_path / "x.png"),
-               "--html-dir", str(tmp_path / "pages"), "--device", "cpu"])
+               "--html", "--device", "cpu"])
     assert rc == 0 and (tmp_path / "x.png").is_file()
-    page = tmp_path / "pages" / "001-stripes.html"
+    page = tmp_path / "x.html"  # beside the PNG
     assert f"wrote {page}" in capsys.readouterr().out
     payload = embedded_json(page.read_text())
     assert payload["hasError"] and not payload["hasTrust"] and payload["grid"] == [2, 2]
@@ -365,6 +365,8 @@ def test_cli_adds_the_page_of_one_hr_image(cli_parts, tmp_path, capsys):
 def test_cli_pages_need_an_output_folder(cli_parts, capsys):
     common = ["--checkpoint", str(cli_parts["model"]), "--classifier", str(cli_parts["classifier"])]
     assert main(["explain", str(cli_parts["images"]), "--lq", *common]) == 2
-    assert "a folder IMAGE makes explorable pages: pass --html-dir DIR" in capsys.readouterr().err
+    assert "a folder IMAGE makes one explorable page per image: pass --html-dir DIR" in capsys.readouterr().err
     assert main(["explain", str(cli_parts["images"] / "flat.png"), "--lq", "--trust", "t.json", *common]) == 2
-    assert "--trust makes explorable pages" in capsys.readouterr().err
+    assert "--trust adds a layer to the explorable page: pass --html" in capsys.readouterr().err
+    assert main(["explain", str(cli_parts["images"] / "flat.png"), "--lq", "--html-dir", "d", *common]) == 2
+    assert "--html-dir is for a folder IMAGE" in capsys.readouterr().err

@@ -6,9 +6,9 @@ Tune *function* trainable that calls :func:`xswinir.trainer.fit` with Tune's ``T
 V2 pattern; passing a ``TorchTrainer`` to the ``Tuner`` is refused under V2) and asks for 0.01 CPU itself, so
 that the CPUs go to the Train workers.
 
-The steps, in order: :func:`check_experiment` refuses what cannot run, in one line and before Ray starts;
-:func:`run_trials` starts Ray and runs (or continues) the trials, and signs what a ``--resume`` will unpickle
-however it ends; :func:`fit_trial` is the body of one trial.
+The steps, in order: :func:`check_experiment` and :func:`check_inputs` refuse what cannot run, in one line and
+before Ray starts; :func:`run_trials` starts Ray and runs (or continues) the trials, and signs what a
+``--resume`` will unpickle however it ends; :func:`fit_trial` is the body of one trial.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xswinir.config import Config, RunConfig, apply_overrides
+from xswinir.data import check_image_source, check_train_source
 from xswinir.errors import UserError
 from xswinir.paths import experiment_path, is_remote, log_dir
 from xswinir.runs import run_exists
 from xswinir.sources import absolute_source
 from xswinir.storage import check_writable
+from xswinir.texture import load_texture_classifier
 from xswinir.trainer import fit, init_ray
 from xswinir.training_log import METRICS_FILE, read_metrics
 from xswinir.tune.manifest import verify_signature, write_signature
@@ -80,6 +82,34 @@ def check_experiment(kind: str, name: str, storage: str, resume: bool) -> str:
         verify_signature(experiment)  # Tuner.restore unpickles the folder's files
     check_writable(storage)
     return experiment
+
+
+def check_inputs(configs: list[Config], eval_sets: tuple[str, ...] | list[str] = ()) -> None:
+    """Refuses, before Ray starts, the inputs that every trial would otherwise find wrong only once it runs.
+
+    The training data of each distinct data setting (:func:`xswinir.data.check_train_source`: every image's
+    header, paired LQ partners included), the validation images, a texture classifier named by path, and a
+    study's evaluation sets: a refusal is one line, not a set of failed trials or a study with nothing to report.
+
+    Args:
+        configs: the trials' training configs (a sweep's base; a study's arms).
+        eval_sets: the HR sources a study evaluates its trials on.
+
+    Raises:
+        UserError: one line naming the setting, the source and what is wrong with it.
+    """
+    checked: set[str] = set()
+    for cfg in configs:
+        # What the data check depends on; arms that differ elsewhere (a loss weight, a seed) share one check.
+        key = repr((cfg.data, cfg.texture.region_size, cfg.texture_enabled, cfg.scale, cfg.model.in_chans))
+        if key not in checked:
+            checked.add(key)
+            check_train_source(cfg)
+            check_image_source(cfg.data.val, "data.val")
+        if cfg.texture_enabled and cfg.texture.classifier.path is not None:
+            load_texture_classifier(cfg.texture.classifier.path)  # a few KB: a missing or foreign folder fails here
+    for source in eval_sets:
+        check_image_source(source, "eval_sets")
 
 
 def run_trials(

@@ -28,13 +28,14 @@ from typing import Any
 from xswinir.atomic import atomic_path
 from xswinir.checkpoint import load_model
 from xswinir.config import (
+    DEFAULT_DEGRADATION,
     Config,
     ConfigError,
     apply_overrides,
     build_section,
     check_name,
     load_config,
-    read_yaml_mapping,
+    read_experiment_file,
     resolve_config_path,
     show,
 )
@@ -65,7 +66,7 @@ class StudyConfig:
     baseline: str = "lambda0"  # the arm every other arm is compared with, paired by seed
     seeds: tuple[int, ...] = (0, 1, 2)
     eval_sets: tuple[str, ...] = ("skimage:val",)
-    eval_degradation: str = "blur-noise"
+    eval_degradation: str = DEFAULT_DEGRADATION
     eval_seed: int = 0
     max_concurrent: int = 2
     storage: str = "outputs/studies"  # a local folder: the report is made from the trials' files
@@ -102,17 +103,12 @@ def load_study_config(path: str | Path, extra_overrides: list[str] | None = None
     Raises:
         ConfigError: unknown keys, wrong types, or an arm whose overrides make an invalid training config.
     """
-    file = resolve_config_path(path)
-    data = {**read_yaml_mapping(file), **{k: v for k, v in changes.items() if v is not None}}
+    file, data = read_experiment_file(path, extra_overrides, changes)  # one-line errors that name the file
     try:
         arms = data.get("arms")
         if not isinstance(arms, dict) or not all(isinstance(k, str) and isinstance(v, list)
                                                  and all(isinstance(o, str) for o in v) for k, v in arms.items()):
             raise ConfigError(f"arms must map names to lists of 'section.key=value' strings, got {show(arms)}")
-        overrides = data.get("overrides") or []
-        if not isinstance(overrides, list):
-            raise ConfigError(f"overrides must be a list of 'section.key=value' strings, got {show(overrides)}")
-        data["overrides"] = [*overrides, *(extra_overrides or [])]
         study = build_section(StudyConfig, data, "")
         for arm in study.arms:
             try:
@@ -139,23 +135,30 @@ def run_name(arm: str, seed: int) -> str:
     return f"{arm}_s{seed}"
 
 
-def study_trial(config: dict[str, Any], study: dict[str, Any], classifier_cache: str) -> None:
-    """Tune function trainable: trains one (arm, seed), then evaluates its final EMA weights on every set."""
+def study_trial(config: dict[str, Any], study_fields: dict[str, Any], classifier_cache: str) -> None:
+    """Tune function trainable: trains one (arm, seed), then evaluates its final EMA weights on every set.
+
+    Args:
+        config: the trial's grid point, ``{"arm": name, "seed": int}`` (Ray's name for a trial's plain dict).
+        study_fields: the study as a dict (``dataclasses.asdict``: plain values travel to every trial).
+        classifier_cache: the texture-classifier cache the trials share.
+    """
     from ray import tune  # here, not at the top: `xswinir study --report-only` runs without Ray
 
-    s = StudyConfig(**study)
+    study = StudyConfig(**study_fields)
     arm, seed = config["arm"], int(config["seed"])
-    cfg = s.arm_config(arm, seed)
-    train_storage = s.experiment_path() / "train"
+    cfg = study.arm_config(arm, seed)
+    train_storage = study.experiment_path() / "train"
     result = fit_trial(cfg, run_name(arm, seed), str(train_storage), classifier_cache)
     if result.checkpoint is None:
         raise RuntimeError(f"{run_name(arm, seed)} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         model, _ = load_model(directory)
     rows = []
-    for hr_source in s.eval_sets:
+    for hr_source in study.eval_sets:
         for kind, net in (("model", model), ("bicubic", None)):
-            for row in evaluate_model(net, hr_source, cfg.scale, degradation=s.eval_degradation, seed=s.eval_seed):
+            for row in evaluate_model(net, hr_source, cfg.scale, degradation=study.eval_degradation,
+                                     seed=study.eval_seed):
                 rows.append({"arm": arm, "seed": seed, "kind": kind, **row})
     out = train_storage / run_name(arm, seed) / EVAL_FILE
     out.write_text(json.dumps(rows, indent=1, default=_json_default))
@@ -187,7 +190,7 @@ def run_study(study: StudyConfig, resume: bool = False) -> Path:
     space = {"seed": tune.grid_search(list(study.seeds)), "arm": tune.grid_search(list(study.arms))}
     tune_config = tune.TuneConfig(max_concurrent_trials=study.max_concurrent,
                                   trial_dirname_creator=lambda t: run_name(t.config["arm"], t.config["seed"]))
-    run_trials(study_trial, {"study": dataclasses.asdict(study), "classifier_cache": f"{exp_path}/classifiers"},
+    run_trials(study_trial, {"study_fields": dataclasses.asdict(study), "classifier_cache": f"{exp_path}/classifiers"},
                exp_path, dataclasses.replace(base.run, address=study.address), resume, tune_config, space)
     return write_report(study)
 

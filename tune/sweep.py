@@ -34,7 +34,7 @@ from ray.tune.search import Searcher
 
 from xswinir.config import Config, apply_overrides
 from xswinir.paths import filesystem_and_path, is_remote
-from xswinir.tune.launch import absolute_path_overrides, check_experiment, fit_trial, run_trials
+from xswinir.tune.launch import absolute_path_overrides, check_experiment, check_inputs, fit_trial, run_trials
 from xswinir.tune.results import SweepSummary, export_results
 from xswinir.tune.search_space import to_tune
 from xswinir.tune.sweep_config import TEXTURE_WEIGHT, SweepConfig
@@ -44,8 +44,9 @@ def train_trial(config: dict[str, Any], base: dict[str, Any], train_storage: str
     """Tune function trainable: one Ray Train run with the sampled values; metrics flow to Tune per report.
 
     Args:
-        config: the sampled values by dotted key (``{"loss.texture_weight": 0.03, "texture.patch_size": 8}``).
-        base: the base training config as a dict.
+        config: the sampled values by dotted key (``{"loss.texture_weight": 0.03, "texture.patch_size": 8}``);
+            Ray's name for a trial's plain dict (a :class:`~xswinir.config.Config` is ``cfg`` everywhere).
+        base: the base training config as a dict (``Config.to_dict``: plain values travel to every trial).
         train_storage: where the trials' Ray Train runs live (``<experiment>/train``).
         classifier_cache: shared texture-classifier cache, so trials with the same patch size train it once.
     """
@@ -71,7 +72,7 @@ class BaselineFirst(Searcher):
         self.baseline_trial: str | None = None
         super().__init__(metric=searcher.metric, mode=searcher.mode)
 
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:  # Ray's signature: config is its space
         ok = self.searcher.set_search_properties(metric, mode, config, **spec)
         self._metric, self._mode = self.searcher.metric, self.searcher.mode
         return ok
@@ -135,6 +136,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, callbacks: list | None =
     base = sweep.base_config()
     base = apply_overrides(base, absolute_path_overrides(base))
     exp_path = check_experiment("sweep", sweep.name, sweep.storage, resume)
+    check_inputs([base])
     tune_config = None if resume else tune.TuneConfig(
         metric=sweep.metric, mode=sweep.mode, search_alg=build_search_alg(sweep),
         scheduler=build_scheduler(sweep, base), num_samples=sweep.num_samples, trial_name_creator=trial_dirname,

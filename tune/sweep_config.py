@@ -1,6 +1,6 @@
 """The sweep YAML as a typed :class:`SweepConfig`, checked before Ray starts.
 
-A sweep file goes through the same typed loader as the training config (:func:`xswinir.config.read_yaml_mapping`
+A sweep file goes through the same typed loader as the training config (:func:`xswinir.config.read_experiment_file`
 and :func:`xswinir.config.build_section`, the builder behind ``Config.from_dict``): an unknown key gets a "did you
 mean", and a value of the wrong type, a metric the trainer never reports or a search domain that makes an invalid
 training config is a one-line :class:`~xswinir.config.ConfigError` (a ``UserError``), never a traceback from
@@ -22,8 +22,7 @@ from xswinir.config import (
     build_section,
     check_name,
     load_config,
-    read_yaml_mapping,
-    resolve_config_path,
+    read_experiment_file,
     show,
     unknown_key_error,
 )
@@ -115,11 +114,9 @@ def load_sweep_config(path: str | Path, extra_overrides: list[str] | None = None
         ConfigError: an unreadable file, unknown keys, wrong types, bad domains, a metric the trainer does not
             report, or domain values that make an invalid training config. The message names the file.
     """
-    file = resolve_config_path(path)
-    where = printable_path(file)
-    data = read_yaml_mapping(file)  # UTF-8, bounded size and alias expansion: one-line errors
+    file, data = read_experiment_file(path, extra_overrides, changes)  # one-line errors that name the file
     try:
-        sweep = _parse(data, file, list(extra_overrides or []), changes)
+        sweep = _parse(data, file)
         base = sweep.base_config()
         if sweep.scheduler.type == "asha" and sweep.scheduler.grace_period > base.train.total_steps:
             raise ConfigError(f"scheduler.grace_period={sweep.scheduler.grace_period} exceeds train.total_steps="
@@ -128,22 +125,15 @@ def load_sweep_config(path: str | Path, extra_overrides: list[str] | None = None
         if sweep.baseline:
             apply_overrides(base, {TEXTURE_WEIGHT: 0.0})
     except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from err
+        raise ConfigError(f"{printable_path(file)}: {err}") from err
     return sweep
 
 
-def _parse(data: dict[str, Any], file: Path, extra_overrides: list[str], changes: dict[str, Any]) -> SweepConfig:
-    data = {**data, **{k: v for k, v in changes.items() if v is not None}}
+def _parse(data: dict[str, Any], file: Path) -> SweepConfig:
     for key in data:
         if key not in _SWEEP_KEYS:
             raise unknown_key_error(SweepConfig, key, "")
     search = parse_search_space(data.pop("search", None))
-    overrides = data.get("overrides")
-    if overrides is None:
-        overrides = []
-    if not isinstance(overrides, list):
-        raise ConfigError(f"overrides must be a list of 'section.key=value' strings, got {show(overrides)}")
-    data["overrides"] = [*overrides, *extra_overrides]
     base = data.get("base")
     if isinstance(base, str) and base and not Path(base).is_absolute():
         # A base given as a path is relative to the sweep file, like an include.

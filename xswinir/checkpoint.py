@@ -8,10 +8,14 @@
   written last, lists every file with size and sha256, so a damaged or unfinished folder is recognised
   (:func:`checkpoint_problem`) on a local disk and on remote storage alike. Which checkpoint of a run folder a
   run resumes from is :mod:`xswinir.runs`.
+
+Every reader takes a local path or a URI (``s3://bucket/runs/.../checkpoint_...``): a checkpoint in a bucket is
+downloaded to a temporary folder first (:func:`local_checkpoint`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,7 +23,8 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +36,7 @@ from xswinir.config import Config, build_section
 from xswinir.errors import UserError
 from xswinir.model import REBUILT_BUFFERS, SwinIR, build_swinir
 from xswinir.model_spec import MODEL_PRESETS, ModelConfig
+from xswinir.paths import filesystem_and_path, is_remote, remote_error
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +262,7 @@ def load_model(path: str | Path, preset: str | None = None, prefer_ema: bool = T
     Args:
         path: a published/official ``.pth`` (state dict under ``params_ema``/``params``, or bare); a
             ``.safetensors`` written by :func:`save_weights`; or a training checkpoint directory holding
-            ``model_ema.safetensors`` and/or ``model.safetensors``.
+            ``model_ema.safetensors`` and/or ``model.safetensors``; a local path or a URI (:func:`local_checkpoint`).
         preset: a name in ``MODEL_PRESETS``; needed for a ``.pth``, overrides the stored config otherwise.
         prefer_ema: take the EMA weights when the checkpoint has both.
         model_cfg: an explicit architecture; wins over ``preset`` and the stored config.
@@ -268,9 +274,14 @@ def load_model(path: str | Path, preset: str | None = None, prefer_ema: bool = T
         CheckpointError: a missing, unreadable or config-less file.
         CheckpointMismatchError: weights that do not fit the chosen architecture.
     """
-    path = Path(path)
     if preset is not None and preset not in MODEL_PRESETS:
         raise CheckpointError(f"unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
+    with local_checkpoint(path) as local:
+        return _load_model(local, preset, prefer_ema, model_cfg)
+
+
+def _load_model(path: Path, preset: str | None, prefer_ema: bool,
+                model_cfg: ModelConfig | None) -> tuple[SwinIR, ModelConfig]:
     if path.is_dir():
         names = ("model_ema.safetensors", "model.safetensors") if prefer_ema else ("model.safetensors",
                                                                                     "model_ema.safetensors")
@@ -301,8 +312,8 @@ def load_pretrained(model: SwinIR, path: str | Path, strict: bool = True) -> tup
 
     Args:
         model: the freshly built (randomly initialised) model of the run.
-        path: an official ``.pth``, our ``.safetensors`` (either layout) or a training checkpoint folder; EMA
-            weights are taken where there are any, as for inference.
+        path: an official ``.pth``, our ``.safetensors`` (either layout) or a training checkpoint folder, local or
+            a URI (:func:`local_checkpoint`); EMA weights are taken where there are any, as for inference.
         strict: every weight must fit. False: tensors that fit by name and shape load, and the model keeps
             its fresh initialisation for the rest (e.g. an x4 upsampler when starting from an x2 model).
 
@@ -315,7 +326,11 @@ def load_pretrained(model: SwinIR, path: str | Path, strict: bool = True) -> tup
         CheckpointMismatchError: ``strict`` and the weights do not fit (one line naming the first mismatching
             keys), or nothing fits at all.
     """
-    path = Path(path)
+    with local_checkpoint(path) as local:
+        return _load_pretrained(model, local, strict)
+
+
+def _load_pretrained(model: SwinIR, path: Path, strict: bool) -> tuple[list[str], list[str]]:
     source = f"model.init_from {path}"
     if path.is_dir():
         files = [path / name for name in (EMA_FILE, MODEL_FILE) if (path / name).is_file()]
@@ -456,3 +471,66 @@ def checkpoint_problem(path: str | Path, filesystem: pafs.FileSystem | None = No
     except (OSError, pa.ArrowException) as err:
         return f"it cannot be read ({err})"
     return None
+
+
+@contextlib.contextmanager
+def local_copy(path: str, filesystem: pafs.FileSystem) -> Iterator[Path]:
+    """A file or folder of ``filesystem`` as a local path: itself on a local disk, else a temporary download.
+
+    Yields:
+        The local path, named as the original (``.../checkpoint_<timestamp>``), valid inside the ``with`` block.
+
+    Raises:
+        OSError, pyarrow.ArrowException: the download failed (on entering the block).
+    """
+    import pyarrow.fs as pafs
+
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="xswinir_checkpoint_") as tmp:
+        info = filesystem.get_file_info(path)
+        local = Path(tmp, info.base_name)
+        if info.type == pafs.FileType.Directory:
+            local.mkdir()  # copy_files fills a folder; it does not create it
+        pafs.copy_files(path, str(local), source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
+        yield local
+
+
+@contextlib.contextmanager
+def local_checkpoint(location: str | Path) -> Iterator[Path]:
+    """A checkpoint as a local path: a local one as it is, one in a bucket (``s3://``, ``gs://``) downloaded.
+
+    A file (``.safetensors``, ``.pth``) is downloaded alone, a training checkpoint folder whole and, when it has a
+    manifest, checked against it (sizes and sha256) once local, so what is loaded is what was saved. Inside
+    the block, our errors name the URI instead of the temporary copy.
+
+    Yields:
+        The local path, valid inside the ``with`` block (a download is removed after it).
+
+    Raises:
+        CheckpointError: the URI names nothing, cannot be read (one line naming the bucket and key and what to
+            check), or its folder fails its manifest.
+    """
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    if not is_remote(location):
+        yield Path(location)
+        return
+    uri = str(location).rstrip("/")
+    with contextlib.ExitStack() as stack:
+        try:
+            fs, path = filesystem_and_path(uri)
+            if fs.get_file_info(path).type == pafs.FileType.NotFound:
+                raise FileNotFoundError(uri)
+            local = stack.enter_context(local_copy(path, fs))
+        except (OSError, pa.ArrowException) as err:
+            raise CheckpointError(remote_error("cannot read the checkpoint", uri, err)) from err
+        problem = checkpoint_problem(local) if (local / MANIFEST_FILE).is_file() else None
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {uri} does not match its {MANIFEST_FILE}: {problem}")
+        try:
+            yield local
+        except (CheckpointError, CheckpointMismatchError) as err:
+            raise type(err)(str(err).replace(str(local), uri)) from err.__cause__

@@ -186,6 +186,9 @@ DEGRADATION_PRESETS: dict[str, DegradationConfig] = {
         preset="realistic", motion_blur_prob=0.2, poisson_prob=0.3, jpeg_prob=0.8, second_order_prob=0.8,
     ),
 }
+# The XSwinIR target: what training degrades with by default, and what a study or an explanation degrades an HR
+# image with unless told otherwise.
+DEFAULT_DEGRADATION = "blur-noise"
 
 
 @dataclass
@@ -357,7 +360,7 @@ class Config:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    degradation: DegradationConfig = field(default_factory=lambda: DEGRADATION_PRESETS["blur-noise"])
+    degradation: DegradationConfig = field(default_factory=lambda: DEGRADATION_PRESETS[DEFAULT_DEGRADATION])
     texture: TextureConfig = field(default_factory=TextureConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -658,6 +661,35 @@ def read_yaml_mapping(path: Path, error: type[UserError] = ConfigError, what: st
     if not isinstance(data, dict):
         raise error(f"{printable_path(path)} must hold {what}, not {type(data).__name__} {show(data)}")
     return data
+
+
+def read_experiment_file(path: str | Path, extra_overrides: list[str] | None = None,
+                         changes: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+    """A sweep's or a study's YAML as a plain mapping, before its own typed builder sees it.
+
+    Such a file names a ``base`` training config and a list of ``overrides`` for it; the command line replaces
+    top-level values (its flags) and appends to the overrides (its ``--set``).
+
+    Args:
+        path: the YAML file, or the name of a shipped one (``sweep_demo``, ``study_cpu``).
+        extra_overrides: ``section.key=value`` strings appended to the file's ``overrides``.
+        changes: top-level values that replace the file's, where not None.
+
+    Returns:
+        The file's path and the mapping, with ``overrides`` a list.
+
+    Raises:
+        ConfigError: the file cannot be read, or its ``overrides`` is not a list; the message names the file.
+    """
+    file = resolve_config_path(path)
+    data = {**read_yaml_mapping(file), **{k: v for k, v in (changes or {}).items() if v is not None}}
+    overrides = data.get("overrides")
+    overrides = [] if overrides is None else overrides
+    if not isinstance(overrides, list):
+        raise ConfigError(f"{printable_path(file)}: overrides must be a list of 'section.key=value' strings, got "
+                          f"{show(overrides)}")
+    data["overrides"] = [*overrides, *(extra_overrides or [])]
+    return file, data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -149,6 +149,28 @@ def open_images(source: str, channels: int = 3, lq_source: str | None = None, sc
     return images if lq_source is None else PairedFiles(images, lq_source, scale)
 
 
+def check_image_source(source: str, what: str) -> None:
+    """Refuses, in one line, a source that names no images: a missing path, an empty folder, unreadable shards.
+
+    Cheap (no decoding): for the sources a run or a study reads only later, inside Ray (``data.val``, a
+    study's ``eval_sets``).
+
+    Args:
+        what: the setting that names the source, for the message (``"data.val"``).
+
+    Raises:
+        DataError: the source names nothing.
+        ShardError: a shard file is unreadable or lacks a column (named).
+    """
+    if is_shard_source(source):
+        check_shards(source)
+        return
+    try:
+        resolve_image_files(source)
+    except FileNotFoundError as err:
+        raise DataError(f"{what} '{printable_path(source)}': {printable_path(str(err))}") from err
+
+
 def check_train_source(cfg: Config) -> list[tuple[str, str]]:
     """Refuses a training source that cannot work, with one line, before Ray starts; names what will be skipped.
 

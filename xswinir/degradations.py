@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xswinir.config import DegradationConfig, ResizeMode
+from xswinir.resize import imresize
 
 
 def _uniform(generator: torch.Generator, n: int, bounds: tuple[float, float], device: torch.device) -> Tensor:
@@ -232,8 +233,6 @@ class Degrader(nn.Module):
         if tuple(x.shape[-2:]) == size:
             return x
         if mode == "matlab":
-            from xswinir.resize import imresize  # lazy: another engineer's module
-
             if size[0] * x.shape[-1] == size[1] * x.shape[-2]:
                 return imresize(x, size[0] / x.shape[-2])
             return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)

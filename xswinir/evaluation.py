@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from xswinir.atomic import atomic_write_text
-from xswinir.config import DEGRADATION_PRESETS, Config
+from xswinir.config import DEFAULT_DEGRADATION, DEGRADATION_PRESETS, Config
 from xswinir.data import FileImages, ImageList, load_val_images, open_images
 from xswinir.degradations import Degrader, build_degrader
 from xswinir.errors import UserError
@@ -480,7 +480,7 @@ def evaluate_model(
     gt: str,
     scale: int,
     *,
-    degradation: str | None = "blur-noise",
+    degradation: str | None = DEFAULT_DEGRADATION,
     seed: int = 0,
     tile: int | None = None,
     device: str | torch.device = "cpu",

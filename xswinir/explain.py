@@ -13,8 +13,7 @@ patch's structure rebuilt only from those other windows.
 
 Both draw the texture consistency of every patch of the restored output as a heat-map (:func:`consistency_map`;
 its mean in the title), the classifier's similarity heat-map of the first patch and its weights by feature name.
-One PNG (matplotlib, no GUI backend), optionally a small self-contained HTML page with the PNG inline and tables
-of the patches and the chosen windows.
+One PNG (matplotlib, no GUI backend). The explorable HTML page of every patch is :mod:`xswinir.explain_page`.
 
 Naming: a *patch* is one ``p x p`` square of the texture grid (``p`` is the classifier's patch size); ``tile``
 is the tile size of the model's tiled inference. The :class:`Explanation`'s fields and table keys keep their
@@ -23,8 +22,6 @@ first names (``tiles``, ``tile_summary``, ``"tile"``), which mean patches.
 
 from __future__ import annotations
 
-import base64
-import html as html_lib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xswinir.atomic import atomic_path, atomic_write_text
+from xswinir.atomic import atomic_path
 from xswinir.config import DegradationConfig
 from xswinir.degradations import build_degrader, describe_params
 from xswinir.errors import UserError
@@ -64,8 +61,7 @@ class Explanation:
 
     Attributes:
         figure: the matplotlib Figure (Agg); draw or save it again as you like.
-        png: where the PNG was written, or None.
-        html: where the HTML page was written, or None.
+        png: where the PNG was written, or None (the explorable page is :mod:`xswinir.explain_page`).
         rows: one dict per chosen window: ``patch``, ``rank``, ``tile`` (the patch) and ``window`` boxes
             (top, left, bottom, right in pixels of the searched image: the HR image when one was given, the
             restored output otherwise), ``coef``, ``score``.
@@ -82,7 +78,6 @@ class Explanation:
 
     figure: Any
     png: Path | None
-    html: Path | None
     rows: list[dict[str, Any]] = field(default_factory=list)
     description: str = ""
     lq: Tensor | None = None
@@ -371,7 +366,6 @@ def explain(
     patches: int = 3,
     positions: Tensor | None = None,
     out: str | Path | None = None,
-    html: bool = False,
     tile: int | None = None,
     device: str | torch.device = "cpu",
 ) -> Explanation:
@@ -394,8 +388,7 @@ def explain(
         patches: how many patches to explain when ``positions`` is None (the strongest-textured ones of the
             searched image: the HR image when given, the output otherwise).
         positions: (n, 2) top/left of the patches to explain in output pixels; None: picked by texture strength.
-        out: where to write the PNG (and ``.html`` beside it); None: write nothing.
-        html: also write the HTML page (needs ``out``).
+        out: where to write the PNG; None: write nothing.
         tile: LR tile size for the model's inference; None: the whole image at once.
         device: where the model and the search run.
 
@@ -406,8 +399,6 @@ def explain(
         ExplainError: the output would be smaller than a patch, ``hr`` does not match it, or a given position
             lies outside it.
     """
-    if html and out is None:
-        raise ExplainError("an HTML page needs an output path for the PNG")
     device = _on_device(search, device)
     if lq.ndim != 3:
         raise ExplainError(f"expected one (C, h, w) image, got shape {tuple(lq.shape)}")
@@ -425,8 +416,8 @@ def explain(
     fig = _draw(search.classifier, scene)
     rows, summary = _tables(scene)
     mean = float(scene.consistency.mean())
-    png, html_path = _save(fig, out, html, rows, description, search.patch_size, summary, mean, scene.lq_mode)
-    return Explanation(fig, png, html_path, rows, description, lq, sr, scene.hr, scene.positions, scene.query,
+    png = _save(fig, out)
+    return Explanation(fig, png, rows, description, lq, sr, scene.hr, scene.positions, scene.query,
                        scene.consistency, mean, summary)
 
 
@@ -669,69 +660,12 @@ def _box(ax: Any, box: list[int], color: str, width: float = 1.5, style: str = "
                            linewidth=width, linestyle=style))
 
 
-def _save(
-    fig: Any, out: str | Path | None, html: bool, rows: list[dict[str, Any]], description: str, patch_size: int,
-    summary: list[dict[str, Any]], consistency_mean: float, lq_mode: bool,
-) -> tuple[Path | None, Path | None]:
-    """Writes the PNG (and the HTML page) when ``out`` is given; returns their paths or None."""
+def _save(fig: Any, out: str | Path | None) -> Path | None:
+    """Writes the PNG when ``out`` is given; returns its path or None."""
     if out is None:
-        return None, None
+        return None
     png = Path(out)
     with atomic_path(png) as tmp:  # complete or absent: never half a picture under the final name
         fig.savefig(tmp, dpi=110, format=png.suffix.lstrip(".").lower() or "png")
     log.info("explanation written to %s", printable_path(png))
-    if not html:
-        return png, None
-    html_path = png.with_suffix(".html")
-    atomic_write_text(html_path, render_html(png.read_bytes(), rows, description, patch_size, summary,
-                                             consistency_mean, lq_mode))
-    log.info("explanation page written to %s", printable_path(html_path))
-    return png, html_path
-
-
-def render_html(
-    png: bytes, rows: list[dict[str, Any]], description: str, patch_size: int,
-    tile_summary: list[dict[str, Any]] | None = None, consistency_mean: float | None = None, lq_mode: bool = False,
-) -> str:
-    """A self-contained page: the PNG inline (base64), a table of the explained tiles and one of the windows."""
-    data = base64.b64encode(png).decode("ascii")
-    esc = html_lib.escape
-    image = "restored image" if lq_mode else "HR image"
-    body = "\n".join(
-        f"<tr><td>{r['patch']}</td><td>{r['rank']}</td><td>{esc(str(r['tile']))}</td>"
-        f"<td>{esc(str(r['window']))}</td><td>{r['coef']:+.3f}</td><td>{r['score']:.3f}</td></tr>"
-        for r in rows
-    )
-    tiles = "\n".join(
-        f"<tr><td>{s['patch']}</td><td>{esc(str(s['tile']))}</td><td>{s['windows']}</td><td>{s['r2']:.3f}</td>"
-        + ("" if lq_mode else f"<td>{s['consistency']:.3f}</td>") + "</tr>"
-        for s in tile_summary or []
-    )
-    r2_head = "consistency r&sup2;" if lq_mode else "HR fit r&sup2;</th><th>restored consistency r&sup2;"
-    mean = "" if consistency_mean is None else (
-        f"<p>Mean texture consistency of the restored image: <b>{consistency_mean:.3f}</b> (the share of each "
-        f"{patch_size}&times;{patch_size} tile's structure, around its mean, that windows elsewhere in the "
-        "output with the texture of the input at that place explain; 1 is fully consistent).</p>")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>XSwinIR explanation</title>
-<style>body{{font-family:sans-serif;margin:1.5em}} img{{max-width:100%}}
-table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}</style>
-</head><body>
-<h1>XSwinIR explanation</h1>
-<p>Input: {esc(description)}</p>
-{mean}
-<img alt="explanation" src="data:image/png;base64,{data}">
-<h2>Explained tiles</h2>
-<table><thead><tr><th>tile #</th><th>tile box</th><th>windows</th><th>{r2_head}</th></tr></thead><tbody>
-{tiles}
-</tbody></table>
-<h2>Chosen windows</h2>
-<p>For each {patch_size}&times;{patch_size} tile, the windows of the {image} the texture classifier scored most
-similar (boxes as top, left, bottom, right in pixels), their least-squares coefficient c* and the classifier's
-P(same texture).</p>
-<table><thead><tr><th>tile #</th><th>rank</th><th>tile box</th><th>window box</th><th>c*</th><th>score</th></tr>
-</thead><tbody>
-{body}
-</tbody></table>
-</body></html>
-"""
+    return png

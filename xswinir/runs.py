@@ -18,16 +18,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from xswinir.checkpoint import MANIFEST_FILE, CheckpointError, checkpoint_problem
+from xswinir.checkpoint import MANIFEST_FILE, CheckpointError, checkpoint_problem, local_copy
 from xswinir.config import RunConfig
 from xswinir.errors import UserError
-from xswinir.paths import experiment_path, filesystem_and_path, storage_path
+from xswinir.paths import experiment_path, filesystem_and_path, remote_error, storage_path
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -73,7 +72,7 @@ def _run_checkpoints(run: RunConfig) -> tuple[pafs.FileSystem, str, list[str]]:
         fs, path = filesystem_and_path(location)
         return fs, path, list_checkpoints(path, fs)
     except (OSError, pa.ArrowException) as err:
-        raise UserError(f"cannot list the run folder {location}: {err}") from err
+        raise UserError(remote_error("cannot list the run folder", location, err)) from err
 
 
 def _finished(fs: pafs.FileSystem, checkpoints: list[str]) -> list[str]:
@@ -188,19 +187,6 @@ def prepare_run(run: RunConfig, resume: bool) -> str | None:
 
 
 @contextlib.contextmanager
-def _local_copy(path: str, filesystem: pafs.FileSystem) -> Iterator[Path]:
-    """A checkpoint folder as a local folder: itself on a local disk, else downloaded to a temporary one."""
-    import pyarrow.fs as pafs
-
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        yield Path(path)
-        return
-    with tempfile.TemporaryDirectory(prefix="xswinir_checkpoint_") as tmp:
-        pafs.copy_files(path, tmp, source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
-        yield Path(tmp)
-
-
-@contextlib.contextmanager
 def verified_checkpoint(checkpoint: str, filesystem: pafs.FileSystem | None = None, rank: int = 0) -> Iterator[Path]:
     """``checkpoint``, or the newest older checkpoint of its run folder that passes, as a local folder.
 
@@ -227,7 +213,7 @@ def verified_checkpoint(checkpoint: str, filesystem: pafs.FileSystem | None = No
     for path in [checkpoint, *reversed(older)]:
         problem = checkpoint_problem(path, fs, hashes=False)
         if problem is None:
-            with _local_copy(path, fs) as directory:
+            with local_copy(path, fs) as directory:
                 problem = checkpoint_problem(directory)
                 if problem is None:
                     yield directory

@@ -339,6 +339,32 @@ def failure_limit(run: RunConfig) -> int:
     return 5 if joins_cluster else 2
 
 
+def failure_message(err: Exception, logs: Path) -> str:
+    """One line for a Ray Train failure: what failed, on which worker, and where the full log is.
+
+    A worker's user error (a training image changed during the run, a checkpoint that fails verification) is
+    its own one-line message; any other error is its type and first line, its traceback being in the log.
+
+    Args:
+        err: what ``TorchTrainer.fit`` raised (``ray.train.TrainingFailedError``: a ``WorkerGroupError`` with
+            ``worker_failures``, or a ``ControllerError``).
+        logs: the run's log folder, where a local Ray's logs are linked as ``ray``.
+    """
+    failures: dict[int, BaseException] = getattr(err, "worker_failures", None) or {}
+    if failures:
+        rank = min(failures)
+        cause = failures[rank]
+        where = f"worker {rank}" + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else "")
+    else:
+        cause, where = getattr(err, "controller_failure", None) or err, "Ray Train's controller"
+    full_log = f"full log: {logs / 'ray'}" if (logs / "ray").exists() else "full log: the Ray cluster's session logs"
+    lines = str(cause).strip().splitlines()
+    first = lines[0][:300] if lines else ""
+    if isinstance(cause, UserError):
+        return f"{first} ({where}; {full_log})"
+    return f"training failed on {where}: {type(cause).__name__}: {first} ({full_log})"
+
+
 def build_trainer(cfg: Config, callbacks: list | None = None, classifier: dict[str, bytes] | None = None,
                   resume_from: str | None = None):
     """A Ray Train ``TorchTrainer`` for the config; Ray Tune builds one per trial with this.

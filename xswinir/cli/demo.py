@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xswinir.cli.train import add_set_argument
+from xswinir.config import Config, load_config
+from xswinir.errors import UserError
+from xswinir.paths import log_dir
+from xswinir.sources import resolve_image_files
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from xswinir.config import Config
 
 HELP = "the main job: a short local training run, evaluation against bicubic, and an explanation picture"
 
@@ -33,14 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: keeps torch and Ray off `xswinir --help`
     from xswinir.checkpoint import CLASSIFIER_DIR, load_model
-    from xswinir.config import load_config
-    from xswinir.errors import UserError
     from xswinir.explain import degrade_hr, explain
     from xswinir.explain_page import page_data, write_page
     from xswinir.images import read_image
-    from xswinir.paths import log_dir
-    from xswinir.sources import resolve_image_files
     from xswinir.texture import TextureSearch, load_texture_classifier
     from xswinir.trainer import fit, init_ray
     from xswinir.training_log import METRICS_FILE, read_metrics
@@ -113,6 +112,7 @@ def evaluate_against_bicubic(model: nn.Module, cfg: Config, path: Path, checkpoi
         path: the JSON file to write: ``{"images": rows, "mean": mean row, "checkpoint": str}``.
         checkpoint: the checkpoint ``model`` came from, recorded in the file.
     """
+    # lazy: keeps torch off `xswinir --help`
     import torch
 
     from xswinir.degradations import build_degrader

@@ -16,6 +16,7 @@ from typing import Any
 
 from xswinir.cli.options import add_max_pixels_argument, apply_max_pixels
 from xswinir.errors import UserError
+from xswinir.paths import printable_path
 
 HELP = "PSNR/SSIM, MS-SSIM, SCC and LPIPS of a checkpoint or of bicubic up-sampling on HR test sets"
 
@@ -53,7 +54,7 @@ def _set_folder(source: str) -> str:
 
 def _check_args(args: argparse.Namespace) -> None:
     """What the flags alone can tell, before a checkpoint is loaded; the routes are checked by the library."""
-    from xswinir.evaluation import check_results_path
+    from xswinir.evaluation import check_results_path  # lazy: keeps torch off `xswinir --help`
 
     if args.out:
         check_results_path(args.out)
@@ -70,9 +71,10 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: keeps torch off `xswinir --help`
+    from xswinir.checkpoint import load_model
     from xswinir.evaluation import evaluate, format_table, write_results
     from xswinir.inference import resolve_device
-    from xswinir.paths import printable_path
 
     _check_args(args)
     apply_max_pixels(args)
@@ -83,8 +85,6 @@ def run(args: argparse.Namespace) -> int:
     info: dict[str, Any] = {"hr": gt_sources, "lr": lq_dir, "degradation": args.degradation,
                             "seed": seed if args.degradation else None, "method": "bicubic"}
     if args.checkpoint:
-        from xswinir.checkpoint import load_model
-
         model, cfg = load_model(args.checkpoint, preset=args.preset)
         model = model.to(device).eval()
         info.update(method="model", checkpoint=args.checkpoint, preset=cfg.preset, tile=args.tile,

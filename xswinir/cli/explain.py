@@ -1,7 +1,7 @@
 """``xswinir explain IMAGE``: a picture of what the texture term does for a restored image.
 
-``--html-dir DIR`` adds the explorable page (every patch, :mod:`xswinir.explain_page`); ``xswinir explain FOLDER
---html-dir DIR`` writes one page per image and an index ranking them.
+``--html`` adds the explorable page of every patch beside the PNG (:mod:`xswinir.explain_page`); ``xswinir explain
+FOLDER --html-dir DIR`` writes one page per image and an index ranking them.
 """
 
 from __future__ import annotations
@@ -46,10 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="explain the tile at these pixel coordinates of the HR image (with --lq: of the "
                              "restored output) instead (repeatable)")
     parser.add_argument("--out", default="explain.png", help="the PNG to write (default: %(default)s)")
-    parser.add_argument("--html", action="store_true", help="also write a self-contained HTML page beside it")
+    parser.add_argument("--html", action="store_true",
+                        help="also write the explorable page beside the PNG (.html): click any patch for its windows, "
+                             "c*, scores, r², trust and the features that paired them; one self-contained file")
     parser.add_argument("--html-dir", metavar="DIR", default=None,
-                        help="write the explorable page of every patch (one self-contained HTML file per image) into "
-                             "DIR; for a folder IMAGE also an index.html ranking the images, and no PNG")
+                        help="for a folder IMAGE: write one explorable page per image into DIR and an index.html "
+                             "ranking the images (no PNG)")
     parser.add_argument("--trust", metavar="FILE", default=None,
                         help="a trust model (`xswinir trust fit`): the pages show each patch's expected error and "
                              "bound, and the index ranks by it (default: ranked by inconsistency)")
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from xswinir.checkpoint import CLASSIFIER_DIR, CONFIG_FILE, load_model
     from xswinir.config import DEGRADATION_PRESETS, ConfigError, TextureConfig, load_config
     from xswinir.explain import ExplainError, degrade_hr, explain
-    from xswinir.explain_page import page_data, page_file_name, write_page
+    from xswinir.explain_page import page_data, write_page
     from xswinir.images import read_image
     from xswinir.inference import resolve_device
     from xswinir.paths import printable_path
@@ -96,8 +98,12 @@ def run(args: argparse.Namespace) -> int:
     if args.lq and (args.degradation is not None or args.seed is not None):
         raise ExplainError("--degradation and --seed degrade an HR image; with --lq the image is used as it is")
     folder = Path(args.image).is_dir()
-    if (folder or args.trust is not None) and args.html_dir is None:
-        raise ExplainError(f"{'a folder IMAGE' if folder else '--trust'} makes explorable pages: pass --html-dir DIR")
+    if folder and args.html_dir is None:
+        raise ExplainError("a folder IMAGE makes one explorable page per image: pass --html-dir DIR")
+    if not folder and args.html_dir is not None:
+        raise ExplainError("--html-dir is for a folder IMAGE; for one image pass --html (the page goes beside the PNG)")
+    if args.trust is not None and not (args.html or folder):
+        raise ExplainError("--trust adds a layer to the explorable page: pass --html (or a folder with --html-dir)")
     degradation = args.degradation or "blur-noise"
     if degradation not in DEGRADATION_PRESETS:
         raise ConfigError(f"unknown --degradation {degradation!r}; choose one of {sorted(DEGRADATION_PRESETS)}")
@@ -130,10 +136,10 @@ def run(args: argparse.Namespace) -> int:
             hr, lq, description = degrade_hr(image, DEGRADATION_PRESETS[degradation], model_cfg.upscale,
                                              search.patch_size, seed=args.seed or 0, device=device)
         result = explain(model, search, lq, hr=hr, description=description, patches=args.patches,
-                         positions=positions, out=args.out, html=args.html, tile=args.tile, device=device)
+                         positions=positions, out=args.out, tile=args.tile, device=device)
     except ExplainError as err:
         raise ExplainError(f"{printable_path(args.image)}: {err}") from err  # say which of the user's files
-    print(f"wrote {printable_path(result.png)}" + (f" and {printable_path(result.html)}" if result.html else ""))
+    print(f"wrote {printable_path(result.png)}")
     print(("input: " if args.lq else "degradation: ") + result.description)
     r2 = "consistency r²" if args.lq else "HR fit r²  restored consistency r²"
     print(f"  tile  top,left   windows  {r2}")
@@ -146,11 +152,11 @@ def run(args: argparse.Namespace) -> int:
     th, tw = result.consistency.shape
     print(f"mean texture consistency of the restored image: {result.consistency_mean:.3f} "
           f"({th}x{tw} tiles of {classifier.patch_size} px)")
-    if args.html_dir is not None:
-        name = printable_path(Path(args.image).name)
-        data = page_data(search, result.lq, result.sr, hr=result.hr, trust=trust, model=model, name=name,
-                         description=result.description, tile=args.tile, device=device)
-        print(f"wrote {printable_path(write_page(data, Path(args.html_dir) / page_file_name(1, name)))}")
+    if args.html:
+        data = page_data(search, result.lq, result.sr, hr=result.hr, trust=trust, model=model,
+                         name=printable_path(Path(args.image).name), description=result.description, tile=args.tile,
+                         device=device)
+        print(f"wrote {printable_path(write_page(data, Path(args.out).with_suffix('.html')))} (the explorable page)")
     return 0
 
 

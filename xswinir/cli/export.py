@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xswinir.export import export_checkpoint
+    from xswinir.export import export_checkpoint  # lazy: keeps torch off `xswinir --help`
 
     out = export_checkpoint(args.checkpoint, args.format, args.out, preset=args.preset, tile=args.tile)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB, {args.format})")

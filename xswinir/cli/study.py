@@ -24,11 +24,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Here, not at the top: torch stays off the command line's start-up path (`xswinir --help`).
+    from xswinir.lease import Lease
     from xswinir.tune.study import load_study_config, run_study, write_report
 
     study = load_study_config(args.config, args.overrides, storage=args.storage, name=args.name, seeds=args.seeds,
                               address=args.address)
-    report = write_report(study) if args.report_only else run_study(study, resume=args.resume)
+    if args.report_only:
+        report = write_report(study)
+    else:  # one driver per study folder: two would train the same (arm, seed) runs at once
+        with Lease(study.experiment_path(), "xswinir study", hint="wait for it to end, or choose another --name"):
+            report = run_study(study, resume=args.resume)
     print(report.read_text())
     print(f"results: {study.experiment_path()} (study.md, study.parquet, study_psnr.png, train/<arm>_s<seed>/)")
     return 0

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xswinir.config import read_yaml_mapping
 from xswinir.errors import UserError
 from xswinir.paths import is_remote
 
@@ -106,8 +107,6 @@ def build_entrypoint(command: list[str], cwd: Path | None = None) -> tuple[str, 
 
 def load_runtime_env(path: str | None, working_dir: str) -> dict[str, Any]:
     """The runtime environment from the YAML file (if any) with ``working_dir`` set to an absolute path."""
-    from xswinir.config import read_yaml_mapping
-
     env: dict[str, Any] = {}
     if path is not None:
         file = Path(path)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from xswinir.cli.train import add_set_argument
+from xswinir.config import TextureConfig, load_config
 
 HELP = "train the linear texture classifier (texture train) or show a trained one's weights (texture show)"
 TOP_FEATURES = 12  # rows of the weight table printed after training
@@ -18,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--images", metavar="SRC", default=None,
                        help="image folder, file or skimage:NAME,... (default: the config's data.train)")
     train.add_argument("--patch-size", type=int, default=None,
-                       help="window side p (default: the config's texture.patch_size, 16)")
+                       help=f"window side p (default: the config's texture.patch_size, {TextureConfig.patch_size})")
     train.add_argument("--out", metavar="DIR", default=None, help="output folder (default: outputs/texture_p{p})")
     train.add_argument("--config", metavar="YAML", default=None, help="a config file or shipped config name")
     add_set_argument(train, example="texture.classifier.steps=100")
@@ -41,7 +42,7 @@ def _print_weights(clf, limit: int | None) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from xswinir.config import load_config
+    # lazy: keeps torch off `xswinir --help`
     from xswinir.texture import plot_classifier_weights, save_texture_classifier, train_texture_classifier
     from xswinir.texture.training import load_training_images, run_degradation
 
@@ -69,7 +70,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from xswinir.texture import load_texture_classifier, plot_classifier_weights
+    from xswinir.texture import load_texture_classifier, plot_classifier_weights  # lazy: keeps torch off --help
 
     clf = load_texture_classifier(args.classifier)
     folder = Path(args.classifier)

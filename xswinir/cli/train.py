@@ -55,13 +55,18 @@ def run(args: argparse.Namespace) -> int:
     # Here, not at the top: torch and Ray stay off the command line's start-up path (`xswinir --help`).
     import ray.train
 
+    from xswinir.lease import Lease
     from xswinir.metrics import VAL_PSNR_BICUBIC_Y, VAL_PSNR_Y
-    from xswinir.trainer import fit
+    from xswinir.paths import experiment_path, log_dir
+    from xswinir.trainer import failure_message, fit
 
-    try:
-        result = fit(cfg, resume=args.resume)
-    except ray.train.TrainingFailedError as err:
-        raise UserError(f"training failed: {err}") from err
+    # One process per run folder: a second `train --name` would interleave its checkpoints with this one's.
+    with Lease(experiment_path(cfg.run.storage, cfg.run.name), "xswinir train",
+               hint="wait for it to end, or choose another run name (--name)"):
+        try:
+            result = fit(cfg, resume=args.resume)
+        except ray.train.TrainingFailedError as err:
+            raise UserError(failure_message(err, log_dir(cfg.run.storage, cfg.run.name, cfg.run.log_dir))) from err
     metrics = result.metrics or {}
     print(f"run: {cfg.run.name}  step: {metrics.get('step')}  "
           f"val Y-PSNR: {metrics.get(VAL_PSNR_Y, float('nan')):.3f} dB "

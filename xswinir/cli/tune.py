@@ -24,13 +24,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Here, not at the top: torch and Ray stay off the command line's start-up path (`xswinir --help`).
+    from xswinir.lease import Lease
     from xswinir.tune.results import format_table
     from xswinir.tune.sweep import run_sweep
     from xswinir.tune.sweep_config import load_sweep_config
 
     sweep = load_sweep_config(args.config, args.overrides, storage=args.storage, name=args.name,
                               num_samples=args.num_samples, address=args.address)
-    summary = run_sweep(sweep, resume=args.resume)
+    # One driver per sweep folder: two would start the same trials into one Tune experiment.
+    with Lease(sweep.experiment_path(), "xswinir tune", hint="wait for it to end, or choose another sweep --name"):
+        summary = run_sweep(sweep, resume=args.resume)
     print(format_table(summary.rows, sweep))
     print(f"results: {summary.experiment_path}")
     for name, path in summary.files.items():

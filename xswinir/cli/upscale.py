@@ -15,6 +15,7 @@ from pathlib import Path
 
 from xswinir.cli.options import add_max_pixels_argument, apply_max_pixels
 from xswinir.errors import UserError
+from xswinir.paths import printable_path
 
 HELP = "upscale/restore image files or folders with a checkpoint, writing PNG (default), JPEG or WebP"
 
@@ -52,12 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: keeps torch off `xswinir --help`
     from tqdm import tqdm
 
     from xswinir.checkpoint import load_model
+    from xswinir.export import OnnxModel
     from xswinir.images import ImageReadError
     from xswinir.inference import resolve_device
-    from xswinir.paths import printable_path
     from xswinir.restore import collect_inputs, plan_outputs, restore_file
 
     if not 1 <= args.quality <= 100:
@@ -68,8 +70,6 @@ def run(args: argparse.Namespace) -> int:
     files = collect_inputs(args.inputs)
     device = resolve_device(args.device)
     if args.onnx:
-        from xswinir.export import OnnxModel
-
         model = OnnxModel(args.onnx)  # runs on the CPU; its outputs come back on `device`
         cfg = model.cfg
     else:
@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         model = model.to(device).eval()
     trust = search = None
     if args.trust:
+        # lazy, and only with --trust: the trust model's imports (pyarrow, kornia) cost half a second
         from xswinir.trust import TrustError, load_trust, write_trust_map
 
         trust = load_trust(args.trust)
