@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -215,6 +216,8 @@ def main() -> int:
                       "bench/results/bench_trust.json", add_arguments)
     if args.trust is not None and len(args.trust) != len(args.checkpoint):
         raise SystemExit("give one --trust per --checkpoint (or none: fitted here)")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("xswinir.trust").setLevel(logging.INFO)  # the progress lines of long measurements
     names = args.name or [Path(c).name for c in args.checkpoint]
     sets = dict(item.split("=", 1) for item in args.sets.split(","))
     crop, limit = (64, 3) if args.quick else (args.crop or None, args.max_images)

@@ -1,9 +1,11 @@
-"""Training checkpoints: the manifest, recognising each way a checkpoint folder gets damaged (on a local folder
-and through a non-local pyarrow filesystem, the code path of s3:// and gs://), and restoring one (which checkpoint
-of a run folder a run resumes from: tests/test_runs.py)."""
+"""Weights and checkpoints: our safetensors and official ``.pth`` layouts, the architecture read from a state dict
+and the one-line errors of a file that does not fit; training checkpoints: the manifest, recognising each way a
+checkpoint folder gets damaged (on a local folder and through a non-local pyarrow filesystem, the code path of
+s3:// and gs://), and restoring one (which checkpoint of a run folder a run resumes from: tests/test_runs.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -11,20 +13,127 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from xswinir.checkpoint import (
     EMA_FILE,
     MANIFEST_FILE,
     MODEL_FILE,
     STATE_FILE,
+    CheckpointError,
+    CheckpointMismatchError,
     checkpoint_problem,
+    infer_model_config,
     load_checkpoint,
+    load_model,
+    load_state_dict_strict,
     save_checkpoint,
+    save_weights,
 )
 from xswinir.config import load_config
+from xswinir.errors import UserError
 from xswinir.model import build_swinir
+from xswinir.model_spec import MODEL_PRESETS, ModelConfig
 
 TINY = ["model.depths=[1]", "model.num_heads=[2]", "model.embed_dim=12", "model.window_size=4", "data.gt_size=16"]
+
+
+def tiny(**overrides) -> ModelConfig:
+    base = dict(upscale=2, in_chans=3, img_size=16, window_size=4, depths=(2,), embed_dim=12, num_heads=(2,),
+                upsampler="pixelshuffledirect")
+    return ModelConfig(**{**base, **overrides})
+
+
+def test_save_and_load_round_trip(tmp_path: Path, generator) -> None:
+    cfg = tiny(upsampler="pixelshuffle", upscale=3, in_chans=1, resi_connection="3conv")
+    model = build_swinir(cfg).eval()
+    save_weights(model, cfg, tmp_path / "w.safetensors")
+    loaded, loaded_cfg = load_model(tmp_path / "w.safetensors")
+    assert loaded_cfg == cfg
+    lq = torch.rand(1, 1, 11, 9, generator=generator)
+    with torch.no_grad():
+        assert torch.equal(model(lq), loaded(lq))
+
+
+def test_training_directory_prefers_ema(tmp_path: Path) -> None:
+    cfg = tiny()
+    plain, ema = build_swinir(cfg), build_swinir(cfg)
+    save_weights(plain, cfg, tmp_path / "ckpt" / "model.safetensors")
+    save_weights(ema, cfg, tmp_path / "ckpt" / "model_ema.safetensors")
+    got, _ = load_model(tmp_path / "ckpt")
+    assert torch.equal(got.conv_first.weight, ema.conv_first.weight)
+    got, _ = load_model(tmp_path / "ckpt", prefer_ema=False)
+    assert torch.equal(got.conv_first.weight, plain.conv_first.weight)
+
+
+def test_pth_with_params_ema_and_wrapper_prefixes(tmp_path: Path) -> None:
+    cfg = tiny()
+    plain, ema = build_swinir(cfg), build_swinir(cfg)
+    torch.save({"params": plain.state_dict(),
+                "params_ema": {f"module.{k}": v for k, v in ema.state_dict().items()}}, tmp_path / "m.pth")
+    got, _ = load_model(tmp_path / "m.pth", model_cfg=cfg)
+    assert torch.equal(got.conv_first.weight, ema.conv_first.weight)
+    got, _ = load_model(tmp_path / "m.pth", model_cfg=cfg, prefer_ema=False)
+    assert torch.equal(got.conv_first.weight, plain.conv_first.weight)
+
+
+def test_wrong_preset_gives_helpful_error(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(MODEL_PRESETS["tiny-x2"], upscale=4)
+    with torch.device("meta"):
+        model = build_swinir(cfg)
+    torch.save({"params": {k: torch.zeros(v.shape) for k, v in model.state_dict().items()}}, tmp_path / "x4.pth")
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_model(tmp_path / "x4.pth", preset="tiny-x2")
+    message = str(info.value)
+    assert "shape mismatches" in message and "upsample.0.weight" in message
+    assert "scale mismatch: the checkpoint upscales x4, the model x2" in message
+
+
+def test_wrong_architecture_names_the_preset() -> None:
+    with torch.device("meta"):
+        big = build_swinir(MODEL_PRESETS["swinir-m-x2"])
+        small = build_swinir(MODEL_PRESETS["swinir-s-x2"])
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_state_dict_strict(small, big.state_dict())
+    message = str(info.value)
+    assert "missing keys" not in message and "unexpected keys: " in message  # 6 stages vs 4
+    assert "6 stages" in message and "embed_dim 180" in message and "swinir-m-x2" in message
+
+
+def test_missing_and_garbled_files_are_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope.pth", preset="tiny-x2")
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable"):
+        load_model(tmp_path / "bad.pth", preset="tiny-x2")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(UserError, match="not a readable"):
+        load_model(tmp_path / "bad.safetensors")
+    torch.save({"params": build_swinir(tiny()).state_dict()}, tmp_path / "noconfig.pth")
+    with pytest.raises(CheckpointError, match="carries no model config"):
+        load_model(tmp_path / "noconfig.pth")
+
+
+def test_infer_model_config_reads_architecture() -> None:
+    with torch.device("meta"):
+        for name in ("swinir-s-x3", "swinir-m-x8", "swinir-real-l-x4", "swinir-jpeg-gray"):
+            cfg = MODEL_PRESETS[name]
+            found = infer_model_config(build_swinir(cfg).state_dict())
+            for field in ("upscale", "in_chans", "window_size", "depths", "embed_dim", "num_heads", "upsampler",
+                          "resi_connection"):
+                assert found[field] == getattr(cfg, field), (name, field)
+
+
+def test_crafted_state_dict_gives_a_one_line_mismatch_not_a_crash(tmp_path) -> None:
+    """Shapes no SwinIR has (a 1-D first conv, an empty MLP) must still end in the mismatch error."""
+    odd = {"conv_first.weight": torch.zeros(7), "layers.0.residual_group.blocks.0.mlp.fc1.weight": torch.zeros(0, 3)}
+    assert "embed_dim" not in infer_model_config(odd)  # the hint stays partial instead of raising
+    save_file(odd, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match="does not fit the model"):
+        load_model(tmp_path / "odd.safetensors", preset="tiny-x2")
+
+
+# Training checkpoints.
 
 
 def _write(directory: Path, step: int = 3) -> Path:

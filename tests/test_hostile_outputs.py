@@ -204,3 +204,74 @@ def test_property_leased_run_folder(parts, kind, name) -> None:
     assert "\n" not in message and message.startswith("cannot write to ")
     if kind == "file":
         assert message == f"cannot write to {folder}: {folder} is not a folder"
+
+
+# The other cases issue 23 found: messages that named the wrong problem, and a failure line that quoted a
+# worker's traceback. Each asserts the whole line the user reads.
+
+
+def test_a_checkpoint_that_does_not_exist_is_named_so(parts, capsys) -> None:
+    image = parts["images"] / "a.png"
+    missing = parts["root"] / "no-such-checkpoint"
+    code, _, err = _run(capsys, ["explain", str(image), "--checkpoint", str(missing), "--out",
+                                 str(parts["root"] / "explain.png")])
+    assert code == 2 and _refusal(err, "explain") == f"xswinir explain: error: checkpoint {missing} does not exist"
+    code, _, err = _run(capsys, ["trust", "fit", "--checkpoint", str(missing), "--out",
+                                 str(parts["root"] / "trust.json")])
+    assert code == 2 and _refusal(err, "trust") == f"xswinir trust: error: checkpoint {missing} does not exist"
+
+
+class _Payload:
+    """Runs code when unpickled: what a malicious checkpoint carries."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_a_pickle_checkpoint_is_refused_with_a_safe_way_to_convert_it(parts, capsys) -> None:
+    path = parts["root"] / "pickled.pth"
+    torch.save({"params": build_swinir(MODEL_PRESETS["tiny-x2"]).state_dict(), "extra": _Payload()}, path)
+    for argv in (["eval", "--hr", str(parts["images"]), "--checkpoint", str(path), "--preset", "tiny-x2"],
+                 ["export", str(path), "--preset", "tiny-x2", "--format", "safetensors", "--out",
+                  str(parts["root"] / "converted.safetensors")]):
+        code, out, err = _run(capsys, argv)
+        line = _refusal(err, argv[0])
+        assert code == 2 and "this ran" not in out
+        assert "weights_only" not in line and "pickle" in line
+        assert f"{path} holds Python objects besides tensors" in line
+        assert "xswinir export clean.pth --format safetensors" in line
+
+
+def test_a_long_plain_list_is_not_called_nested_aliases(tmp_path) -> None:
+    from xswinir.config import ConfigError
+    from xswinir.tune.study import load_study_config
+
+    path = tmp_path / "study.yaml"
+    path.write_text("base: demo\narms: {lambda0: [loss.texture_weight=0]}\nseeds: [" +
+                    ", ".join(str(i) for i in range(100_000)) + "]\n")
+    with pytest.raises(ConfigError) as refused:
+        load_study_config(path)
+    message = str(refused.value)
+    assert "alias" not in message and "\n" not in message
+    assert message == f"{path}: the document holds 100,010 values, more than the 10,000 values a config file may hold"
+
+
+def test_a_worker_failure_is_one_line_naming_what_failed_and_the_full_log(tmp_path) -> None:
+    from ray.train import ControllerError, WorkerGroupError
+
+    from xswinir.data import DataError
+    from xswinir.trainer import failure_message
+
+    logs = tmp_path / "logs"
+    (logs / "ray").mkdir(parents=True)
+    traceback = "Traceback (most recent call last):\n  File \"trainer.py\", line 1\nRuntimeError: boom"
+    crash = WorkerGroupError(traceback, {1: RuntimeError("boom\nmore detail"), 0: RuntimeError("boom")})
+    assert failure_message(crash, logs) == (f"training failed on worker 0 (and 1 more): RuntimeError: boom (full log: "
+                                            f"{logs / 'ray'})")
+    rule = "t1.png: its LQ image is 10x10, not 40x40 (after modcrop) / 2"  # a file changed during the run
+    changed = WorkerGroupError(traceback, {0: DataError(rule)})
+    remote = tmp_path / "remote"  # no local Ray logs linked: the run joined a cluster
+    assert failure_message(changed, remote) == f"{rule} (worker 0; full log: the Ray cluster's session logs)"
+    stuck = ControllerError(TimeoutError("the worker group did not start in 60 s"))
+    assert failure_message(stuck, logs) == ("training failed on Ray Train's controller: TimeoutError: the worker "
+                                            f"group did not start in 60 s (full log: {logs / 'ray'})")

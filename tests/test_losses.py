@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tests.test_search import MeanStdClassifier, make_classifier, pinned_case, real_classifier, search_for
 from xswinir.config import Config, ConfigError, LossConfig, apply_overrides
-from xswinir.losses import CombinedLoss, build_loss
+from xswinir.losses import CombinedLoss, build_loss, patch_pixels, pull_gate
 from xswinir.texture import TextureSearch
 
 
@@ -242,6 +242,95 @@ def test_from_config_takes_every_setting_from_the_config():
     with pytest.raises(ConfigError, match="texture_form"):
         CombinedLoss(None, pixel="l1", texture_weight=0.0, texture_form="push", texture_dist="l1",
                      charbonnier_eps=1e-3)
+
+
+def gated_case(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, TextureSearch]:
+    """A 32 px gt of one 8 px texture repeated with a little noise (windows at stride 8: the copies), so that X c*
+    fits every patch closely; the up-sampled input equals gt on the left half (bicubic wins there) and is flat
+    gray on the right half."""
+    pattern = torch.rand(1, 3, 8, 8, generator=generator)
+    gt = (pattern.repeat(2, 1, 4, 4) + 0.03 * torch.rand(2, 3, 32, 32, generator=generator)).clamp(0, 1)
+    lq_up = gt.clone()
+    lq_up[..., 16:] = 0.5
+    return gt, lq_up, search_for(MeanStdClassifier(8), stride=8, top_k=3, min_score=0.0)
+
+
+def test_the_gate_opens_where_x_c_beats_bicubic_and_closes_elsewhere(generator):
+    gt, lq_up, search = gated_case(generator)
+    match = search(gt)
+    assert match.valid.any(-1).all() and (match.target - gt).abs().max() < 0.1  # X c* fits everywhere
+    gate = pull_gate(match, gt, lq_up, "l1", 1e-3).reshape(2, 4, 4)
+    right = torch.zeros(4, 4, dtype=torch.bool)
+    right[:, 2:] = True
+    assert torch.equal(gate, right.expand(2, 4, 4))  # bicubic equals gt on the left: closed there
+    assert not pull_gate(match, gt, gt, "l1", 1e-3).any()  # the input at gt: bicubic always wins
+    assert pull_gate(match, gt, torch.full_like(gt, 0.5), "l1", 1e-3).all()
+    # A patch without a valid window stays closed however poor bicubic is.
+    lone = gt[:1, :, :16, :16]
+    lone_match = search_for(MeanStdClassifier(16), min_score=0.0)(lone)
+    assert not lone_match.valid.any()
+    assert not pull_gate(lone_match, lone, torch.full_like(lone, 0.5), "l1", 1e-3).any()
+
+
+def test_gated_pull_gradient_flows_only_through_open_patches(generator):
+    gt, lq_up, search = gated_case(generator)
+    loss = loss_for(search, texture_weight=0.1, texture_form="gated_pull")
+    match = loss.search(gt)
+    sr = torch.rand(gt.shape, generator=generator).requires_grad_()
+    loss.texture_term(sr, gt, match, lq_up).backward()
+    open_pixels = patch_pixels(pull_gate(match, gt, lq_up, "l1", 1e-3), match, (32, 32)).expand_as(gt)
+    assert open_pixels[..., 16:].all() and not open_pixels[..., :16].any()
+    assert (sr.grad[~open_pixels] == 0).all()
+    torch.testing.assert_close(sr.grad[open_pixels], (torch.sign(sr - match.target) / sr.numel())[open_pixels])
+    # The pull form, for contrast, pulls on every explained patch.
+    sr.grad = None
+    loss_for(search, texture_weight=0.1, texture_form="pull").texture_term(sr, gt, match).backward()
+    assert (sr.grad[~open_pixels] != 0).all()
+
+
+def test_gated_pull_total_is_smallest_at_gt_with_l1_and_lambda_below_one(generator):
+    # Per pixel |s - gt| + lambda |s - X c*| has its minimum at s = gt for lambda < 1.
+    gt, lq_up, search = gated_case(generator)
+    loss = loss_for(search, texture_weight=0.1, texture_form="gated_pull")
+    match = loss.search(gt)
+
+    def total(sr: torch.Tensor, fn: CombinedLoss = loss) -> float:
+        return fn(sr, gt, lq=lq_up, match=match)[0].item()
+
+    at_gt = total(gt)
+    assert at_gt > 0  # the term itself is not 0 at gt: X c* differs from gt on the open patches
+    for _ in range(20):
+        direction = torch.randn(gt.shape, generator=generator)
+        assert total(gt + 1e-2 * direction / direction.abs().max()) > at_gt
+    open_pixels = patch_pixels(pull_gate(match, gt, lq_up, "l1", 1e-3), match, (32, 32)).float()
+    towards_target = (match.target - gt) * open_pixels
+    assert total(gt + 0.5 * towards_target) > at_gt and total(gt + towards_target) > at_gt
+    # The control: with L2 distances the minimum moves off gt, towards X c* on the open patches.
+    l2 = loss_for(search, pixel="l2", texture_weight=0.1, texture_form="gated_pull", texture_dist="l2")
+    assert total(gt + 0.05 * towards_target, l2) < total(gt, l2)
+
+
+def test_gated_pull_needs_the_input_and_reports_its_gate(generator):
+    gt, lq_up, search = gated_case(generator)
+    loss = loss_for(search, texture_weight=0.1, texture_form="gated_pull")
+    with pytest.raises(ConfigError, match="gated_pull"):
+        loss(gt.clone(), gt)
+    _, parts = loss(gt.clone(), gt, lq=lq_up)
+    assert parts["texture_gate_open"].item() == 0.5
+    assert "texture_gate_open" not in loss_for(search, texture_weight=0.1, texture_form="pull")(gt, gt, lq=lq_up)[1]
+
+
+@pytest.mark.parametrize("form", ["projection", "pull", "gated_pull"])
+def test_a_match_made_beforehand_gives_the_same_loss(form):
+    # The data pipeline's search (texture.search_in=loader) hands the loss the match; nothing else changes.
+    case = pinned_case()
+    loss = loss_for(search_for(case["classifier"], top_k=3, min_score=0.52), texture_weight=0.5, texture_form=form)
+    args = (case["sr"], case["gt"], case["region"], case["offset"], case["valid"])
+    total, parts = loss(*args, lq=case["lq"])
+    match = loss.texture_search(case["gt"], case["region"], case["offset"], case["valid"])
+    given_total, given_parts = loss(case["sr"], case["gt"], lq=case["lq"], match=match)
+    assert torch.equal(total, given_total)
+    assert parts.keys() == given_parts.keys() and all(torch.equal(parts[k], given_parts[k]) for k in parts)
 
 
 @pytest.mark.gpu

@@ -1,23 +1,12 @@
-"""SwinIR contracts on tiny configs: shapes, gradients, caches, checkpoints and their error messages."""
+"""SwinIR contracts on tiny configs: shapes, gradients, windows and their caches, parameter counts (its weight
+files and their error messages: tests/test_checkpoint.py)."""
 
 from __future__ import annotations
-
-import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from xswinir.checkpoint import (
-    CheckpointError,
-    CheckpointMismatchError,
-    infer_model_config,
-    load_model,
-    load_state_dict_strict,
-    save_weights,
-)
-from xswinir.errors import UserError
 from xswinir.model import (
     SwinIR,
     build_swinir,
@@ -159,97 +148,6 @@ def test_bf16_autocast_forward(generator) -> None:
         ref = model(lq)
     assert sr.shape == ref.shape
     assert (sr.float() - ref).abs().max() < 0.1
-
-
-def test_save_and_load_round_trip(tmp_path: Path, generator) -> None:
-    cfg = tiny(upsampler="pixelshuffle", upscale=3, in_chans=1, resi_connection="3conv")
-    model = build_swinir(cfg).eval()
-    save_weights(model, cfg, tmp_path / "w.safetensors")
-    loaded, loaded_cfg = load_model(tmp_path / "w.safetensors")
-    assert loaded_cfg == cfg
-    lq = torch.rand(1, 1, 11, 9, generator=generator)
-    with torch.no_grad():
-        assert torch.equal(model(lq), loaded(lq))
-
-
-def test_training_directory_prefers_ema(tmp_path: Path) -> None:
-    cfg = tiny()
-    plain, ema = build_swinir(cfg), build_swinir(cfg)
-    save_weights(plain, cfg, tmp_path / "ckpt" / "model.safetensors")
-    save_weights(ema, cfg, tmp_path / "ckpt" / "model_ema.safetensors")
-    got, _ = load_model(tmp_path / "ckpt")
-    assert torch.equal(got.conv_first.weight, ema.conv_first.weight)
-    got, _ = load_model(tmp_path / "ckpt", prefer_ema=False)
-    assert torch.equal(got.conv_first.weight, plain.conv_first.weight)
-
-
-def test_pth_with_params_ema_and_wrapper_prefixes(tmp_path: Path) -> None:
-    cfg = tiny()
-    plain, ema = build_swinir(cfg), build_swinir(cfg)
-    torch.save({"params": plain.state_dict(),
-                "params_ema": {f"module.{k}": v for k, v in ema.state_dict().items()}}, tmp_path / "m.pth")
-    got, _ = load_model(tmp_path / "m.pth", model_cfg=cfg)
-    assert torch.equal(got.conv_first.weight, ema.conv_first.weight)
-    got, _ = load_model(tmp_path / "m.pth", model_cfg=cfg, prefer_ema=False)
-    assert torch.equal(got.conv_first.weight, plain.conv_first.weight)
-
-
-def test_wrong_preset_gives_helpful_error(tmp_path: Path) -> None:
-    cfg = dataclasses.replace(MODEL_PRESETS["tiny-x2"], upscale=4)
-    with torch.device("meta"):
-        model = build_swinir(cfg)
-    torch.save({"params": {k: torch.zeros(v.shape) for k, v in model.state_dict().items()}}, tmp_path / "x4.pth")
-    with pytest.raises(CheckpointMismatchError) as info:
-        load_model(tmp_path / "x4.pth", preset="tiny-x2")
-    message = str(info.value)
-    assert "shape mismatches" in message and "upsample.0.weight" in message
-    assert "scale mismatch: the checkpoint upscales x4, the model x2" in message
-
-
-def test_wrong_architecture_names_the_preset() -> None:
-    with torch.device("meta"):
-        big = build_swinir(MODEL_PRESETS["swinir-m-x2"])
-        small = build_swinir(MODEL_PRESETS["swinir-s-x2"])
-    with pytest.raises(CheckpointMismatchError) as info:
-        load_state_dict_strict(small, big.state_dict())
-    message = str(info.value)
-    assert "missing keys" not in message and "unexpected keys: " in message  # 6 stages vs 4
-    assert "6 stages" in message and "embed_dim 180" in message and "swinir-m-x2" in message
-
-
-def test_missing_and_garbled_files_are_user_errors(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_model(tmp_path / "nope.pth", preset="tiny-x2")
-    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="not a readable"):
-        load_model(tmp_path / "bad.pth", preset="tiny-x2")
-    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
-    with pytest.raises(UserError, match="not a readable"):
-        load_model(tmp_path / "bad.safetensors")
-    torch.save({"params": build_swinir(tiny()).state_dict()}, tmp_path / "noconfig.pth")
-    with pytest.raises(CheckpointError, match="carries no model config"):
-        load_model(tmp_path / "noconfig.pth")
-
-
-def test_infer_model_config_reads_architecture() -> None:
-    with torch.device("meta"):
-        for name in ("swinir-s-x3", "swinir-m-x8", "swinir-real-l-x4", "swinir-jpeg-gray"):
-            cfg = MODEL_PRESETS[name]
-            found = infer_model_config(build_swinir(cfg).state_dict())
-            for field in ("upscale", "in_chans", "window_size", "depths", "embed_dim", "num_heads", "upsampler",
-                          "resi_connection"):
-                assert found[field] == getattr(cfg, field), (name, field)
-
-
-def test_crafted_state_dict_gives_a_one_line_mismatch_not_a_crash(tmp_path) -> None:
-    """Shapes no SwinIR has (a 1-D first conv, an empty MLP) must still end in the mismatch error."""
-    from safetensors.torch import save_file
-
-    odd = {"conv_first.weight": torch.zeros(7), "layers.0.residual_group.blocks.0.mlp.fc1.weight": torch.zeros(0, 3)}
-    assert "embed_dim" not in infer_model_config(odd)  # the hint stays partial instead of raising
-    save_file(odd, str(tmp_path / "odd.safetensors"))
-    with pytest.raises(CheckpointMismatchError, match="does not fit the model"):
-        load_model(tmp_path / "odd.safetensors", preset="tiny-x2")
 
 
 @pytest.mark.parametrize(("preset", "expected"), [("swinir-s-x2", 910_152), ("swinir-s-x4", 929_628)])

@@ -364,7 +364,52 @@ def test_nothing_in_the_match_requires_grad(generator, kind):
     assert not any(t.requires_grad for t in (match.target, match.coefs, match.scores, match.windows, match.tile_r2))
 
 
-@pytest.mark.parametrize("override", [{"texture.ridge": -1.0}, {"texture.min_score": 1.5}, {"texture.max_iou": 1.0}])
+@pytest.mark.parametrize("override", [{"texture.ridge": -1.0}, {"texture.min_score": 1.5}, {"texture.max_iou": 1.0},
+                                      {"texture.search_in": "gpu"},
+                                      {"texture.search_in": "loader", "texture.query": "lq"}])
 def test_texture_settings_are_checked(override):
     with pytest.raises(ConfigError, match="texture"):
         apply_overrides(Config(), override)
+
+
+def _pinned_batch(case: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The pinned case as :func:`xswinir.data.collate` makes a batch."""
+    return {"gt": case["gt"], "region": case["region"], "gt_offset": case["offset"], "region_valid": case["valid"]}
+
+
+def test_the_match_found_with_the_data_is_the_steps_match():
+    # texture.search_in=loader: the worker searches the collated batch, the step reads the match back. The
+    # windows, c*, X c* and every other field equal the search in the step (which the pinned tests fix).
+    case = pinned_case()
+    search = search_for(case["classifier"], top_k=3, min_score=0.8)
+    batch = search.attach_match(_pinned_batch(case))
+    assert "region" not in batch and "region_valid" not in batch and "gt_offset" not in batch
+    assert batch["gt"] is case["gt"]
+    carried = search.match_from_batch(batch)
+    direct = search(case["gt"], case["region"], case["offset"], case["valid"])
+    for field in dataclasses.fields(direct):
+        a, b = getattr(carried, field.name), getattr(direct, field.name)
+        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), field.name
+    assert carried.boxes[..., 0, :].tolist()[0][0] == [8, 24, 16, 32]  # the pinned copy, as in the step
+
+
+def test_a_batch_without_a_match_reads_as_none():
+    case = pinned_case()
+    assert search_for(case["classifier"]).match_from_batch(_pinned_batch(case)) is None
+
+
+def test_the_lq_query_cannot_search_with_the_data():
+    case = pinned_case()
+    with pytest.raises(ConfigError, match="query=gt"):
+        search_for(case["classifier"], query="lq").attach_match(_pinned_batch(case))
+
+
+def test_attach_match_pickles_into_worker_processes():
+    # DataLoader workers started by spawn or forkserver receive the batch function pickled.
+    import pickle
+
+    case = pinned_case()
+    search = search_for(case["classifier"], top_k=3, min_score=0.8)
+    copied = pickle.loads(pickle.dumps(search.attach_match))
+    a, b = copied(_pinned_batch(case)), search.attach_match(_pinned_batch(case))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

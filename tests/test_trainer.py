@@ -226,3 +226,59 @@ def test_fit_checks_the_run_and_the_classifier_before_ray(images, run_folder, tm
     with pytest.raises(ConfigError, match="trained on 8 px patches but texture.patch_size is 16"):
         trainer.fit(tiny_config(images, *texture, "texture.patch_size=16", f"run.storage={tmp_path}",
                                 "run.name=other", f"run.log_dir={tmp_path / 'logs'}"))
+
+
+TEXTURE = ["loss.texture_weight=0.1", "texture.patch_size=8", "texture.region_size=32",
+           "texture.classifier.scales=[1,2]", "model.drop_path_rate=0"]
+
+
+@pytest.mark.parametrize("form", ["projection", "gated_pull"])
+def test_the_search_in_the_loader_gives_the_steps_result(images, form):
+    # texture.search_in=loader: the same loss, diagnostics and weights as the search in the step, bit for bit.
+    cfg = tiny_config(images, *TEXTURE, f"loss.texture_form={form}")
+    classifier = TextureClassifier(patch_size=8, scales=(1, 2))
+    results = []
+    for batch_fn in (None, trainer.loader_search(cfg, classifier, CPU)):
+        parts = build_training_parts(cfg, CPU, classifier)
+        batches = build_train_batches(cfg, rank=0, world_size=1, batch_fn=batch_fn)
+        outs = [run_step(parts, parts.model, cfg.train, step, 0, next(batches)) for step in range(2)]
+        results.append((outs, weights(parts)))
+    (in_step, in_step_weights), (in_loader, in_loader_weights) = results
+    for a, b in zip(in_step, in_loader, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], atol=0, rtol=0, msg=key)
+    # On these noise images the gate stays closed (bicubic beats X c*): then the projection is the live term.
+    assert in_loader[0]["loss_texture"] > 0 if form == "projection" else "texture_gate_open" in in_loader[0]
+    assert_same_weights(in_loader_weights, in_step_weights)
+
+
+def test_loader_workers_carry_the_match(images):
+    # A real worker process searches (fork here; the batch function also pickles, see tests/test_search.py).
+    cfg = tiny_config(images, *TEXTURE, "data.loader_workers=1")
+    classifier = TextureClassifier(patch_size=8, scales=(1, 2))
+    batch_fn = trainer.loader_search(cfg, classifier, CPU)
+    in_worker = next(build_train_batches(cfg, rank=0, world_size=1, batch_fn=batch_fn))
+    in_process = batch_fn(next(build_train_batches(cfg, rank=0, world_size=1)))
+    assert "region" not in in_worker and in_worker.keys() == in_process.keys()
+    for key in in_worker:
+        torch.testing.assert_close(in_worker[key], in_process[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_where_the_search_runs(images):
+    classifier = TextureClassifier(patch_size=8, scales=(1, 2))
+    cuda = torch.device("cuda")
+
+    def where(*overrides: str, device: torch.device = CPU, clf: torch.nn.Module | None = classifier) -> str:
+        batch_fn = trainer.loader_search(tiny_config(images, *TEXTURE, *overrides), clf, device)
+        return "step" if batch_fn is None else "loader"
+
+    assert where() == "loader"  # auto on the CPU with query gt
+    assert where(device=cuda) == "step"  # auto on a GPU: the device searches
+    assert where("texture.query=lq") == "step"  # the degraded input is made in the step
+    assert where("texture.search_in=step") == "step"
+    assert where("texture.search_in=loader", device=cuda) == "loader"
+    assert where("loss.texture_weight=0", clf=None) == "step"
+    # The loader's copy of the classifier is its own, on the CPU.
+    batch_fn = trainer.loader_search(tiny_config(images, *TEXTURE), classifier, CPU)
+    assert batch_fn.__self__.classifier is not classifier

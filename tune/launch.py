@@ -27,7 +27,7 @@ from xswinir.runs import run_exists
 from xswinir.sources import absolute_source
 from xswinir.storage import check_writable
 from xswinir.texture import load_texture_classifier
-from xswinir.trainer import fit, init_ray
+from xswinir.trainer import failure_message, fit, init_ray
 from xswinir.training_log import METRICS_FILE, read_metrics
 from xswinir.tune.manifest import verify_signature, write_signature
 
@@ -143,6 +143,8 @@ def run_trials(
     # Concurrent trials start their Train workers (each importing torch) at the same moment; on a small, busy
     # machine that overruns Ray Train's default 60 s and the trial fails. Inherited by a local cluster.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
+    # A failed trial's traceback goes to its error file; the console gets one line per failed trial (below).
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     init_ray(run)
     # The trial function only drives its TorchTrainer; a whole CPU each would starve the Train workers.
     wrapped = tune.with_resources(tune.with_parameters(trainable, **parameters), {"cpu": 0.01})
@@ -157,10 +159,27 @@ def run_trials(
                                       failure_config=tune.FailureConfig(max_failures=max_failures)),
         )
     try:
-        return tuner.fit()
+        grid = tuner.fit()
     finally:
         # Tune has synced its final state (also after Ctrl-C or an error): sign what a --resume will unpickle.
         write_signature(experiment)
+    for result in grid:
+        if result.error is not None:
+            log.error("trial %s failed: %s (full log: %s/error.txt)", Path(result.path).name,
+                      trial_error(result.error), result.path)
+    return grid
+
+
+def trial_error(error: BaseException) -> str:
+    """One line for what a trial raised: a user error's own message, else the error's type and first line.
+
+    Tune hands a trial's exception back wrapped (``RayTaskError``, whose text is the whole traceback); the
+    trial's own exception is its ``cause``.
+    """
+    cause = getattr(error, "cause", None) or error
+    lines = str(cause).strip().splitlines()
+    first = lines[0][:300] if lines else ""
+    return first if isinstance(cause, UserError) else f"{type(cause).__name__}: {first}"
 
 
 def fit_trial(cfg: Config, name: str, train_storage: str, classifier_cache: str) -> ray.train.Result:
@@ -174,6 +193,7 @@ def fit_trial(cfg: Config, name: str, train_storage: str, classifier_cache: str)
         classifier_cache: the texture-classifier cache the trials share, so that trials with the same
             classifier settings train it once.
     """
+    import ray.train
     from ray import tune  # here, not at the top: `xswinir study --report-only` runs without Ray
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -181,7 +201,10 @@ def fit_trial(cfg: Config, name: str, train_storage: str, classifier_cache: str)
     cfg = apply_overrides(cfg, {"run.name": name, "run.storage": train_storage, "run.address": None,
                                 "run.progress": False})
     resumed = run_exists(cfg.run)
-    result = fit(cfg, resume=resumed, callbacks=[TuneReportCallback()], classifier_cache=Path(classifier_cache))
+    try:
+        result = fit(cfg, resume=resumed, callbacks=[TuneReportCallback()], classifier_cache=Path(classifier_cache))
+    except ray.train.TrainingFailedError as err:  # the worker's error in one line, for the driver's console
+        raise UserError(failure_message(err, log_dir(cfg.run.storage, cfg.run.name, cfg.run.log_dir))) from err
     if resumed:
         # An experiment interrupted after a trial's Train run had finished, but before Tune recorded it, resumes
         # into a run with nothing left to train: fit reports nothing, and Tune refuses a final result without

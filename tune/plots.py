@@ -61,14 +61,25 @@ def plot_results(rows: list[TrialRow], sweep: SweepConfig, out_dir: Path) -> lis
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    scored = [r for r in rows if r.best is not None]
+    # Each picture: how to draw it, from which trials, at what size (inches); the files of PLOT_FILES, in order.
+    pictures = ((_draw_history, scored, (6, 4)), (_draw_lambda, scored, (6, 4)), (_draw_importance, rows, (6, 3)))
+    paths = []
+    for name, (draw, trials, size) in zip(PLOT_FILES, pictures, strict=True):
+        fig, ax = plt.subplots(figsize=size)
+        draw(ax, trials, sweep)
+        fig.tight_layout()
+        paths.append(_save(fig, out_dir / name))
+        plt.close(fig)
+    return paths
+
+
+def _draw_history(ax, scored: list[TrialRow], sweep: SweepConfig) -> None:
+    """Each trial's best metric in creation order, the baseline apart, and the best so far."""
     from matplotlib.ticker import MaxNLocator
 
-    metric = sweep.metric
-    paths = [out_dir / name for name in PLOT_FILES]
-    scored = [r for r in rows if r.best is not None]
     better = max if sweep.mode == "max" else min
-
-    fig, ax = plt.subplots(figsize=(6, 4))
     running, best_so_far = [], None
     for r in scored:
         best_so_far = r.best if best_so_far is None else better(best_so_far, r.best)
@@ -80,14 +91,13 @@ def plot_results(rows: list[TrialRow], sweep: SweepConfig, out_dir: Path) -> lis
     ax.step([r.order for r in scored], running, where="post", color="tab:orange", label="best so far")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial (creation order)")
-    ax.set_ylabel(f"best {metric}")
+    ax.set_ylabel(f"best {sweep.metric}")
     ax.set_title(f"{sweep.name}: optimisation history")
     ax.legend()
-    fig.tight_layout()
-    _save(fig, paths[0])
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+def _draw_lambda(ax, scored: list[TrialRow], sweep: SweepConfig) -> None:
+    """λ against the best metric, one line per patch size, the baseline as a horizontal line."""
     for p in sorted({r.patch_size for r in scored if not r.baseline}):
         series = sorted((r for r in scored if not r.baseline and r.patch_size == p), key=lambda r: r.texture_weight)
         line, = ax.plot([r.texture_weight for r in series], [r.best for r in series], label=f"p = {p}")
@@ -104,15 +114,14 @@ def plot_results(rows: list[TrialRow], sweep: SweepConfig, out_dir: Path) -> lis
             ax.axhline(r.best, color="black", linestyle="--", label=f"baseline λ=0 ({r.best:.2f})")
     ax.set_xscale("log")
     ax.set_xlabel("λ (loss.texture_weight)")
-    ax.set_ylabel(f"best {metric}")
-    ax.set_title(f"{sweep.name}: texture weight against {metric}")
+    ax.set_ylabel(f"best {sweep.metric}")
+    ax.set_title(f"{sweep.name}: texture weight against {sweep.metric}")
     ax.legend()
-    fig.tight_layout()
-    _save(fig, paths[1])
-    plt.close(fig)
 
+
+def _draw_importance(ax, rows: list[TrialRow], sweep: SweepConfig) -> None:
+    """One bar per searched key (:func:`param_importances`), or why there are none."""
     importances, method = param_importances(rows, sweep.search, sweep.mode, sweep.seed)
-    fig, ax = plt.subplots(figsize=(6, 3))
     if importances:
         keys = sorted(importances, key=importances.get)
         ax.barh(keys, [importances[k] for k in keys], color="tab:green")
@@ -122,14 +131,9 @@ def plot_results(rows: list[TrialRow], sweep: SweepConfig, out_dir: Path) -> lis
         ax.set_axis_off()
     num_scored = len([r for r in rows if not r.baseline and r.best is not None])
     ax.set_title(f"{sweep.name}: parameter importance ({method}, {num_scored} trials)")
-    fig.tight_layout()
-    _save(fig, paths[2])
-    plt.close(fig)
-    return paths
 
 
-
-
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
+    return path

@@ -44,7 +44,7 @@ from xswinir.evaluation import evaluate_model
 from xswinir.metrics import LPIPS, MS_SSIM_Y, PSNR_Y, SCC_Y, SSIM_Y, VIF_Y
 from xswinir.paths import experiment_path, is_remote, printable_path
 from xswinir.sources import absolute_source
-from xswinir.tune.launch import absolute_path_overrides, check_experiment, fit_trial, run_trials
+from xswinir.tune.launch import absolute_path_overrides, check_experiment, check_inputs, fit_trial, run_trials
 
 EVAL_FILE = "eval.json"
 STUDY_TABLE = "study.parquet"
@@ -185,6 +185,7 @@ def run_study(study: StudyConfig, resume: bool = False) -> Path:
 
     exp_path = check_experiment("study", study.name, study.storage, resume)
     study = with_absolute_paths(study)
+    check_inputs([study.arm_config(arm, study.seeds[0]) for arm in study.arms], study.eval_sets)
     base = study.arm_config(study.baseline, study.seeds[0])
     # Seeds outermost: the first finished trials already form complete pairs.
     space = {"seed": tune.grid_search(list(study.seeds)), "arm": tune.grid_search(list(study.arms))}

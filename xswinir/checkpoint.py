@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -241,6 +242,18 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], ModelConfig | None
 def _read_pth(path: Path, prefer_ema: bool) -> dict[str, Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):  # it names a function or class to call: code, not tensors
+            # torch's advice, to load it again with weights_only=False, would run the file's code: never passed on.
+            raise CheckpointError(
+                f"{path} holds Python objects besides tensors (a pickle), and loading them would run code from the "
+                "file, so it is refused; if you trust its source, convert it on a machine where that is safe: load "
+                "it there with PyTorch, save only its tensors (torch.save(state_dict, 'clean.pth')), then run "
+                "`xswinir export clean.pth --format safetensors --out model.safetensors`") from err
+        # Only the unpickler's own finding; the rest of torch's text is the weights_only=False advice.
+        found = str(err).partition("WeightsUnpickler error:")[2].strip() or str(err).strip()
+        detail = found.splitlines()[0] if found and "weights_only" not in found.splitlines()[0] else "garbled data"
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (UnpicklingError: {detail})") from err
     except Exception as err:  # torch.load raises many types for a garbled file
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(data, dict):

@@ -29,13 +29,18 @@ from xswinir.model_spec import MODEL_PRESETS, ModelConfig
 from xswinir.paths import printable_path
 
 PixelLoss = Literal["l1", "l2", "charbonnier"]
-TextureForm = Literal["projection", "pull"]
+TextureForm = Literal["projection", "pull", "gated_pull"]
+SearchIn = Literal["auto", "loader", "step"]
 TextureQuery = Literal["gt", "lq"]
 ResizeMode = Literal["bicubic", "bilinear", "area", "matlab"]
 
 # A config or sweep file holds a few hundred values; YAML aliases can make a 400-byte file expand to billions.
 MAX_YAML_VALUES = 10_000
 MAX_YAML_BYTES = 1_000_000
+
+
+class YAMLSizeError(yaml.YAMLError):
+    """Valid YAML that holds, or through its aliases expands to, more than :data:`MAX_YAML_VALUES` values."""
 
 
 class _AliasLimitedLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml when PyYAML has it
@@ -59,8 +64,12 @@ def _check_expansion(root: yaml.Node) -> None:
             children = _children(node)
             sizes[key] = 1 + sum(sizes[id(c)] for c in children)
             if sizes[key] > MAX_YAML_VALUES:
-                raise yaml.YAMLError(f"the document expands to more than {MAX_YAML_VALUES:,} values "
-                                     "(nested aliases?); write the values out")
+                written = _count_nodes(root)
+                if written > MAX_YAML_VALUES:  # a long list written out, not an alias bomb: say so
+                    raise YAMLSizeError(f"the document holds {written:,} values, more than the "
+                                        f"{MAX_YAML_VALUES:,} values a config file may hold")
+                raise YAMLSizeError(f"the document expands to more than {MAX_YAML_VALUES:,} values through its "
+                                    "aliases (nested aliases); write the values out")
             continue
         if key in sizes:
             continue
@@ -69,6 +78,18 @@ def _check_expansion(root: yaml.Node) -> None:
         active.add(key)
         stack.append((node, True))
         stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
+
+
+def _count_nodes(root: yaml.Node) -> int:
+    """The values a document writes out, each once however often aliases repeat it."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) not in seen:
+            seen.add(id(node))
+            stack.extend(_children(node))
+    return len(seen)
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
@@ -251,6 +272,11 @@ class TextureConfig:
     # the HR grid (the original XSwinIR's "sub-images of the low-quality input"; what `explain --lq` has for a
     # real photo).
     query: TextureQuery = "gt"
+    # Where training runs the search. step: in the training step, on the model's device. loader: in the
+    # DataLoader's worker processes, on the CPU, with the crop (query gt only: the degraded input is made in the
+    # step), so that the training thread only computes the term. auto: loader when training on the CPU with
+    # query gt, else step. The windows, c* and the term are the same either way.
+    search_in: SearchIn = "auto"
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def __post_init__(self) -> None:
@@ -264,6 +290,9 @@ class TextureConfig:
         if self.region_size is not None and self.region_size < self.patch_size:
             raise ConfigError(f"texture.region_size must be >= texture.patch_size={self.patch_size} or null, got "
                               f"{self.region_size}")
+        if self.search_in == "loader" and self.query != "gt":
+            raise ConfigError("texture.search_in=loader needs texture.query=gt (the degraded input the lq query "
+                              "compares with is made in the training step); use search_in=step or auto")
 
 
 @dataclass
@@ -272,7 +301,8 @@ class LossConfig:
 
     pixel: PixelLoss = "l1"
     texture_weight: float = 0.0  # lambda; 0 gives exactly the SwinIR loss and never loads the classifier
-    # projection: |P_X (sr - gt)|, 0 at sr = gt (consistent); pull: |sr - X c*|, the first form, kept to compare
+    # projection: |P_X (sr - gt)|, 0 at sr = gt (consistent); pull: |sr - X c*|, the first form, kept to compare;
+    # gated_pull: pull only on patches where X c* fits gt better than bicubic of the input
     texture_form: TextureForm = "projection"
     texture_dist: PixelLoss = "l1"
     charbonnier_eps: float = 1e-3
@@ -561,6 +591,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{_clip(text)}' has an empty key")
     try:
         value = load_yaml(raw) if raw.strip() else ""
+    except YAMLSizeError as err:  # valid YAML, only too large
+        raise ConfigError(f"override '{_clip(text)}': {err}") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"override '{_clip(text)}': the value is not valid YAML ({_clip(str(err))})") from err
     # YAML reads 1e-4 as a string (YAML 1.1 wants a dot); numbers are what people mean.
@@ -654,6 +686,8 @@ def read_yaml_mapping(path: Path, error: type[UserError] = ConfigError, what: st
                     "save it as UTF-8") from err
     try:
         data = load_yaml(text)
+    except YAMLSizeError as err:  # valid YAML, only too large
+        raise error(f"{printable_path(path)}: {err}") from err
     except yaml.YAMLError as err:
         raise error(f"{printable_path(path)} is not valid YAML: {_clip(str(err), 400)}") from err
     if data is None:

@@ -13,10 +13,11 @@ resumed at step ``t`` sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -551,7 +552,14 @@ class StepBatchSampler:
             step += 1
 
 
-def build_train_batches(cfg: Config, rank: int, world_size: int, start_step: int = 0) -> Iterator[dict[str, Tensor]]:
+def _collate_then(batch_fn: Callable[[dict[str, Tensor]], dict[str, Tensor]], items: list) -> dict[str, Tensor]:
+    """:func:`collate`, then ``batch_fn`` on the batch, in the loader's worker (top-level, so that it pickles)."""
+    return batch_fn(collate(items))
+
+
+def build_train_batches(cfg: Config, rank: int, world_size: int, start_step: int = 0,
+                        batch_fn: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
+                        ) -> Iterator[dict[str, Tensor]]:
     """This worker's training batches, forever, starting at ``start_step``.
 
     Image folders and Parquet shards (local or remote) take the same path: DataLoader worker processes
@@ -564,6 +572,8 @@ def build_train_batches(cfg: Config, rank: int, world_size: int, start_step: int
         rank: this worker's rank in ``[0, world_size)``.
         world_size: number of workers; each gets ``cfg.train.batch_size // world_size`` items per step.
         start_step: the first step, to resume a run.
+        batch_fn: applied to each collated batch in the worker processes (e.g. the texture search,
+            :meth:`xswinir.texture.search.TextureSearch.attach_match`); None: the batches as collated.
 
     Yields:
         dicts as :func:`collate` makes them, on the CPU: ``gt`` (B, C, gt_size, gt_size) float32 in [0, 1];
@@ -585,7 +595,8 @@ def build_train_batches(cfg: Config, rank: int, world_size: int, start_step: int
                                cfg.data.crops_per_image)
     workers = cfg.data.loader_workers
     # Its own generator: starting the iterator (on resume, too) must not draw from the global RNG.
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                        collate_fn=collate if batch_fn is None else functools.partial(_collate_then, batch_fn),
                         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
                         generator=torch.Generator().manual_seed(loader_seed(cfg.train.seed, rank)))
     return iter(loader)

@@ -345,9 +345,11 @@ def resize_per_sample(x: Tensor, factor: Tensor, size: tuple[int, int], inverse:
     return F.grid_sample(x.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
 
 
-def build_degrader(cfg: DegradationConfig, scale: int) -> Degrader:
-    """The :class:`Degrader` a config describes, for down-sampling by ``scale``: every field but ``preset``."""
-    return Degrader(scale, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "preset"})
+def build_degrader(degradation: DegradationConfig, scale: int) -> Degrader:
+    """The :class:`Degrader` of ``degradation`` (a run's ``cfg.degradation``) for down-sampling by ``scale``: every
+    field but ``preset``."""
+    return Degrader(scale, **{f.name: getattr(degradation, f.name) for f in dataclasses.fields(degradation)
+                              if f.name != "preset"})
 
 
 def describe_params(params: dict[str, Tensor], index: int) -> str:

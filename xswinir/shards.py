@@ -42,7 +42,7 @@ from PIL import Image, ImageOps
 from xswinir.errors import UserError
 from xswinir.images import ImageReadError, decode_image
 from xswinir.lease import Lease
-from xswinir.paths import filesystem_and_path, is_remote, printable_path
+from xswinir.paths import filesystem_and_path, is_remote, printable_path, remote_error
 from xswinir.sources import lq_candidates, resolve_image_files
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class PackSummary:
     images: int = 0  # rows written: sub-images when cutting
     files: int = 0  # source files packed
     bytes: int = 0  # encoded image bytes written
-    shards: list[Path] = field(default_factory=list)
+    shards: list[Path | str] = field(default_factory=list)  # URIs when packed into a bucket
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (printable name, reason)
     skip_kinds: Counter[str] = field(default_factory=Counter)  # why files were skipped, counted (see _Skip)
 
@@ -183,7 +183,7 @@ def pack_images(source: str | Path, out: str | Path, shard_size_mb: float = 256.
 
     Args:
         source: an image folder, an image file or ``skimage:NAMES`` (see :func:`xswinir.sources.resolve_image_files`).
-        out: the output folder; created if missing.
+        out: the output folder; created if missing. A URI (``s3://bucket/shards``): packed locally, then uploaded.
         shard_size_mb: a shard is closed once its encoded images reach this size.
         overwrite: replace existing ``shard-*.parquet`` files in ``out`` instead of refusing.
         progress: show a tqdm progress bar.
@@ -201,6 +201,10 @@ def pack_images(source: str | Path, out: str | Path, shard_size_mb: float = 256.
         StorageError: ``out`` cannot be written.
         FileNotFoundError: the source names nothing.
     """
+    if is_remote(out):
+        return _pack_to_remote(source, str(out), overwrite, shard_size_mb=shard_size_mb, progress=progress,
+                               sub_image=sub_image, sub_step=sub_step, lq_source=lq_source, scale=scale,
+                               workers=workers)
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise ShardError(f"{printable_path(out)} is a file, not a folder for shards")
@@ -363,6 +367,37 @@ def _move_in(tmp: Path, out: Path, shards: list[Path]) -> list[Path]:
         if old.name not in new:
             old.unlink()
     return [out / p.name for p in shards]
+
+
+def _pack_to_remote(source: str | Path, out: str, overwrite: bool, **options: Any) -> PackSummary:
+    """:func:`pack_images` into a URI: packed into a local temporary folder, then uploaded shard by shard.
+
+    An object appears only once its upload is complete, and the shards of an earlier pack that the new ones do
+    not replace are deleted only once every new one is up. Object storage has no lease: two packs into one
+    prefix at the same time are not kept apart.
+    """
+    fs, root = filesystem_and_path(out)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except (OSError, pa.ArrowException) as err:
+        raise ShardError(remote_error("cannot list", out, err)) from err
+    existing = [i.path for i in infos if i.type == pafs.FileType.File
+                and i.base_name.startswith("shard-") and i.base_name.endswith(".parquet")]
+    if existing and not overwrite:
+        raise ShardError(f"{out} already holds {len(existing)} shard(s); pass --overwrite to replace them")
+    with tempfile.TemporaryDirectory(prefix="xswinir_pack_") as tmp:
+        summary = pack_images(source, Path(tmp, "shards"), **options)
+        new = {path.name for path in summary.shards}
+        try:
+            for path in summary.shards:
+                pafs.copy_files(str(path), f"{root}/{path.name}", destination_filesystem=fs)
+            for old in existing:
+                if old.rsplit("/", 1)[-1] not in new:
+                    fs.delete_file(old)
+        except (OSError, pa.ArrowException) as err:
+            raise ShardError(remote_error("cannot upload shards to", out, err)) from err
+    summary.shards = [f"{out.rstrip('/')}/{name}" for name in sorted(new)]
+    return summary
 
 
 def is_shard_source(source: str | Path) -> bool:

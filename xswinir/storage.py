@@ -1,4 +1,5 @@
-"""Checking, before Ray starts, that the local folders a run or sweep will write to can be written.
+"""Checking, before Ray starts (or any other long work), that the local folders and files a command will write
+can be written.
 
 Where those folders are is :mod:`xswinir.paths`; this module only asks the local disk whether a new file can
 be created there, so that a read-only storage is one line naming the folder instead of a ``PermissionError``
@@ -42,3 +43,24 @@ def check_writable(*folders: str | Path) -> None:
         except OSError as err:
             raise StorageError(f"cannot write to {where}: {err.strerror or err}; choose another folder or fix "
                                "its permissions") from err
+
+
+def check_output_file(path: str | Path, what: str) -> None:
+    """Refuses, in one line naming it, a local output file that cannot be written; URIs are left to pyarrow.
+
+    An existing file is fine (writers replace it once the new one is complete); a folder by that name is not,
+    and the folder the file goes in must take a new file (see :func:`check_writable`). Called before the work
+    that produces the file, so that a bad path is not a traceback at its end.
+
+    Args:
+        what: the option that names the file, for the message (``"--out"``).
+
+    Raises:
+        StorageError: ``path`` is a folder, or its folder cannot be written.
+    """
+    if is_remote(path):
+        return
+    target = Path(path).expanduser().absolute()
+    if target.is_dir():
+        raise StorageError(f"{what} {printable_path(target)} is a folder; name the file to write")
+    check_writable(target.parent)

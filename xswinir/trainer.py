@@ -19,12 +19,14 @@ last bits.
 from __future__ import annotations
 
 import bisect
+import copy
 import logging
 import logging.handlers
 import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +41,7 @@ from xswinir.data import build_train_batches, check_train_source
 from xswinir.degradations import build_degrader
 from xswinir.errors import UserError
 from xswinir.evaluation import build_validation_set, validate
-from xswinir.losses import build_loss
+from xswinir.losses import CombinedLoss, build_loss
 from xswinir.metrics import VAL_PSNR_Y
 from xswinir.model import build_swinir
 from xswinir.paths import filesystem_and_path, log_dir, storage_path
@@ -47,6 +49,7 @@ from xswinir.runs import prepare_run, verified_checkpoint
 from xswinir.seeds import MODEL_STREAM, step_seed
 from xswinir.storage import check_writable
 from xswinir.texture.payload import classifier_from_payload, classifier_payload
+from xswinir.texture.search import TextureSearch
 from xswinir.training_log import CURVES_FILE, METRICS_FILE, MetricsWriter, ProgressFollower, plot_training_curves
 
 if TYPE_CHECKING:
@@ -75,7 +78,7 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 def train_step(
     model: nn.Module,
     degrader: nn.Module,
-    loss_fn: nn.Module,
+    loss_fn: CombinedLoss,
     optimizer: torch.optim.Optimizer,
     batch: dict[str, torch.Tensor],
     generator: torch.Generator,
@@ -86,8 +89,8 @@ def train_step(
 
     Args:
         batch: ``gt`` (B, C, H, W) in [0, 1], for paired data ``lq`` (then the degrader is not used), and
-            for the texture term ``region``, ``gt_offset``, ``region_valid`` (see ``xswinir.data``), already
-            on the model's device.
+            for the texture term ``region``, ``gt_offset``, ``region_valid`` (see ``xswinir.data``) or the match
+            the data pipeline found already (:func:`loader_search`), already on the model's device.
         generator: draws the per-sample degradation parameters.
     """
     gt = batch["gt"]
@@ -98,8 +101,10 @@ def train_step(
             lq, _ = degrader(gt, generator)
     with torch.autocast(gt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         sr = model(lq)
+    search = loss_fn.texture_search
     total, parts = loss_fn(
-        sr.float(), gt, batch.get("region"), batch.get("gt_offset"), batch.get("region_valid"), lq=lq
+        sr.float(), gt, batch.get("region"), batch.get("gt_offset"), batch.get("region_valid"), lq=lq,
+        match=search.match_from_batch(batch) if search is not None else None,
     )
     optimizer.zero_grad(set_to_none=True)
     total.backward()
@@ -118,7 +123,7 @@ class TrainingParts:
     model: nn.Module
     ema: Any  # timm.utils.ModelEmaV3
     optimizer: torch.optim.Optimizer
-    loss_fn: nn.Module
+    loss_fn: CombinedLoss
     degrader: nn.Module
 
 
@@ -139,6 +144,27 @@ def build_training_parts(cfg: Config, device: torch.device, classifier: nn.Modul
         loss_fn=build_loss(cfg, classifier).to(device),
         degrader=build_degrader(cfg.degradation, cfg.scale).to(device),
     )
+
+
+def loader_search(cfg: Config, classifier: nn.Module | None, device: torch.device
+                  ) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None:
+    """The search the DataLoader's worker processes run on each batch (``texture.search_in``), or None.
+
+    ``loader`` always, ``auto`` when training on the CPU with ``texture.query: gt``: there the search costs more
+    than a whole λ = 0 step of the study's model, and in the workers it overlaps with the step wherever a core is
+    free (its CPU time stays the same; a single loader worker may then set the pace). On a GPU the step searches
+    on the device (``auto``): the batched search is fast there, and CPU workers would have to keep up with it.
+
+    Returns:
+        :meth:`TextureSearch.attach_match` of the run's search on a CPU copy of ``classifier`` (pickled into
+        the worker processes with the loader), or None: the step searches (or there is no texture term).
+    """
+    where = cfg.texture.search_in
+    if classifier is None or not cfg.texture_enabled or where == "step":
+        return None
+    if where == "auto" and (device.type != "cpu" or cfg.texture.query != "gt"):
+        return None
+    return TextureSearch.from_config(cfg.texture, copy.deepcopy(classifier).cpu()).attach_match
 
 
 def run_step(parts: TrainingParts, model: nn.Module, cfg: TrainConfig, step: int, rank: int,
@@ -225,7 +251,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # [3] Wrap in DDP (only when world size > 1) and move to the device.
     ddp_model = ray.train.torch.prepare_model(model)
     # Folders and shards alike: DataLoader worker processes decode off this loop, several crops per image.
-    batches = build_train_batches(cfg, rank, world_size, start_step)
+    batches = build_train_batches(cfg, rank, world_size, start_step, batch_fn=loader_search(cfg, classifier, device))
     autocast_dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.bf16 else None
     writer = MetricsWriter(loop_config["log_dir"], start_step) if rank == 0 else None
     val_set = build_validation_set(cfg, parts.degrader, device) if rank == 0 else None

@@ -14,9 +14,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from xswinir.cli.options import add_max_pixels_argument, apply_max_pixels
+from xswinir.cli.options import add_inference_arguments, add_max_pixels_argument, apply_max_pixels
 from xswinir.errors import UserError
 from xswinir.paths import printable_path
+from xswinir.storage import check_output_file, check_writable
 
 HELP = "PSNR/SSIM, MS-SSIM, SCC and LPIPS of a checkpoint or of bicubic up-sampling on HR test sets"
 
@@ -38,13 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--checkpoint", help="model to evaluate: .safetensors, training checkpoint folder, or .pth")
     what.add_argument("--bicubic", action="store_true",
                       help="evaluate plain MATLAB-bicubic up-sampling of the same inputs")
-    parser.add_argument("--preset", help="architecture of a published .pth checkpoint (e.g. swinir-s-x2)")
-    parser.add_argument("--tile", type=int, help="LR tile size for bounded memory (default: whole images)")
-    parser.add_argument("--overlap", type=int, default=32, help="LR pixels shared by neighbouring tiles (%(default)s)")
-    parser.add_argument("--self-ensemble", action="store_true", help="average over 8 flips/transposes (x8 time)")
+    add_inference_arguments(parser, None, "LR tile size for bounded memory (default: whole images)")
     parser.add_argument("--out", help="write the per-image results to this .csv or .json file (atomically)")
     add_max_pixels_argument(parser)
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
 
 
 def _set_folder(source: str) -> str:
@@ -58,6 +55,9 @@ def _check_args(args: argparse.Namespace) -> None:
 
     if args.out:
         check_results_path(args.out)
+        check_output_file(args.out, "--out")  # before any image is measured, as run.storage is checked
+    if args.save_lq:
+        check_writable(args.save_lq)
     if args.bicubic and (args.self_ensemble or args.preset):
         raise UserError("--self-ensemble and --preset need a --checkpoint")
     if args.seed is not None and not args.degradation:
@@ -85,9 +85,9 @@ def run(args: argparse.Namespace) -> int:
     info: dict[str, Any] = {"hr": gt_sources, "lr": lq_dir, "degradation": args.degradation,
                             "seed": seed if args.degradation else None, "method": "bicubic"}
     if args.checkpoint:
-        model, cfg = load_model(args.checkpoint, preset=args.preset)
+        model, model_cfg = load_model(args.checkpoint, preset=args.preset)
         model = model.to(device).eval()
-        info.update(method="model", checkpoint=args.checkpoint, preset=cfg.preset, tile=args.tile,
+        info.update(method="model", checkpoint=args.checkpoint, preset=model_cfg.preset, tile=args.tile,
                     overlap=args.overlap, self_ensemble=args.self_ensemble)
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []

@@ -81,8 +81,15 @@ def _positions(values: list[str] | None):
 
 
 def run(args: argparse.Namespace) -> int:
+    from xswinir.checkpoint import local_checkpoint
+
+    with local_checkpoint(args.checkpoint) as checkpoint:  # one in a bucket (s3://...) is downloaded first
+        return _run(args, checkpoint)
+
+
+def _run(args: argparse.Namespace, checkpoint: Path) -> int:
     # Imported here, not at the top: `xswinir --help` and the other commands must not load torch.
-    from xswinir.checkpoint import CLASSIFIER_DIR, CONFIG_FILE, load_model
+    from xswinir.checkpoint import CLASSIFIER_DIR, CONFIG_FILE, CheckpointError, load_model
     from xswinir.config import DEGRADATION_PRESETS, ConfigError, TextureConfig, load_config
     from xswinir.explain import ExplainError, degrade_hr, explain
     from xswinir.explain_page import page_data, write_page
@@ -107,9 +114,10 @@ def run(args: argparse.Namespace) -> int:
     degradation = args.degradation or "blur-noise"
     if degradation not in DEGRADATION_PRESETS:
         raise ConfigError(f"unknown --degradation {degradation!r}; choose one of {sorted(DEGRADATION_PRESETS)}")
-    checkpoint = Path(args.checkpoint)
     classifier_path = args.classifier
     if classifier_path is None:
+        if not checkpoint.exists():  # said first: a missing checkpoint holds no classifier either
+            raise CheckpointError(f"checkpoint {printable_path(checkpoint)} does not exist")
         if not (checkpoint / CLASSIFIER_DIR).is_dir():
             raise ExplainError(f"{checkpoint} holds no texture classifier; pass --classifier FOLDER")
         classifier_path = checkpoint / CLASSIFIER_DIR

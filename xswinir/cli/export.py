@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 
+from xswinir.storage import check_output_file
+
 HELP = "export a checkpoint as an official SwinIR .pth, safetensors or ONNX"
 
 
@@ -31,8 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xswinir.export import export_checkpoint  # lazy: keeps torch off `xswinir --help`
+    # lazy: keeps torch off `xswinir --help`
+    from xswinir.checkpoint import local_checkpoint
+    from xswinir.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.format, args.out, preset=args.preset, tile=args.tile)
+    check_output_file(args.out, "--out")  # before the checkpoint is read: one line, not a PermissionError at the end
+    with local_checkpoint(args.checkpoint) as checkpoint:  # one in a bucket (s3://...) is downloaded first
+        out = export_checkpoint(checkpoint, args.format, args.out, preset=args.preset, tile=args.tile)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB, {args.format})")
     return 0

@@ -19,6 +19,16 @@ def add_max_pixels_argument(parser: argparse.ArgumentParser) -> None:
                              f"(default: ${MAX_PIXELS_ENV} or {DEFAULT_MAX_PIXELS:,})")
 
 
+def add_inference_arguments(parser: argparse.ArgumentParser, tile_default: int | None, tile_help: str) -> None:
+    """The options of the commands that run a model over whole images (``eval``, ``upscale``): the architecture
+    of a ``.pth``, tiling, the x8 self-ensemble and the device."""
+    parser.add_argument("--preset", help="architecture of a published .pth checkpoint (e.g. swinir-s-x2)")
+    parser.add_argument("--tile", type=int, default=tile_default, help=tile_help)
+    parser.add_argument("--overlap", type=int, default=32, help="LR pixels shared by neighbouring tiles (%(default)s)")
+    parser.add_argument("--self-ensemble", action="store_true", help="average over 8 flips/transposes (x8 time)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+
+
 def apply_max_pixels(args: argparse.Namespace) -> None:
     """Makes ``--max-pixels`` the limit of this process and of the processes it starts (via the environment).
 

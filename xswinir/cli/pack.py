@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from xswinir.errors import UserError
-    from xswinir.paths import printable_path
+    from xswinir.paths import filesystem_and_path, printable_path
     from xswinir.shards import pack_images
 
     if args.shard_size_mb <= 0:
@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         raise UserError(printable_path(str(err))) from err
     print(summary)
-    for path in summary.shards:
-        print(f"  {printable_path(path)} ({path.stat().st_size / 2**20:.1f} MiB)")
+    for path in summary.shards:  # local paths, or URIs when OUT is a bucket
+        fs, where = filesystem_and_path(path)
+        print(f"  {printable_path(path)} ({fs.get_file_info(where).size / 2**20:.1f} MiB)")
     print(f"train on them with: --set data.train={printable_path(args.out)}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from xswinir.cli.train import add_set_argument
+from xswinir.lease import Lease
 
 HELP = "controlled study on Ray Tune: λ=0 against texture-term arms, several seeds, paired 95%% intervals"
 
@@ -24,7 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Here, not at the top: torch stays off the command line's start-up path (`xswinir --help`).
-    from xswinir.lease import Lease
     from xswinir.tune.study import load_study_config, run_study, write_report
 
     study = load_study_config(args.config, args.overrides, storage=args.storage, name=args.name, seeds=args.seeds,

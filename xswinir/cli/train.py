@@ -6,6 +6,8 @@ import argparse
 
 from xswinir.config import Config, load_config
 from xswinir.errors import UserError
+from xswinir.lease import Lease
+from xswinir.paths import experiment_path, location_of, log_dir
 
 HELP = "train SwinIR on Ray Train, locally or on a cluster"
 
@@ -55,9 +57,7 @@ def run(args: argparse.Namespace) -> int:
     # Here, not at the top: torch and Ray stay off the command line's start-up path (`xswinir --help`).
     import ray.train
 
-    from xswinir.lease import Lease
     from xswinir.metrics import VAL_PSNR_BICUBIC_Y, VAL_PSNR_Y
-    from xswinir.paths import experiment_path, log_dir
     from xswinir.trainer import failure_message, fit
 
     # One process per run folder: a second `train --name` would interleave its checkpoints with this one's.
@@ -72,5 +72,5 @@ def run(args: argparse.Namespace) -> int:
           f"val Y-PSNR: {metrics.get(VAL_PSNR_Y, float('nan')):.3f} dB "
           f"(bicubic {metrics.get(VAL_PSNR_BICUBIC_Y, float('nan')):.3f} dB)")
     if result.checkpoint is not None:
-        print(f"checkpoint: {result.checkpoint.path}")
+        print(f"checkpoint: {location_of(result.checkpoint.filesystem, result.checkpoint.path)}")  # s3://... kept
     return 0

@@ -73,7 +73,7 @@ def _fit(args: argparse.Namespace) -> int:
 
     import torch
 
-    from xswinir.checkpoint import CLASSIFIER_DIR, CONFIG_FILE, load_model
+    from xswinir.checkpoint import CLASSIFIER_DIR, CONFIG_FILE, CheckpointError, load_model
     from xswinir.config import DEGRADATION_PRESETS, ConfigError, TextureConfig, load_config
     from xswinir.data import open_images
     from xswinir.degradations import build_degrader
@@ -88,6 +88,8 @@ def _fit(args: argparse.Namespace) -> int:
     if args.crop < 0 or (args.max_images is not None and args.max_images < 2):
         raise TrustError("--crop must be >= 0 and --max-images >= 2")
     checkpoint = Path(args.checkpoint)
+    if not checkpoint.exists():  # said first: a missing checkpoint holds no classifier either
+        raise CheckpointError(f"checkpoint {printable_path(checkpoint)} does not exist")
     cfg = load_config(checkpoint / CONFIG_FILE) if (checkpoint / CONFIG_FILE).is_file() else None
     classifier_path = args.classifier or (checkpoint / CLASSIFIER_DIR if (checkpoint / CLASSIFIER_DIR).is_dir()
                                           else None)

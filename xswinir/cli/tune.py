@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from xswinir.cli.train import add_set_argument
+from xswinir.lease import Lease
 
 HELP = "hyper-parameter sweep on Ray Tune + Optuna (λ, patch size, ...), always against a λ=0 baseline"
 
@@ -24,7 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Here, not at the top: torch and Ray stay off the command line's start-up path (`xswinir --help`).
-    from xswinir.lease import Lease
     from xswinir.tune.results import format_table
     from xswinir.tune.sweep import run_sweep
     from xswinir.tune.sweep_config import load_sweep_config

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from xswinir.cli.options import add_max_pixels_argument, apply_max_pixels
+from xswinir.cli.options import add_inference_arguments, add_max_pixels_argument, apply_max_pixels
 from xswinir.errors import UserError
 from xswinir.paths import printable_path
 
@@ -28,14 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--checkpoint", help=".safetensors, training checkpoint folder, or .pth")
     source.add_argument("--onnx", metavar="FILE", help="an `xswinir export --format onnx` file, run with ONNX Runtime "
                         "on the CPU through the same tiler")
-    parser.add_argument("--preset", help="architecture of a published .pth checkpoint (e.g. swinir-s-x2)")
     parser.add_argument("--out", default="results",
                         help="output folder (default: %(default)s); each input gives <stem>_x<scale>.<format>, and "
                              "inputs that would share a name (a.png, a.jpg) carry their extension (a_png_x2.png)")
-    parser.add_argument("--tile", type=int, default=256,
-                        help="LR tile size, bounds memory; 0 runs whole images (default: %(default)s)")
-    parser.add_argument("--overlap", type=int, default=32, help="LR pixels shared by neighbouring tiles (%(default)s)")
-    parser.add_argument("--self-ensemble", action="store_true", help="average over 8 flips/transposes (x8 time)")
+    add_inference_arguments(parser, 256, "LR tile size, bounds memory; 0 runs whole images (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing outputs (each only once its new version is complete)")
     parser.add_argument("--format", choices=sorted(FORMATS), default="png",
@@ -46,7 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="final size = input size x F, resized from the model's output with bicubic "
                              "(default: the model's scale)")
     add_max_pixels_argument(parser)
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     parser.add_argument("--trust", metavar="FILE",
                         help="a trust model (`xswinir trust fit`): also write <name>_trust.png (expected error per "
                              "patch) and <name>_trust.csv (patch box in output pixels, expected error, bound)")
@@ -71,9 +66,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.onnx:
         model = OnnxModel(args.onnx)  # runs on the CPU; its outputs come back on `device`
-        cfg = model.cfg
+        model_cfg = model.cfg
     else:
-        model, cfg = load_model(args.checkpoint, preset=args.preset)
+        model, model_cfg = load_model(args.checkpoint, preset=args.preset)
         model = model.to(device).eval()
     trust = search = None
     if args.trust:
@@ -81,11 +76,12 @@ def run(args: argparse.Namespace) -> int:
         from xswinir.trust import TrustError, load_trust, write_trust_map
 
         trust = load_trust(args.trust)
-        if trust.scale != cfg.upscale:
-            raise TrustError(f"{printable_path(args.trust)} was fitted for x{trust.scale}, the model is x{cfg.upscale}")
+        if trust.scale != model_cfg.upscale:
+            raise TrustError(f"{printable_path(args.trust)} was fitted for x{trust.scale}, the model is "
+                             f"x{model_cfg.upscale}")
         search = trust.load_search()
     out_dir = Path(args.out)
-    scale = args.outscale if args.outscale is not None else cfg.upscale
+    scale = args.outscale if args.outscale is not None else model_cfg.upscale
     targets = plan_outputs(files, out_dir, scale, FORMATS[args.format])
     processed, skipped, notes = 0, [], []
     for (path, _), target in tqdm(list(zip(files, targets, strict=True)), desc="upscale", unit="image",
@@ -94,24 +90,28 @@ def run(args: argparse.Namespace) -> int:
             skipped.append(f"{printable_path(path)}: {printable_path(target)} exists (pass --overwrite)")
             continue
         try:
-            restored = restore_file(model, path, target, cfg.in_chans, tile=args.tile or None, overlap=args.overlap,
-                                    self_ensemble=args.self_ensemble, outscale=args.outscale,
+            restored = restore_file(model, path, target, model_cfg.in_chans, tile=args.tile or None,
+                                    overlap=args.overlap, self_ensemble=args.self_ensemble, outscale=args.outscale,
                                     quality=args.quality, device=device)
         except ImageReadError as err:
             skipped.append(str(err))
             continue
         if trust is not None:
-            write_trust_map(trust, search, model, path, target, cfg.in_chans, size=tuple(restored.image.shape[-2:]),
-                            tile=args.tile or None, overlap=args.overlap, device=device)
+            write_trust_map(trust, search, model, path, target, model_cfg.in_chans,
+                            size=tuple(restored.image.shape[-2:]), tile=args.tile or None, overlap=args.overlap,
+                            device=device)
         if restored.alpha is not None and args.format == "jpeg":
             notes.append(f"{printable_path(path)}: JPEG has no alpha channel, its transparency is dropped")
         processed += 1
+    print(f"{_summary(processed, skipped, notes)}\noutputs in {printable_path(out_dir)}")
+    return 1 if skipped else 0
+
+
+def _summary(processed: int, skipped: list[str], notes: list[str]) -> str:
+    """``processed N, skipped M``, then each skipped file's reason (on the same line when there is one) and notes."""
     message = f"processed {processed}, skipped {len(skipped)}"
     if len(skipped) == 1:
         message += f": {skipped[0]}"
     elif skipped:
         message += ":\n" + "\n".join(f"  {reason}" for reason in skipped)
-    for note in notes:
-        message += f"\nnote: {note}"
-    print(f"{message}\noutputs in {printable_path(out_dir)}")
-    return 1 if skipped else 0
+    return message + "".join(f"\nnote: {note}" for note in notes)

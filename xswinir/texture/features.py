@@ -6,7 +6,7 @@ average-pooled with ``kernel = p`` and ``stride``. The filters are applied witho
 window averages only the responses whose filter support lies inside the window, so the features of a window
 do not depend on the pixels around it: ``window_features(img)[..., i, j] == forward(window (i, j))``.
 
-Features (42 with the defaults ``scales=(1, 2, 4)``, ``num_orientations=4``):
+Features (56 with the defaults ``scales=(1, 2, 4)``, ``num_orientations=4``, ``layout_grid=4``):
 
 * ``grad_energy_s{s}_o{deg}_mean`` / ``_std``: mean and spread over the window of the magnitude of an
   oriented first derivative of Gaussian (sigma ``s / 2`` px, normalised to respond 1 to a unit ramp) of the
@@ -17,7 +17,11 @@ Features (42 with the defaults ``scales=(1, 2, 4)``, ``num_orientations=4``):
   single-channel input gives vectors of the same length.
 * ``ramp_x_mean`` / ``ramp_y_mean``: the *signed* mean slope of the luminance at the largest scale, left to right
   and top to bottom: which way the window gets brighter. Two windows on the same shading or edge direction agree.
-
+* ``lbp_ones{k}`` (k = 0..8) and ``lbp_nonuniform``: histogram of rotation-invariant uniform local binary
+  patterns (8 neighbours at radius 1; a neighbour counts as "on" when it is brighter than the centre by more
+  than ``lbp_threshold``). A uniform pattern (at most two on/off transitions around the circle) is binned by
+  its number of "on" neighbours, which is the same under rotation; all other patterns share one bin.
+  The histogram is piecewise constant in the image, so it passes no gradient.
 * ``layout_r{r}c{c}`` (a ``layout_grid`` x ``layout_grid`` grid, 4 x 4 by default): how much brighter cell (r, c) of
   the window is than the window's mean, in units of the window's luminance spread: a coarse, contrast-normalised
   thumbnail of where the structure is. Through the classifier's product weights two windows whose thumbnails
@@ -27,11 +31,6 @@ No feature is a mean brightness or a mean colour: a texture is the same texture 
 classifier that matched colour would pick windows that fit a tile's mean, not its structure (measured: the
 first classifier, with luma and chroma means, ranked them first). Every feature is unchanged when a constant is
 added to the window.
-* ``lbp_ones{k}`` (k = 0..8) and ``lbp_nonuniform``: histogram of rotation-invariant uniform local binary
-  patterns (8 neighbours at radius 1; a neighbour counts as "on" when it is brighter than the centre by more
-  than ``lbp_threshold``). A uniform pattern (at most two on/off transitions around the circle) is binned by
-  its number of "on" neighbours, which is the same under rotation; all other patterns share one bin.
-  The histogram is piecewise constant in the image, so it passes no gradient.
 
 **Pair features** (``pair_features=True``, what the trained classifier uses): agreement between *two* windows,
 which no per-window feature can express, each symmetric in the two windows and bounded:
@@ -172,6 +171,10 @@ class TextureFeatures(nn.Module):
         num_orientations: orientations of the derivative filters, evenly spaced over [0, 180) degrees.
         lbp_threshold: how much brighter than the centre (in [0, 1] intensity) a neighbour must be to count as
             "on" in the local binary pattern; keeps sensor noise in flat areas from filling random bins.
+        layout_grid: cells per side of the layout thumbnail (0: no layout features).
+        pair_features: append each window's descriptor (centred luminance, orientation histogram) after the named
+            features, for :meth:`pair_features`.
+        max_shift: the largest shift, in pixels, of ``abs_ncc_best_shift``.
     """
 
     def __init__(self, scales: tuple[int, ...] = (1, 2, 4), num_orientations: int = 4,

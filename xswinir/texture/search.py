@@ -13,6 +13,14 @@ written); calling it runs the search in three steps: score the candidates, choos
 Everything is batched over images, patches and candidates (one feature pass over the region, one broadcast
 classifier call, one gather of the chosen windows, batched ``K x K`` solves) and runs without gradients.
 
+With ``query: gt`` the search depends on the training batch alone, so training can run it where the batch is
+made, in the DataLoader's worker processes (``texture.search_in``): :meth:`TextureSearch.attach_match` puts the
+match into the collated batch in place of the region, :meth:`TextureSearch.match_from_batch` reads it back in
+the training step, which then only computes the term. On the study's CPU model (one thread) the search costs
+more than a whole λ = 0 step, about 55 % of it the feature pass over the region and 30 % the pair scoring
+(``python -m bench.bench_texture --profile study_cpu``); in the workers it runs beside the training thread, on
+a core of its own where one is free. Its CPU time is the same there.
+
 Naming: a *patch* is one square of the ``p`` grid of the searched image; a *window* is any ``p x p`` square of
 the region at the search stride. (A *tile* elsewhere in the project is a piece of an image in tiled inference.)
 """
@@ -30,6 +38,11 @@ from torch import Tensor
 from xswinir.config import ConfigError, TextureConfig, TextureQuery
 
 _PAIR_ELEMENTS = 2**26  # float32 elements of one broadcast pair-encoding chunk (~256 MB)
+# A match travelling in a training batch: its tensors under these keys (the rest comes from the search).
+MATCH_PREFIX = "texture_match."
+_MATCH_TENSORS = ("target", "mask", "boxes", "coefs", "scores", "valid", "tile_boxes", "tile_r2", "windows")
+# What the search reads from a collated batch; attach_match replaces them by the match.
+_REGION_KEYS = ("region", "region_valid", "gt_offset")
 
 
 class _Features(Protocol):
@@ -82,6 +95,11 @@ class TextureMatch:
     windows: Tensor
     ridge: float
     patch_size: int
+
+    def to_batch(self) -> dict[str, Tensor]:
+        """The match's tensors as batch entries, ``texture_match.<field>``; read back by
+        :meth:`TextureSearch.match_from_batch`, which adds ``tiles``, ``ridge`` and ``patch_size``."""
+        return {MATCH_PREFIX + name: getattr(self, name) for name in _MATCH_TENSORS}
 
 
 def window_grid(size: int, patch_size: int, stride: int) -> int:
@@ -283,6 +301,39 @@ class TextureSearch:
         if lq_up is None:
             raise ConfigError("texture.query='lq' needs the degraded input; pass lq to the loss")
         return lq_up
+
+    def attach_match(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Searches a collated training batch and returns it with the match in place of the region.
+
+        Runs where the batch is made (``build_train_batches``' ``batch_fn``: the DataLoader's worker processes),
+        so that the training step only computes the term. The match is the one the step would find on the same
+        batch: the same call on the same tensors.
+
+        Args:
+            batch: ``gt`` (B, C, H, W) and, when the region is not gt itself, ``region``, ``gt_offset`` and
+                ``region_valid``, as :func:`xswinir.data.collate` makes them.
+
+        Returns:
+            A new dict: ``batch`` without ``region``, ``region_valid`` and ``gt_offset``, plus the entries of
+            :meth:`TextureMatch.to_batch`.
+
+        Raises:
+            ConfigError: ``query`` is ``lq``: the degraded input is made in the training step.
+        """
+        if self.query != "gt":
+            raise ConfigError("the search can run with the data only for texture.query=gt; use texture.search_in=step")
+        match = self(batch["gt"], batch.get("region"), batch.get("gt_offset"), batch.get("region_valid"))
+        rest = {key: value for key, value in batch.items() if key not in _REGION_KEYS}
+        return {**rest, **match.to_batch()}
+
+    def match_from_batch(self, batch: dict[str, Tensor]) -> TextureMatch | None:
+        """The match :meth:`attach_match` put into ``batch`` (moved to any device since), or None if it has none."""
+        if MATCH_PREFIX + "target" not in batch:
+            return None
+        tensors = {name: batch[MATCH_PREFIX + name] for name in _MATCH_TENSORS}
+        p = self.patch_size
+        H, W = tensors["target"].shape[-2:]
+        return TextureMatch(**tensors, tiles=(H // p, W // p), ridge=self.ridge, patch_size=p)
 
     @torch.no_grad()
     def __call__(

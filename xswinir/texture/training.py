@@ -21,12 +21,13 @@ distance) that overlaps the first no more than ``max_iou``: the nearest candidat
   instead of being labelled wrongly); ``cfg.hard_negative_fraction`` of the negatives;
 * negative, across images: windows of two different images fill up the rest.
 
-Ranking triplets teach the order in which the search takes the windows: a patch and two candidate windows of its
-image within twice the positives' reach, whose |luma correlation| with the patch differs by at least
-``RANK_MIN_GAP`` (measured on the HR patch, also when the query is low-quality: the fit is of the HR patch). A
-pairwise logistic loss (weight ``RANK_WEIGHT``) asks the classifier to score the better one higher: "same
-texture" decides whether a window is a partner, and among partners the one that can stand in for the patch comes
-first. As many triplets as pairs are drawn; the report gives the held-out share ranked right (``rank_accuracy``).
+Ranking triplets teach the order in which the search takes the windows: a patch, the best of
+``RANK_CANDIDATES`` candidate windows of its image within twice the positives' reach (the one whose luma correlates
+most with the patch, in absolute value, measured on the HR patch also when the query is low-quality: the fit is of
+the HR patch), and another of them whose |correlation| is at least ``RANK_MIN_GAP`` lower. A pairwise logistic
+loss (weight ``RANK_WEIGHT``) asks the classifier to score the better one higher: "same texture" decides whether
+a window is a partner, and among partners the one that can stand in for the patch comes first. As many triplets
+as pairs are drawn; the report gives the held-out share ranked right (``rank_accuracy``).
 
 The query side of ``cfg.lq_query_fraction`` of the pairs comes from the *degraded* image (the run's degradation,
 up-sampled back to the HR grid), so that one classifier compares HR with HR and low-quality with HR (the seed's
@@ -86,8 +87,11 @@ TEXTURED_MIN_SPREAD = 0.02  # luma standard deviation on the [0, 1] scale: below
 REGION_MAX_RATIO = 1.25  # statistics of one texture region agree within this factor; boundaries differ by its square
 # Ranking triplets (see the module docstring): two candidates of one patch whose |luma correlation| with it differs
 # at least this much, the better one to be ranked first; their loss counts this much beside the logistic loss.
-RANK_MIN_GAP = 0.2
-RANK_WEIGHT = 1.0
+RANK_MIN_GAP = 0.1
+RANK_WEIGHT = 4.0
+# The better one of a triplet is the best of this many candidates, the worse one another of them: the order that
+# matters is the one at the top, where the search takes its K windows.
+RANK_CANDIDATES = 6
 
 
 def _uniform(n: int, high: Tensor, generator: torch.Generator) -> Tensor:
@@ -145,6 +149,14 @@ def _region_statistics(windows: Tensor) -> Tensor:
 
     stats = torch.stack((luma.std((-1, -2, -3)), gradient(luma), gradient(coarse)), dim=-1)
     return stats.clamp_min(1e-4).log()
+
+
+def _fit_correlation(a: Tensor, b: Tensor) -> Tensor:
+    """|cosine| of windows a and b (N, 3, p, p), each centred per channel: how much of a's structure one
+    coefficient times b explains in the search's least-squares fit (its square is that r²) -> (N,) in [0, 1]."""
+    a = (a - a.mean((-1, -2), keepdim=True)).flatten(1)
+    b = (b - b.mean((-1, -2), keepdim=True)).flatten(1)
+    return (a * b).sum(1).abs() / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-6)
 
 
 def _features(clf: TextureClassifier, windows: Tensor, progress: bool) -> Tensor:
@@ -252,21 +264,26 @@ def _sample_rankings(images: list[Tensor], lq_images: list[Tensor] | None, num: 
     parts: list[tuple[Tensor, ...]] = []
     found = 0
     for _ in range(20):  # rejection sampling
-        img = torch.randint(0, len(images), (4 * max(num - found, 1),), generator=generator)
+        img = torch.randint(0, len(images), (2 * max(num - found, 1),), generator=generator)
         ya = _uniform(len(img), span[img, 0], generator)
         xa = _uniform(len(img), span[img, 1], generator)
-        y1, x1, ok1 = _nearby(img, ya, xa, reach, span, p, max_iou, generator)
-        y2, x2, ok2 = _nearby(img, ya, xa, reach, span, p, max_iou, generator)
-        ok = (ok1 & ok2).nonzero().flatten()
-        anchor = _crop(images, img[ok], ya[ok], xa[ok], p)
-        c1 = _correlation(anchor, _crop(images, img[ok], y1[ok], x1[ok], p)).abs()
-        c2 = _correlation(anchor, _crop(images, img[ok], y2[ok], x2[ok], p)).abs()
-        first = c1 >= c2
-        keep = ((c1 - c2).abs() >= RANK_MIN_GAP).nonzero().flatten()[: num - found]
-        sel, first = ok[keep], first[keep]
-        better = (torch.where(first, y1[sel], y2[sel]), torch.where(first, x1[sel], x2[sel]))
-        worse = (torch.where(first, y2[sel], y1[sel]), torch.where(first, x2[sel], x1[sel]))
-        parts.append((img[sel], ya[sel], xa[sel], *better, *worse))
+        anchor = _crop(images, img, ya, xa, p)
+        ys, xs, corr = [], [], []
+        for _ in range(RANK_CANDIDATES):
+            y, x, ok = _nearby(img, ya, xa, reach, span, p, max_iou, generator)
+            y, x = torch.where(ok, y, ya), torch.where(ok, x, xa)  # (the anchor itself stands in; masked out below)
+            c = _fit_correlation(anchor, _crop(images, img, y, x, p))
+            ys.append(y), xs.append(x), corr.append(torch.where(ok, c, torch.full_like(c, -math.inf)))
+        ys, xs, corr = torch.stack(ys, 1), torch.stack(xs, 1), torch.stack(corr, 1)  # (n, M) each
+        best = corr.argmax(1, keepdim=True)
+        best_corr = corr.gather(1, best)
+        # The worse one: any other candidate at least RANK_MIN_GAP below the best, at random.
+        eligible = torch.isfinite(corr) & (corr <= best_corr - RANK_MIN_GAP)
+        lottery = torch.rand(corr.shape, generator=generator).masked_fill(~eligible, -1.0)
+        worst = lottery.argmax(1, keepdim=True)
+        sel = (eligible.any(1) & torch.isfinite(best_corr[:, 0])).nonzero().flatten()[: num - found]
+        parts.append((img[sel], ya[sel], xa[sel], ys.gather(1, best)[sel, 0], xs.gather(1, best)[sel, 0],
+                      ys.gather(1, worst)[sel, 0], xs.gather(1, worst)[sel, 0]))
         found += len(sel)
         if found >= num:
             break
