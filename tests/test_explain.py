@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,8 @@ from xswinir.explain import (
 )
 from xswinir.images import read_image, write_image
 from xswinir.model import build_swinir
-from xswinir.texture import TextureClassifier, TextureSearch, save_texture_classifier
+from xswinir.texture import TextureClassifier, TextureSearch, load_texture_classifier, save_texture_classifier
+from xswinir.trust import SIGNALS, TrustError, TrustModel, embed_classifier, estimate_trust, save_trust
 
 
 def textured_image(generator: torch.Generator, size: int = 64) -> torch.Tensor:
@@ -317,3 +320,61 @@ def test_explain_rejects_a_mismatched_hr(parts, generator):
     lq = read_image(parts["lq"])
     with pytest.raises(ExplainError, match="HR image"):
         explain(model, search, lq, hr=textured_image(generator, 48))
+
+
+def contrast_trust(clf: TextureClassifier, scale: int = 2) -> TrustModel:
+    """A trust model by hand: ``ln(1 + error) = 0.5 + 0.5 * log_input_std``, its bound 0.4 above."""
+    weights = [0.5 if name == "log_input_std" else 0.0 for name in SIGNALS]
+    search = {"stride": 4, "top_k": 3, "min_score": 0.0, "max_iou": 0.0, "ridge": 1e-3, "region_size": 48}
+    return TrustModel(signal_names=SIGNALS, signal_mean=[0.0] * len(SIGNALS), signal_std=[1.0] * len(SIGNALS),
+                      weights=weights, bias=0.5, smear=1.0, quantile=0.4, coverage=0.9, patch_size=16, scale=scale,
+                      search=search, display_max=10.0, classifier=embed_classifier(clf))
+
+
+def _panel(figure, words: str):
+    """The axes of the picture whose title contains ``words``, or None."""
+    return next((ax for ax in figure.axes if words in ax.get_title()), None)
+
+
+def test_explain_draws_the_trust_panel_beside_the_consistency(parts, tmp_path):
+    lq = read_image(parts["lq"])  # stripes on top, noise bottom left, flat bottom right
+    clf = load_texture_classifier(parts["classifier"])
+    search, trust = search_for(clf, min_score=0.0, region_size=48), contrast_trust(clf)
+    plain = explain(Upsampler(), search, lq, patches=1, out=tmp_path / "plain.png")
+    result = explain(Upsampler(), search, lq, patches=1, out=tmp_path / "trust.png", trust=trust)
+    assert plain.trust is None and _panel(plain.figure, "expected error") is None
+    expected = estimate_trust(trust, trust.load_search(), lq, result.sr)  # the map the page shows too
+    torch.testing.assert_close(result.trust.expected, expected.expected)
+    torch.testing.assert_close(result.trust.bound, expected.bound)
+    assert result.trust.expected.shape == result.consistency.shape == (4, 4)
+    # Contrast raises the expected error: the flat quarter is the most trusted.
+    assert result.trust.expected[2:, 2:].max() < result.trust.expected[:2].min()
+    panel = _panel(result.figure, "expected error")
+    assert "mean |Y error| (Y 0-255)" in panel.get_title() and "90% bound" in panel.get_title()
+    heat = panel.get_images()[-1]  # over the restored image in gray
+    torch.testing.assert_close(torch.as_tensor(heat.get_array().data), result.trust.expected)
+    assert heat.get_clim() == (0, trust.display_max)
+    assert any(ax.get_ylabel() == "expected mean |Y error| (0-255)" for ax in result.figure.axes)  # its colour bar
+    order = [ax.get_position().x0 for ax in (_panel(result.figure, "texture consistency"), panel,
+                                              _panel(result.figure, "similarity"))]
+    assert order == sorted(order)  # beside the consistency, before the similarity
+    assert read_image(tmp_path / "trust.png").shape[-1] > read_image(tmp_path / "plain.png").shape[-1]
+    with pytest.raises(TrustError, match="fitted for x4"):
+        explain(Upsampler(), search, lq, patches=1, trust=contrast_trust(clf, scale=4))
+
+
+def test_cli_trust_reaches_the_png_and_the_page(parts, tmp_path, capsys):
+    save_trust(contrast_trust(load_texture_classifier(parts["classifier"])), tmp_path / "trust.json")
+    common = [str(parts["lq"]), "--lq", "--checkpoint", str(parts["model"]), "--classifier", str(parts["classifier"]),
+              "--patches", "1", "--html", "--device", "cpu"]
+    assert main(["explain", *common, "--out", str(tmp_path / "plain.png")]) == 0
+    trust = ["--trust", str(tmp_path / "trust.json")]
+    assert main(["explain", *common, "--out", str(tmp_path / "trust.png"), *trust]) == 0
+    capsys.readouterr()
+    # The trust panel widens the picture by its 4 inches at 110 dpi.
+    width = read_image(tmp_path / "trust.png").shape[-1] - read_image(tmp_path / "plain.png").shape[-1]
+    assert width == 440
+    for name, has_trust in (("plain.html", False), ("trust.html", True)):
+        found = re.search(r'<script type="application/json" id="page-data">(.*?)</script>',
+                          (tmp_path / name).read_text(), re.S)
+        assert json.loads(found.group(1))["hasTrust"] is has_trust

@@ -131,3 +131,48 @@ def test_property_pack_lq_packs_the_usable_pairs_and_names_the_rest(tmp_path_fac
     for name in bad:
         assert f"  {name}: " in captured.out
     assert ShardImages(out).names == sorted(name for name in expected if name not in bad)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test the moment a sweep or a study would start Ray: what it refuses, it refuses before."""
+    import xswinir.tune.launch
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(xswinir.tune.launch, "init_ray", started)
+
+
+def test_a_study_with_a_missing_eval_set_is_refused_before_ray(tmp_path, no_ray):
+    from xswinir.tune.study import load_study_config, run_study
+
+    missing = tmp_path / "Set5_typo"
+    (tmp_path / "study.yaml").write_text(f"base: demo\narms: {{lambda0: [loss.texture_weight=0]}}\nseeds: [0, 1]\n"
+                                         f"eval_sets: [skimage:val, {missing}]\nstorage: {tmp_path / 'studies'}\n")
+    with pytest.raises(DataError) as refused:
+        run_study(load_study_config(tmp_path / "study.yaml"))
+    assert str(refused.value) == f"eval_sets '{missing}': {missing} does not exist"
+
+
+def test_a_sweep_with_unusable_paired_data_or_a_missing_classifier_is_refused_before_ray(tmp_path, no_ray):
+    from xswinir.texture.classifier import TextureClassifierError
+    from xswinir.tune.sweep import run_sweep
+    from xswinir.tune.sweep_config import load_sweep_config
+
+    hr, lq, _ = _write(tmp_path, [(40, 40, "wider", "{}x2"), (40, 40, "missing", "{}x2")])
+    sweep = tmp_path / "sweep.yaml"
+
+    def write_sweep(*overrides: str) -> None:
+        sweep.write_text(f"name: paired\nbase: demo\nnum_samples: 2\nbaseline: false\nstorage: {tmp_path / 'sweeps'}\n"
+                         "search: {train.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-3}}\n"
+                         f"overrides: [{', '.join(overrides)}]\n")
+
+    write_sweep(f"data.train={hr}", f"data.train_lq={lq}", "loss.texture_weight=0")
+    with pytest.raises(DataError, match=r"none of its 2 images is usable \(1 with an LQ partner of the wrong size "
+                                        r"\(not HR / 2\), 1 without an LQ partner\); first: img0.png: its LQ image"):
+        run_sweep(load_sweep_config(sweep))
+    classifier = tmp_path / "no-classifier"
+    write_sweep(f"texture.classifier.path={classifier}", "loss.texture_weight=1")
+    with pytest.raises(TextureClassifierError, match=f"{classifier}"):
+        run_sweep(load_sweep_config(sweep))

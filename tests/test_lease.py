@@ -24,6 +24,7 @@ from xswinir.lease import (
     LeaseHeldError,
     LeaseRecord,
     LocalLeaseStore,
+    S3LeaseStore,
     lease_store,
 )
 from xswinir.storage import StorageError
@@ -159,10 +160,12 @@ def test_folders_that_cannot_hold_a_lease(tmp_path, caplog):
         Lease(blocker, "xswinir pack").acquire()
     with pytest.raises(StorageError, match=f"cannot write to {blocker}/run .*is not a folder"):
         Lease(blocker / "run", "xswinir pack").acquire()
-    assert lease_store("s3://bucket/runs/n") is None
-    with caplog.at_level(logging.WARNING, "xswinir.lease"), Lease("s3://bucket/runs/n", "xswinir train") as lease:
+    assert isinstance(lease_store("s3://bucket/runs/n"), S3LeaseStore)  # tests/s3/test_s3_lease.py takes it
+    assert lease_store("gs://bucket/runs/n") is None
+    with caplog.at_level(logging.WARNING, "xswinir.lease"), Lease("gs://bucket/runs/n", "xswinir train") as lease:
         assert not lease.held
-    assert "s3://bucket/runs/n is on object storage, where runs are not leased yet" in caplog.text
+    assert ("gs://bucket/runs/n is written without a lease, so make sure no other process writes it at the same "
+            "time: leases on gs:// storage are not implemented (only local disks and S3)") in caplog.text
     with pytest.raises(ValueError, match="renew_every"):
         Lease(tmp_path, "x", renew_every=5, stale_after=5)
 
@@ -178,7 +181,8 @@ def test_the_store_operations_are_conditional(tmp_path):
     assert not store.delete(version) and store.delete(newer) and store.read() is None
 
 
-_RACER = """
+# A process that takes the lease once the go file appears and holds it for 3 s (also tests/s3's racer).
+RACER = """
 import sys, time
 from pathlib import Path
 from xswinir.lease import Lease, LeaseHeldError
@@ -204,7 +208,7 @@ def test_processes_racing_for_one_lease_one_wins(tmp_path, stale):
     if stale:  # every racer sees a dead holder and tries the same takeover: the replace lets one through
         write_record(folder, 1, host="other-machine", renewed_ago=1000)
     go = tmp_path / "go"
-    racers = [subprocess.Popen([sys.executable, "-c", _RACER, str(folder), str(go)], stdout=subprocess.PIPE,
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(folder), str(go)], stdout=subprocess.PIPE,
                                text=True) for _ in range(4)]
     try:
         assert [r.stdout.readline() for r in racers] == ["ready\n"] * 4

@@ -168,11 +168,14 @@ def test_pair_features_are_named_and_follow_the_named_features(features, paired,
     assert paired.feature_names == features.feature_names  # the named features are the same ones
     patches = torch.rand(3, 3, 16, 16, generator=generator)
     out = paired(patches)
-    assert out.shape == (3, paired.num_features + 16 * 16 + 8)
+    assert out.shape == (3, paired.num_features + 3 * 16 * 16 + 8)
     torch.testing.assert_close(out[:, :paired.num_features], features(patches))
-    named, luma, histogram = paired.split(out, (16, 16))
-    assert luma.shape == (3, 16, 16) and histogram.shape == (3, 8)
-    torch.testing.assert_close(luma.mean((-1, -2)), torch.zeros(3), atol=1e-6, rtol=0)  # centred
+    named, pixels, histogram = paired.split(out, (16, 16))
+    assert pixels.shape == (3, 3, 16, 16) and histogram.shape == (3, 8)
+    torch.testing.assert_close(pixels.mean((-1, -2)), torch.zeros(3, 3), atol=1e-6, rtol=0)  # centred per channel
+    torch.testing.assert_close(pixels, patches - patches.mean((-1, -2), keepdim=True))
+    gray = torch.rand(2, 1, 16, 16, generator=generator)  # gray input gives gray RGB: vectors of one length
+    torch.testing.assert_close(paired(gray), paired(gray.expand(-1, 3, -1, -1)), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="descriptor"):
         paired.split(out, (8, 8))
 
@@ -239,6 +242,15 @@ def test_flat_windows_agree_with_nothing(paired, generator):
     textured = torch.rand(1, 3, 16, 16, generator=generator)
     values = paired.pair_features(paired(flat), paired(textured), (16, 16))[0]
     assert values.max() < 0.3  # sensor noise in a flat window is no structure
+
+
+def test_abs_ncc_is_the_share_one_window_explains_in_the_fit(paired, generator):
+    # The fit centres each channel and finds c = argmin ||a - c b||: r² = cos²(a, b), colour included.
+    a, b = torch.rand(2, 4, 3, 16, 16, generator=generator)
+    b = b + 0.5 * a  # some correlation
+    ac, bc = (x - x.mean((-1, -2), keepdim=True) for x in (a, b))
+    cosine = (ac * bc).sum((-1, -2, -3)) / (ac.flatten(1).norm(dim=1) * bc.flatten(1).norm(dim=1))
+    torch.testing.assert_close(paired.pair_features(paired(a), paired(b), (16, 16))[:, 0], cosine.abs())
 
 
 def test_pair_features_pass_gradients_to_both_windows(paired, generator):

@@ -12,7 +12,8 @@ patch's structure rebuilt only from those other windows.
   the HR image as the loss runs it, beside the consistency of the restored patch.
 
 Both draw the texture consistency of every patch of the restored output as a heat-map (:func:`consistency_map`;
-its mean in the title), the classifier's similarity heat-map of the first patch and its weights by feature name.
+its mean in the title), the classifier's similarity heat-map of the first patch and its weights by feature name;
+given a trust model (:mod:`xswinir.trust`), also the expected error of every patch beside the consistency.
 One PNG (matplotlib, no GUI backend). The explorable HTML page of every patch is :mod:`xswinir.explain_page`.
 
 Naming: a *patch* is one ``p x p`` square of the texture grid (``p`` is the classifier's patch size); ``tile``
@@ -26,7 +27,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,9 @@ from xswinir.inference import restore
 from xswinir.paths import printable_path
 from xswinir.texture import plot_classifier_weights
 from xswinir.texture.search import TextureMatch, TextureSearch, upsample_query
+
+if TYPE_CHECKING:  # xswinir.trust imports this module: its names only for annotations here
+    from xswinir.trust import TrustMap, TrustModel
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,8 @@ class Explanation:
         consistency_mean: the mean of ``consistency``.
         tile_summary: one dict per explained patch: ``patch``, ``tile`` box, ``windows`` (how many were used),
             ``r2`` (of the search drawn in its row) and ``consistency`` (of the restored patch).
+        trust: the trust map of ``sr`` (expected error and bound of every whole patch), or None without a trust
+            model.
     """
 
     figure: Any
@@ -88,6 +94,7 @@ class Explanation:
     consistency: Tensor | None = None
     consistency_mean: float | None = None
     tile_summary: list[dict[str, Any]] = field(default_factory=list)
+    trust: TrustMap | None = None
 
 
 class Degraded(NamedTuple):
@@ -367,6 +374,8 @@ def explain(
     positions: Tensor | None = None,
     out: str | Path | None = None,
     tile: int | None = None,
+    trust: TrustModel | None = None,
+    trust_search: TextureSearch | None = None,
     device: str | torch.device = "cpu",
 ) -> Explanation:
     """Restores ``lq`` and draws what the texture search sees in a few patches, with or without the HR image.
@@ -376,7 +385,8 @@ def explain(
     the share of its structure they explain. Without ``hr`` the search runs on the restored output with the
     input up-sampled to the output grid as the query; with ``hr`` it runs on the HR image as the loss runs it
     (with that query only when ``search.query`` is ``lq``), beside the consistency of the restored patch. Above
-    the rows, the texture consistency of every patch of the output (:func:`consistency_map`) as a heat-map.
+    the rows, the texture consistency of every patch of the output (:func:`consistency_map`) as a heat-map and,
+    given a trust model, beside it the expected error of every patch (:func:`xswinir.trust.estimate_trust`).
 
     Args:
         model: the restoration model, ``(B, C, h, w) -> (B, C, h*s, w*s)``; ``s`` is read from its output.
@@ -390,6 +400,9 @@ def explain(
         positions: (n, 2) top/left of the patches to explain in output pixels; None: picked by texture strength.
         out: where to write the PNG; None: write nothing.
         tile: LR tile size for the model's inference; None: the whole image at once.
+        trust: a fitted trust model (:func:`xswinir.trust.load_trust`); None: no trust panel.
+        trust_search: its texture search (:meth:`xswinir.trust.TrustModel.load_search`, or the search it was
+            fitted with); None: loaded from ``trust``.
         device: where the model and the search run.
 
     Returns:
@@ -398,6 +411,7 @@ def explain(
     Raises:
         ExplainError: the output would be smaller than a patch, ``hr`` does not match it, or a given position
             lies outside it.
+        TrustError: the trust model was fitted at another scale.
     """
     device = _on_device(search, device)
     if lq.ndim != 3:
@@ -413,12 +427,18 @@ def explain(
                        else f"{w}x{h} input with its HR image, restored x{scale}")
     scene = _scene(search, lq, sr, None if hr is None else hr.float().cpu(), positions, patches, description,
                    scale, device)
+    if trust is not None:
+        from xswinir.trust import estimate_trust  # here: xswinir.trust imports this module
+
+        scene.trust = estimate_trust(trust, trust_search or trust.load_search(), lq, sr, model=model, tile=tile,
+                                     device=device)
+        scene.trust_scale, scene.trust_coverage = trust.display_max, trust.coverage
     fig = _draw(search.classifier, scene)
     rows, summary = _tables(scene)
     mean = float(scene.consistency.mean())
     png = _save(fig, out)
     return Explanation(fig, png, rows, description, lq, sr, scene.hr, scene.positions, scene.query,
-                       scene.consistency, mean, summary)
+                       scene.consistency, mean, summary, scene.trust)
 
 
 def _restore(model: nn.Module, lq: Tensor, patch_size: int, tile: int | None,
@@ -474,6 +494,9 @@ class _Scene:
     scale: int
     patch_size: int
     stride: int
+    trust: TrustMap | None = None  # of sr, when a trust model was given
+    trust_scale: float = 1.0  # the expected error at the top of its colour scale
+    trust_coverage: float = 0.9  # the share of patches its bound is for
 
     @property
     def lq_mode(self) -> bool:
@@ -527,24 +550,30 @@ def _tables(scene: _Scene) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 
 def _draw(classifier: nn.Module, scene: _Scene) -> Any:
-    """The picture: an overview row (input, output, consistency, similarity, weights), then one row per patch."""
+    """The picture: an overview row (input, output, consistency, [trust,] similarity, weights), a row per patch."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
     n, K = len(scene.positions), scene.match.valid.shape[-1]
     cols = 4 + K  # search region, two patches, X c*, the K windows
-    fig = Figure(figsize=(max(1.75 * cols, 19.0), 4.2 + 2.0 * n), layout="constrained")
+    trust = scene.trust is not None
+    width = max(1.75 * cols, 19.0) + (4.0 if trust else 0.0)  # the trust panel keeps the others' size
+    fig = Figure(figsize=(width, 4.2 + 2.0 * n), layout="constrained")
     # Two sub-figures, so that the long feature names of the weight chart do not widen the patch columns.
     top_fig, rows_fig = fig.subfigures(2, 1, height_ratios=[4.2, 2.0 * n])
-    overview = top_fig.subplots(1, 5, width_ratios=[1.0, 1.0, 1.25, 1.25, 1.35])
+    ratios = [1.0, 1.0, 1.25] + ([1.25] if trust else []) + [1.25, 1.35]
+    overview = top_fig.subplots(1, len(ratios), width_ratios=ratios)
     lq, sr, scale = scene.lq, scene.sr, scene.scale
     if scene.lq_mode:
         _show(overview[0], lq, f"input (low quality, {lq.shape[-1]}x{lq.shape[-2]})", fontsize=8)
     else:
         _show(overview[0], lq, f"input (x{scale} down)\n{scene.description}", fontsize=7)
     _show(overview[1], sr, f"restored (x{scale}, {sr.shape[-1]}x{sr.shape[-2]})")
-    _draw_consistency(top_fig, overview[2], scene)
-    _draw_similarity(top_fig, overview[3], scene)
-    _draw_weights(overview[4], classifier)
+    panels = list(overview[2:])  # consistency, [trust,] similarity, weights
+    _draw_consistency(top_fig, panels.pop(0), scene)
+    if trust:
+        _draw_trust(top_fig, panels.pop(0), scene)
+    _draw_similarity(top_fig, panels[0], scene)
+    _draw_weights(panels[1], classifier)
     grid = rows_fig.subplots(n, cols, squeeze=False)
     boxes = scene.boxes()
     for i in range(n):
@@ -565,6 +594,23 @@ def _draw_consistency(fig: Any, ax: Any, scene: _Scene) -> None:
     ax.set_ylim(H - 0.5, -0.5)
     _number_patches(ax, scene)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="r² (structure explained)")
+
+
+def _draw_trust(fig: Any, ax: Any, scene: _Scene) -> None:
+    """The trust map's expected error of every patch over the restored image (in gray), its unit in the title."""
+    p, sr, trust = scene.patch_size, scene.sr, scene.trust
+    H, W = sr.shape[-2:]
+    expected, bound = trust.expected, trust.bound
+    _show(ax, sr.mean(0, keepdim=True), f"trust: expected error per tile, mean |Y error| (Y 0-255)\nmean "
+          f"{float(expected.mean()):.1f}; {scene.trust_coverage:.0%} bound, mean {float(bound.mean()):.1f}",
+          fontsize=8)
+    th, tw = expected.shape
+    im = ax.imshow(expected.numpy(), cmap="magma", alpha=0.7, vmin=0, vmax=scene.trust_scale,
+                   interpolation="nearest", extent=(-0.5, tw * p - 0.5, th * p - 0.5, -0.5))
+    ax.set_xlim(-0.5, W - 0.5)
+    ax.set_ylim(H - 0.5, -0.5)
+    _number_patches(ax, scene)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="expected mean |Y error| (0-255)")
 
 
 def _draw_similarity(fig: Any, ax: Any, scene: _Scene) -> None:

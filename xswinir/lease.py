@@ -1,4 +1,4 @@
-"""One owner per output folder: a lease that a second writer is refused by, and that outlives no dead holder.
+"""One owner per output folder: a lease that refuses a second writer, and that a dead holder cannot keep.
 
 ``train``, ``tune``, ``study`` and ``pack`` write a folder that only one process may write at a time: two
 trainings under one run name would interleave their checkpoints and metrics, two packs would replace each
@@ -29,10 +29,10 @@ delete if still version   compare and unlink under ``flock``     ``DeleteObject`
 ========================= ===================================== ============================================
 
 Two drivers on two machines therefore cannot both win a lease, nor both take over one stale lease: the
-create, and the replace that a takeover is, succeed for one of them only. An S3 store is one more class of
-these four methods (boto3's ``put_object(..., IfNoneMatch="*")`` and ``IfMatch=``, a 412 answer meaning
-"lost"), returned by :func:`lease_store` for ``s3://`` folders; until it exists, folders on object storage are
-written without a lease, with a warning (:func:`lease_store` returns None for them).
+create, and the replace that a takeover is, succeed for one of them only (S3 answers the loser 412). The S3
+store (:class:`S3LeaseStore`) sends these requests with boto3, since pyarrow's S3 filesystem sends no
+conditional writes; it reaches the store the AWS variables name, as :func:`xswinir.paths.s3_filesystem` does.
+Other object stores (``gs://``), and S3 without boto3 installed, are written without a lease, with a warning.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ from typing import Any, NamedTuple, Protocol
 
 from xswinir.atomic import atomic_write_bytes
 from xswinir.errors import UserError
-from xswinir.paths import is_remote, printable_path
-from xswinir.storage import check_writable
+from xswinir.paths import DEFAULT_S3_REGION, bucket_and_key, is_remote, printable_path, s3_endpoint
+from xswinir.storage import StorageError, check_writable
 
 try:  # POSIX; elsewhere the O_EXCL create alone keeps two writers apart, and a takeover may race
     import fcntl
@@ -230,12 +230,110 @@ class LocalLeaseStore:
             return True
 
 
+class S3LeaseStore:
+    """A lease as an S3 object, ``<folder>/.xswinir-lease.json``, changed only by conditional requests.
+
+    ``PutObject`` with ``If-None-Match: *`` creates it only where there is none, ``PutObject`` and
+    ``DeleteObject`` with ``If-Match: <ETag>`` change it only while it is the version read; the store answers
+    412 (Precondition Failed) or 409 (a concurrent conditional request) to the loser, which is told "no" here.
+
+    Args:
+        folder: ``s3://bucket/prefix``.
+    """
+
+    def __init__(self, folder: str) -> None:
+        import boto3  # only for leases on S3: pyarrow's S3 filesystem sends no conditional requests
+
+        self.where = folder.rstrip("/")
+        self.bucket, prefix = bucket_and_key(folder)
+        self.key = f"{prefix}/{LEASE_FILE}" if prefix else LEASE_FILE
+        endpoint = s3_endpoint()
+        if endpoint is not None and "://" not in endpoint:  # a bare "minio:9000": https, as the SDKs take it
+            endpoint = f"https://{endpoint}"
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        self._client = boto3.client("s3", endpoint_url=endpoint,
+                                    region_name=region or (DEFAULT_S3_REGION if endpoint else None))
+
+    def _lost_race(self, err: Exception) -> bool:
+        """True for the answers that mean "not this version" rather than a failure."""
+        code = getattr(err, "response", {}).get("Error", {}).get("Code")
+        return code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404", "412", "409")
+
+    def _failed(self, doing: str, err: Exception) -> OSError:
+        error = getattr(err, "response", {}).get("Error", {})
+        reason = f"{error.get('Code')} ({error.get('Message')})" if error else str(err)
+        return OSError(f"{doing} s3://{self.bucket}/{self.key}: {reason}")
+
+    def create(self, body: bytes) -> str | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self._client.put_object(Bucket=self.bucket, Key=self.key, Body=body, IfNoneMatch="*")["ETag"]
+        except ClientError as err:
+            if self._lost_race(err):
+                return None
+            raise self._failed("cannot write the lease", err) from err
+        except BotoCoreError as err:
+            raise self._failed("cannot write the lease", err) from err
+
+    def read(self) -> Stored | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            answer = self._client.get_object(Bucket=self.bucket, Key=self.key)
+            return Stored(answer["Body"].read(), answer["ETag"], answer["LastModified"].timestamp())
+        except ClientError as err:
+            if getattr(err, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise self._failed("cannot read the lease", err) from err
+        except BotoCoreError as err:
+            raise self._failed("cannot read the lease", err) from err
+
+    def replace(self, body: bytes, version: str) -> str | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self._client.put_object(Bucket=self.bucket, Key=self.key, Body=body, IfMatch=version)["ETag"]
+        except ClientError as err:
+            if self._lost_race(err):
+                return None
+            raise self._failed("cannot write the lease", err) from err
+        except BotoCoreError as err:
+            raise self._failed("cannot write the lease", err) from err
+
+    def delete(self, version: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=version)
+            return True
+        except ClientError as err:
+            if self._lost_race(err):
+                return False
+            raise self._failed("cannot remove the lease", err) from err
+        except BotoCoreError as err:
+            raise self._failed("cannot remove the lease", err) from err
+
+
 def lease_store(folder: str | Path) -> LeaseStore | None:
-    """The store for a lease on ``folder``: a :class:`LocalLeaseStore` for a local path; None for a URI
-    (object storage has no store yet: the folder is written without a lease)."""
-    if is_remote(folder):
-        return None
-    return LocalLeaseStore(folder)
+    """The store for a lease on ``folder``: local, or S3 for ``s3://``; None where there is none (another
+    object store, or S3 without boto3): the folder is then written without a lease (see :func:`no_store_reason`).
+    """
+    if not is_remote(folder):
+        return LocalLeaseStore(folder)
+    if str(folder).startswith("s3://"):
+        try:
+            return S3LeaseStore(str(folder))
+        except ImportError:
+            return None
+    return None
+
+
+def no_store_reason(folder: str | Path) -> str:
+    """Why :func:`lease_store` has no store for ``folder``, for the warning."""
+    if str(folder).startswith("s3://"):
+        return "leases on S3 need boto3 (pip install boto3)"
+    return f"leases on {str(folder).split('://', 1)[0]}:// storage are not implemented (only local disks and S3)"
 
 
 def _process_start(pid: int) -> int | None:
@@ -346,11 +444,18 @@ class Lease:
             StorageError: the folder cannot be written.
         """
         if self.store is None:
-            log.warning("%s is on object storage, where runs are not leased yet: make sure no other process "
-                        "writes it at the same time", printable_path(self.folder))
+            log.warning("%s is written without a lease, so make sure no other process writes it at the same "
+                        "time: %s", printable_path(self.folder), no_store_reason(self.folder))
             return
         if isinstance(self.store, LocalLeaseStore):
             check_writable(self.store.folder)  # one line naming the folder, not an OSError from the create
+        try:
+            self._acquire()
+        except OSError as err:  # the store cannot be reached or written (S3: a bucket, its keys, the network)
+            raise StorageError(f"cannot take the lease on {self.store.where}: {err}") from err
+
+    def _acquire(self) -> None:
+        assert self.store is not None
         now = time.time()
         self._holder = Holder(os.getpid(), self.host, _process_start(os.getpid()), self.command, now,
                               uuid.uuid4().hex)
@@ -402,9 +507,10 @@ class Lease:
                 return True
             self.lost = True
             now = time.time()
-            holder = record.holder.describe(record.renewed, now) if record is not None else "nobody"
-            log.error("lost the lease on %s (now held by %s): another process may be writing this folder",
-                      self.store.where, holder)
+            now_held = f"now held by {record.holder.describe(record.renewed, now)}" if record is not None else \
+                "it was removed"
+            log.error("lost the lease on %s (%s): another process may be writing this folder", self.store.where,
+                      now_held)
             return False
 
     def _renew_loop(self) -> None:

@@ -1,6 +1,7 @@
 """Training with everything in a bucket, on real Ray: shards packed into it, checkpoints written to it, a worker
 killed and the run restarted from it (downloaded and sha256-checked), ending bit for bit where the uninterrupted
-run ends; the checkpoint on the final line is pasted into ``xswinir eval``.
+run ends; the checkpoint on the final line is pasted into ``xswinir eval``. In the slow tier, a sweep with its
+storage in the bucket, interrupted, refused when tampered with, then resumed.
 
 The bucket is a local S3 server (``tests/s3/endpoint.py``). The run is ``xswinir train`` in a process of its own,
 as users start it: its local Ray gets the AWS variables from it (the shared Ray of these tests was started
@@ -11,12 +12,14 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
 import torch
+import yaml
 
 from tests.s3.endpoint import CLEARED, S3Endpoint, list_keys, moto_server
 from xswinir.cli import main
@@ -98,3 +101,86 @@ def test_train_from_a_bucket_survives_a_killed_worker_bit_for_bit(ray_local, end
     capsys.readouterr()
     assert main(["eval", "--hr", "skimage:coins", "--checkpoint", printed[1], "--device", "cpu"]) == 0
     assert f"checkpoint {printed[1]}, x2" in capsys.readouterr().out
+
+
+@pytest.fixture
+def ray_with_aws(endpoint, monkeypatch):
+    """A fresh local Ray started from this process with the AWS variables set, stopped after the test.
+
+    Tune runs in this process, so its Ray must see the bucket: the shared ``ray_local`` was started without the
+    variables, and is shut down here as ``test_sweep_ray.own_ray`` does.
+    """
+    import ray
+
+    ray.shutdown()
+    _aws_env(endpoint, monkeypatch)
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    yield
+    ray.shutdown()
+
+
+# 3-6 minutes on 2 cores: two Tune runs of two tiny trials each, a classifier trained on the fly.
+@pytest.mark.slow
+def test_sweep_in_a_bucket_interrupted_then_resumed(ray_with_aws, endpoint, tmp_path, monkeypatch):
+    from ray.tune import Callback
+
+    from xswinir.errors import UserError
+    from xswinir.tune.manifest import SIGNATURE_FILE, ResumeRefused, verify_signature
+    from xswinir.tune.results import TRIALS_FILE
+    from xswinir.tune.sweep import run_sweep
+    from xswinir.tune.sweep_config import TEXTURE_WEIGHT, load_sweep_config
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))  # the manifest's key
+    monkeypatch.delenv("XSWINIR_SWEEP_KEY", raising=False)
+    bucket = endpoint.new_bucket()
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "tiny", "base": "demo", "num_samples": 2, "max_concurrent": 2, "seed": 0,
+        "overrides": [
+            "model.depths=[1]", "model.num_heads=[2]", "model.embed_dim=12", "data.gt_size=32",
+            "texture.region_size=64", "texture.classifier.num_pairs=256", "texture.classifier.steps=20",
+            "train.batch_size=2", "train.total_steps=4", "train.val_every=2", "train.warmup_steps=0",
+            "data.val_max_images=1", "run.cpus_per_worker=0.5",
+        ],
+        "search": {TEXTURE_WEIGHT: {"type": "loguniform", "low": 0.01, "high": 1.0}},
+        "scheduler": {"type": "none"},
+        "storage": f"s3://{bucket}/sweeps",
+    }))
+    sweep = load_sweep_config(config)
+    marker = tmp_path / "interrupted"
+
+    class InterruptAfterFirstTrial(Callback):
+        """Ctrl-C once, when the first trial has finished (Tune restores callbacks: hence the marker file)."""
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGINT)
+
+    first = run_sweep(sweep, callbacks=[InterruptAfterFirstTrial()])
+    assert not first.finished and any(r.status == "completed" for r in first.rows), [r.status for r in first.rows]
+    with pytest.raises(UserError, match="already exists"):
+        run_sweep(sweep)
+    exp = f"s3://{bucket}/sweeps/tiny"
+    verify_signature(exp)  # signed in the bucket by the interrupted driver
+
+    # One changed pickle in the bucket: the resume is refused before anything is unpickled.
+    fs = endpoint.filesystem()
+    with fs.open_input_stream(f"{bucket}/sweeps/tiny/tuner.pkl") as f:
+        original = f.read()
+    with fs.open_output_stream(f"{bucket}/sweeps/tiny/tuner.pkl") as f:
+        f.write(original + b"\n")
+    with pytest.raises(ResumeRefused, match="tuner.pkl"):
+        run_sweep(sweep, resume=True)
+    with fs.open_output_stream(f"{bucket}/sweeps/tiny/tuner.pkl") as f:
+        f.write(original)
+
+    resumed = run_sweep(sweep, resume=True)
+    assert resumed.finished and len(resumed.rows) == 2
+    assert all(r.status == "completed" for r in resumed.rows), [r.status for r in resumed.rows]
+    verify_signature(exp)  # re-signed after the resumed run
+    keys = list_keys(fs, f"{bucket}/sweeps/tiny")
+    assert TRIALS_FILE in keys and SIGNATURE_FILE in keys  # the results were uploaded beside the experiment
+    assert all(r.best is not None and r.steps == 4 for r in resumed.rows)
+    assert sum(r.baseline for r in resumed.rows) == 1  # the lambda = 0 baseline ran

@@ -1,17 +1,20 @@
 """``xswinir demo``: the main job, end to end on one machine with nothing to download.
 
 Trains a tiny SwinIR x2 with the texture term on images that ship inside scikit-image (local single-node
-Ray), evaluates the EMA model against plain bicubic up-sampling on held-out images, and draws the
-explanation picture: which other places of the image explain each tile, and how consistent the restored
-texture is.
+Ray), evaluates the EMA model against plain bicubic up-sampling on held-out images, fits a small trust model on
+the training images (how wrong each patch probably is, :mod:`xswinir.trust`), and draws the explanation picture
+and page: which other places of the image explain each tile, how consistent the restored texture is, and the
+expected error of every patch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,9 +25,22 @@ from xswinir.paths import log_dir
 from xswinir.sources import resolve_image_files
 
 if TYPE_CHECKING:
-    from torch import nn
+    from torch import Tensor, nn
 
-HELP = "the main job: a short local training run, evaluation against bicubic, and an explanation picture"
+    from xswinir.texture import TextureSearch
+    from xswinir.trust import TrustModel
+
+log = logging.getLogger(__name__)
+
+HELP = ("the main job: a short local training run, evaluation against bicubic, a trust model and an explanation "
+        "picture")
+# The demo's trust model: a few central crops of the training images (skimage:train has 8), about 20 s on 2 CPU
+# cores; `xswinir trust fit` fits a larger one. 128 px crops give 64 patches per image, and the 30 % of the
+# images held apart for the bound (2 of 8) 128 calibration patches.
+TRUST_FILE = "trust.json"
+TRUST_MAX_IMAGES = 8
+TRUST_CROP = 128
+TRUST_CALIBRATION_SHARE = 0.3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if (out / "runs").exists():
         if not args.overwrite:
             raise UserError(f"{out} holds an earlier demo: pass --overwrite to replace it, or --out elsewhere")
-        for name in ("runs", "logs", "eval.json", "explain.png", "explain.html"):
+        for name in ("runs", "logs", "eval.json", TRUST_FILE, "explain.png", "explain.html"):
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
@@ -70,21 +86,27 @@ def run(args: argparse.Namespace) -> int:
     evaluate_against_bicubic(model, cfg, out / "eval.json", checkpoint)
     evaluated = time.time()
 
-    print("\n[3/3] explanation picture")
+    print("\n[3/3] trust model and explanation picture")
     search = TextureSearch.from_config(cfg.texture, load_texture_classifier(checkpoint / CLASSIFIER_DIR))
+    trust = fit_demo_trust(model, search, cfg, out / TRUST_FILE)
+    trusted = time.time()
     hr = read_image(resolve_image_files(cfg.data.val)[0], channels=cfg.model.in_chans)
     hr, lq, description = degrade_hr(hr, cfg.degradation, cfg.scale, search.patch_size, seed=0)
+    # The trust model's signals were measured with this very search: it is passed on, not rebuilt from the file.
     explanation = explain(model, search, lq, hr=hr, description=description, out=out / "explain.png",
-                          tile=cfg.data.val_tile)
+                          tile=cfg.data.val_tile, trust=trust, trust_search=search)
     picture = explanation.png
-    page = write_page(page_data(search, explanation.lq, explanation.sr, hr=explanation.hr, name="demo",
-                                description=description, tile=cfg.data.val_tile), out / "explain.html")
+    page = write_page(page_data(search, explanation.lq, explanation.sr, hr=explanation.hr, trust=trust,
+                                trust_search=search, model=model, name="demo", description=description,
+                                tile=cfg.data.val_tile), out / "explain.html")
     print(f"explorable page written to {page} (open it in a browser: click any patch)")
     explained = time.time()
 
     print("\noutputs:")
     print(f"  checkpoint        {checkpoint}")
     print(f"  evaluation        {out / 'eval.json'}")
+    if trust is not None:
+        print(f"  trust model       {out / TRUST_FILE}")
     print(f"  explanation       {picture}")
     print(f"  explorable page   {page}")
     print(f"  training curves   {logs / 'training_curves.png'}")
@@ -99,8 +121,69 @@ def run(args: argparse.Namespace) -> int:
     print(f"\ntime: {_duration(explained - started)} in all: Ray start-up {_duration(ray_ready - started)}, "
           f"training {_duration(trained - ray_ready)} ({cfg.train.total_steps} steps {_duration(steps)}; texture "
           f"classifier, Ray Train start and stop {_duration(trained - ray_ready - steps)}), "
-          f"evaluation {_duration(evaluated - trained)}, explanation {_duration(explained - evaluated)}")
+          f"evaluation {_duration(evaluated - trained)}, trust model {_duration(trusted - evaluated)}, "
+          f"explanation {_duration(explained - trusted)}")
     return 0
+
+
+def fit_demo_trust(model: nn.Module, search: TextureSearch, cfg: Config, path: Path) -> TrustModel | None:
+    """A small trust model of the trained model, fitted on its training images, saved and described in one line.
+
+    The training images (``cfg.data.train``, never the validation images the demo evaluates and explains),
+    at most :data:`TRUST_MAX_IMAGES` of them spread over the source, their central :data:`TRUST_CROP` px,
+    degraded as in training (``cfg.degradation``, seeded per image name with ``cfg.train.seed``), restored and
+    measured; :data:`TRUST_CALIBRATION_SHARE` of the images calibrate the 90 % bound.
+
+    Args:
+        model: the trained (EMA) model, on CPU, in eval mode.
+        search: the run's texture search; the trust model's signals are measured with it.
+        cfg: the run's config.
+        path: the trust file to write (:func:`xswinir.trust.save_trust`).
+
+    Returns:
+        The fitted model, or None when the training images cannot give one (fewer than 2 usable images): the
+        demo then explains without the trust layer and says why.
+    """
+    # lazy: keeps torch off `xswinir --help`
+    import torch
+
+    from xswinir.data import open_images
+    from xswinir.degradations import build_degrader
+    from xswinir.evaluation import degrade
+    from xswinir.images import ImageReadError
+    from xswinir.trust import TrustError, collect_patches, fit_trust, save_trust, split_images
+
+    images = open_images(cfg.data.train, cfg.model.in_chans)
+    count = min(len(images), TRUST_MAX_IMAGES)
+    picks = sorted({i * len(images) // count for i in range(count)})  # spread over a larger source
+    degrader = build_degrader(cfg.degradation, cfg.scale)
+
+    def read() -> Iterator[tuple[str, Tensor]]:
+        for i in picks:
+            try:
+                yield images.names[i], images.load(i)
+            except ImageReadError as err:  # training skipped it too
+                log.warning("trust model: skipping %s", err)
+
+    try:
+        with torch.no_grad():
+            sample = collect_patches(model, search, read(), lambda gt, name: degrade(degrader, gt, name,
+                                                                                         cfg.train.seed),
+                                     scale=cfg.scale, crop=TRUST_CROP, label="trust model")
+        fit_ids, cal_ids = split_images(len(sample.image_names), TRUST_CALIBRATION_SHARE, cfg.train.seed)
+        trust = fit_trust(sample, fit_ids, cal_ids, search=search, scale=cfg.scale,
+                          report={"images": cfg.data.train, "degradation": f"the run's ({cfg.degradation.preset})",
+                                  "seed": cfg.train.seed, "crop": TRUST_CROP})
+    except TrustError as err:
+        print(f"no trust model: {err}")
+        return None
+    save_trust(trust, path)
+    report = trust.report
+    print(f"trust model written to {path}: fitted on {report['fit_images']} images of {cfg.data.train} "
+          f"({TRUST_CROP} px crops), its {trust.coverage:.0%} bound covers "
+          f"{report['calibration_coverage']:.1%} of the {report['calibration_patches']} patches of "
+          f"{report['calibration_images']} calibration images")
+    return trust
 
 
 def evaluate_against_bicubic(model: nn.Module, cfg: Config, path: Path, checkpoint: Path) -> None:

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xswinir.cli.options import add_max_pixels_argument, apply_max_pixels
+from xswinir.config import DEFAULT_DEGRADATION, DEGRADATION_PRESETS, ConfigError, TextureConfig, load_config
+from xswinir.paths import printable_path
+from xswinir.sources import resolve_image_files
 
 if TYPE_CHECKING:  # annotations only: the command's start-up loads no torch
     import torch
@@ -37,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classifier", default=None,
                         help="a texture classifier folder (default: the one inside a training checkpoint)")
     parser.add_argument("--preset", default=None, help="model preset, needed for official .pth files")
-    parser.add_argument("--degradation", default=None,
-                        help="degradation preset applied to an HR IMAGE (default: blur-noise; not with --lq)")
+    parser.add_argument("--degradation", default=None, help=f"degradation preset applied to an HR IMAGE "
+                                                             f"(default: {DEFAULT_DEGRADATION}; not with --lq)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the degradation (default: 0; not with --lq)")
     parser.add_argument("--patches", type=int, default=3,
                         help="how many tiles to explain, where the texture is strongest (default: %(default)s)")
@@ -53,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="for a folder IMAGE: write one explorable page per image into DIR and an index.html "
                              "ranking the images (no PNG)")
     parser.add_argument("--trust", metavar="FILE", default=None,
-                        help="a trust model (`xswinir trust fit`): the pages show each patch's expected error and "
-                             "bound, and the index ranks by it (default: ranked by inconsistency)")
+                        help="a trust model (`xswinir trust fit`): the PNG and the pages show each patch's expected "
+                             "error (the pages also its bound), and the index ranks by it (default: by inconsistency)")
     parser.add_argument("--tile", type=int, default=None,
                         help="LR tile size for the model on large images (default: the whole image at once)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -90,12 +93,10 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, checkpoint: Path) -> int:
     # Imported here, not at the top: `xswinir --help` and the other commands must not load torch.
     from xswinir.checkpoint import CLASSIFIER_DIR, CONFIG_FILE, CheckpointError, load_model
-    from xswinir.config import DEGRADATION_PRESETS, ConfigError, TextureConfig, load_config
     from xswinir.explain import ExplainError, degrade_hr, explain
     from xswinir.explain_page import page_data, write_page
     from xswinir.images import read_image
     from xswinir.inference import resolve_device
-    from xswinir.paths import printable_path
     from xswinir.texture import TextureSearch, load_texture_classifier
     from xswinir.trust import load_trust
 
@@ -111,7 +112,7 @@ def _run(args: argparse.Namespace, checkpoint: Path) -> int:
         raise ExplainError("--html-dir is for a folder IMAGE; for one image pass --html (the page goes beside the PNG)")
     if args.trust is not None and not (args.html or folder):
         raise ExplainError("--trust adds a layer to the explorable page: pass --html (or a folder with --html-dir)")
-    degradation = args.degradation or "blur-noise"
+    degradation = args.degradation or DEFAULT_DEGRADATION
     if degradation not in DEGRADATION_PRESETS:
         raise ConfigError(f"unknown --degradation {degradation!r}; choose one of {sorted(DEGRADATION_PRESETS)}")
     classifier_path = args.classifier
@@ -144,7 +145,7 @@ def _run(args: argparse.Namespace, checkpoint: Path) -> int:
             hr, lq, description = degrade_hr(image, DEGRADATION_PRESETS[degradation], model_cfg.upscale,
                                              search.patch_size, seed=args.seed or 0, device=device)
         result = explain(model, search, lq, hr=hr, description=description, patches=args.patches,
-                         positions=positions, out=args.out, tile=args.tile, device=device)
+                         positions=positions, out=args.out, tile=args.tile, trust=trust, device=device)
     except ExplainError as err:
         raise ExplainError(f"{printable_path(args.image)}: {err}") from err  # say which of the user's files
     print(f"wrote {printable_path(result.png)}")
@@ -172,10 +173,9 @@ def _explain_folder(args: argparse.Namespace, model: nn.Module, search: TextureS
                     degrade: Callable[[Tensor], Degraded] | None, trust: TrustModel | None, channels: int,
                     device: torch.device) -> int:
     """``explain FOLDER --html-dir DIR``: one page per image and the index, with a progress bar."""
+    # lazy: keeps torch off `xswinir --help`
     from xswinir.explain import ExplainError
     from xswinir.explain_page import explain_files
-    from xswinir.paths import printable_path
-    from xswinir.sources import resolve_image_files
 
     try:
         files = resolve_image_files(args.image)

@@ -35,8 +35,9 @@ added to the window.
 **Pair features** (``pair_features=True``, what the trained classifier uses): agreement between *two* windows,
 which no per-window feature can express, each symmetric in the two windows and bounded:
 
-* ``abs_ncc``: |normalised cross-correlation| of the two windows' luminance, in [0, 1]: how well one window
-  stands in for the other in the least-squares fit (what the fit rewards);
+* ``abs_ncc``: |normalised cross-correlation| of the two windows' colour pixels, each channel centred, in
+  [0, 1]: exactly how much of one window the other explains alone in the search's least-squares fit (its square
+  is that r²), colour included;
 * ``abs_ncc_best_shift``: the largest |cross-correlation| of the two unit-norm, centred windows over the shifts
   of at most ``max_shift`` pixels (zero outside the overlap), in [0, 1]: the same structure, slightly offset,
   e.g. a repeated pattern between the search's stride-4 windows;
@@ -48,8 +49,8 @@ which no per-window feature can express, each symmetric in the two windows and b
   and in light), again without pixel correspondence.
 
 They are computed from each window's *descriptor*, which ``forward`` and ``window_features`` append after the
-named features when ``pair_features`` is on: the window's centred luminance (``p * p`` values) and its
-orientation histogram (8). :meth:`TextureFeatures.pair_features` computes them for broadcast pairs,
+named features when ``pair_features`` is on: the window's pixels centred per channel (``3 * p * p`` values, gray
+as gray RGB) and its orientation histogram (8). :meth:`TextureFeatures.pair_features` computes them for broadcast pairs,
 :meth:`TextureFeatures.outer_pair_features` for every window against every patch (the search) with matrix
 products.
 """
@@ -118,10 +119,11 @@ def _mean_and_std(x: Tensor, kernel: tuple[int, int], stride: int) -> tuple[Tens
     return mean, _soft_sqrt(var.clamp_min(0.0))
 
 
-def _centred_windows(luma: Tensor, window: tuple[int, int], stride: int, grid: tuple[int, int]) -> Tensor:
-    """(B, 1, H, W) -> (B, h*w, nh, nw): every window's luminance minus its mean, row-major pixels."""
-    x = F.unfold(luma, window, stride=stride)  # (B, h*w, nh*nw)
-    return (x - x.mean(1, keepdim=True)).unflatten(-1, tuple(grid))
+def _centred_windows(x: Tensor, window: tuple[int, int], stride: int, grid: tuple[int, int]) -> Tensor:
+    """(B, 3, H, W) -> (B, 3*h*w, nh, nw): every window's pixels minus its per-channel mean, channel-major."""
+    B, C = x.shape[:2]
+    cols = F.unfold(x, window, stride=stride).unflatten(1, (C, -1))  # (B, 3, h*w, nh*nw)
+    return (cols - cols.mean(2, keepdim=True)).flatten(1, 2).unflatten(-1, tuple(grid))
 
 
 def _shifts(max_shift: int) -> list[tuple[int, int]]:
@@ -131,7 +133,7 @@ def _shifts(max_shift: int) -> list[tuple[int, int]]:
 
 
 def _overlap(x: Tensor, dy: int, dx: int) -> Tensor:
-    """Pixels ``x(y)`` of windows x (..., h, w) at the positions y that stay inside after a move by -(dy, dx).
+    """Pixels ``x(y)`` of windows x (..., C, h, w) at the positions y that stay inside after a move by -(dy, dx).
 
     ``_overlap(a, -dy, -dx) * _overlap(b, dy, dx)`` pairs ``a(x)`` with ``b(x + (dy, dx))`` wherever both exist.
     """
@@ -144,12 +146,11 @@ def _moved(x: Tensor, dy: int, dx: int) -> Tensor:
     return F.pad(_overlap(x, -dy, -dx), (max(0, dx), max(0, -dx), max(0, dy), max(0, -dy)))
 
 
-def _unit(luma: Tensor) -> Tensor:
-    """Centred windows (..., h, w) scaled to unit norm; a spread below the floor counts as the floor."""
-    h, w = luma.shape[-2:]
-    luma = luma - luma.mean((-1, -2), keepdim=True)
-    norm = luma.square().sum((-1, -2), keepdim=True).sqrt()
-    return luma / norm.clamp_min(_NCC_SPREAD_FLOOR * math.sqrt(h * w))
+def _unit(pixels: Tensor) -> Tensor:
+    """Windows (..., C, h, w) centred per channel and scaled to unit norm; a spread below the floor counts as it."""
+    pixels = pixels - pixels.mean((-1, -2), keepdim=True)
+    norm = pixels.square().sum((-1, -2, -3), keepdim=True).sqrt()
+    return pixels / norm.clamp_min(_NCC_SPREAD_FLOOR * math.sqrt(pixels.shape[-3:].numel()))
 
 
 def _cosine_unit(x: Tensor) -> Tensor:
@@ -172,7 +173,7 @@ class TextureFeatures(nn.Module):
         lbp_threshold: how much brighter than the centre (in [0, 1] intensity) a neighbour must be to count as
             "on" in the local binary pattern; keeps sensor noise in flat areas from filling random bins.
         layout_grid: cells per side of the layout thumbnail (0: no layout features).
-        pair_features: append each window's descriptor (centred luminance, orientation histogram) after the named
+        pair_features: append each window's descriptor (centred pixels, orientation histogram) after the named
             features, for :meth:`pair_features`.
         max_shift: the largest shift, in pixels, of ``abs_ncc_best_shift``.
     """
@@ -222,7 +223,7 @@ class TextureFeatures(nn.Module):
 
     def descriptor_size(self, window: tuple[int, int]) -> int:
         """How many descriptor values follow the named features for an ``h x w`` window (0 without pairs)."""
-        return window[0] * window[1] + ORIENTATION_BINS if self.pair_features_on else 0
+        return 3 * window[0] * window[1] + ORIENTATION_BINS if self.pair_features_on else 0
 
     def extra_repr(self) -> str:
         return (f"scales={self.scales}, num_orientations={self.num_orientations}, features={self.num_features}, "
@@ -294,7 +295,8 @@ class TextureFeatures(nn.Module):
         if self.layout_grid:
             out.append(self._layout(luma, (ph, pw), stride))
         if self.pair_features_on:
-            out.append(_centred_windows(luma, (ph, pw), stride, out[-1].shape[-2:]))
+            rgb = x.expand(-1, 3, -1, -1)  # gray as gray RGB: the same correlations, vectors of one length
+            out.append(_centred_windows(rgb, (ph, pw), stride, out[-1].shape[-2:]))
             out.append(_pool(self._orientation_votes(luma), (ph - 2, pw - 2), stride))
         return torch.cat(out, dim=1)
 
@@ -312,13 +314,14 @@ class TextureFeatures(nn.Module):
         return magnitude * closeness.clamp_min(0) ** _ORIENTATION_SHARPNESS
 
     def split(self, f: Tensor, window: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
-        """A feature vector (..., F + D) -> named features (..., F), centred luma (..., h, w), histogram (..., 8)."""
+        """A feature vector (..., F + D) -> named features (..., F), pixels centred per channel (..., 3, h, w),
+        orientation histogram (..., 8)."""
         num, (h, w) = self.num_features, window
         if f.shape[-1] != num + self.descriptor_size(window):
             raise ValueError(f"expected {num} features and a {h}x{w} descriptor ({num + self.descriptor_size(window)} "
                              f"values), got {f.shape[-1]}")
-        luma = f[..., num:num + h * w].unflatten(-1, (h, w))
-        return f[..., :num], luma, f[..., num + h * w:]
+        pixels = f[..., num:num + 3 * h * w].unflatten(-1, (3, h, w))
+        return f[..., :num], pixels, f[..., num + 3 * h * w:]
 
     def pair_features(self, fa: Tensor, fb: Tensor, window: tuple[int, int]) -> Tensor:
         """The named pair features of broadcast pairs of feature vectors.
@@ -332,12 +335,12 @@ class TextureFeatures(nn.Module):
             (..., P) in the order of ``pair_feature_names``, symmetric in ``fa`` and ``fb`` (exactly: every
             term is a sum of the same products in the same order), each in [0, 1] for real windows.
         """
-        named_a, luma_a, hist_a = self.split(fa, window)
-        named_b, luma_b, hist_b = self.split(fb, window)
-        a, b = _unit(luma_a), _unit(luma_b)
+        named_a, pixels_a, hist_a = self.split(fa, window)
+        named_b, pixels_b, hist_b = self.split(fb, window)
+        a, b = _unit(pixels_a), _unit(pixels_b)
         shifts = []
-        for dy, dx in _shifts(self.max_shift):  # sum over x of a(x) b(x + (dy, dx)) where both exist
-            shifts.append((_overlap(a, -dy, -dx) * _overlap(b, dy, dx)).sum((-1, -2)).abs())
+        for dy, dx in _shifts(self.max_shift):  # sum over x and channels of a(x) b(x + (dy, dx)) where both exist
+            shifts.append((_overlap(a, -dy, -dx) * _overlap(b, dy, dx)).sum((-1, -2, -3)).abs())
         correlations = torch.stack(shifts, dim=-1)
         ncc = correlations[..., len(shifts) // 2]  # the middle shift is (0, 0)
         orientation = (_cosine_unit(hist_a) * _cosine_unit(hist_b)).sum(-1)
@@ -357,12 +360,12 @@ class TextureFeatures(nn.Module):
             (..., T, N, P), equal to ``pair_features(fa[..., :, None, :], fb[..., None, :, :], window)`` up to
             float rounding, without a (..., T, N, F + D) intermediate.
         """
-        named_a, luma_a, hist_a = self.split(fa, window)
-        named_b, luma_b, hist_b = self.split(fb, window)
-        a, b = _unit(luma_a), _unit(luma_b).flatten(-2)  # (..., T, h, w), (..., N, h*w)
-        shifted = torch.stack([_moved(a, dy, dx) for dy, dx in _shifts(self.max_shift)], dim=-3)  # (..., T, S, h, w)
-        T, S = shifted.shape[-4:-2]
-        correlations = (shifted.flatten(-2).flatten(-3, -2) @ b.transpose(-1, -2)).abs()  # (..., T * S, N)
+        named_a, pixels_a, hist_a = self.split(fa, window)
+        named_b, pixels_b, hist_b = self.split(fb, window)
+        a, b = _unit(pixels_a), _unit(pixels_b).flatten(-3)  # (..., T, 3, h, w), (..., N, 3*h*w)
+        shifted = torch.stack([_moved(a, dy, dx) for dy, dx in _shifts(self.max_shift)], dim=-4)  # (..., T, S, 3, h, w)
+        T, S = shifted.shape[-5:-3]
+        correlations = (shifted.flatten(-3).flatten(-3, -2) @ b.transpose(-1, -2)).abs()  # (..., T * S, N)
         correlations = correlations.unflatten(-2, (T, S))  # (..., T, S, N)
         ncc = correlations[..., S // 2, :]
         orientation = _cosine_unit(hist_a) @ _cosine_unit(hist_b).transpose(-1, -2)
