@@ -602,7 +602,7 @@ def _draw_trust(fig: Any, ax: Any, scene: _Scene) -> None:
     H, W = sr.shape[-2:]
     expected, bound = trust.expected, trust.bound
     _show(ax, sr.mean(0, keepdim=True), f"trust: expected error per tile, mean |Y error| (Y 0-255)\nmean "
-          f"{float(expected.mean()):.1f}; {scene.trust_coverage:.0%} bound, mean {float(bound.mean()):.1f}",
+          f"{float(expected.mean()):.1f} ({scene.trust_coverage:.0%} bound: mean {float(bound.mean()):.1f})",
           fontsize=8)
     th, tw = expected.shape
     im = ax.imshow(expected.numpy(), cmap="magma", alpha=0.7, vmin=0, vmax=scene.trust_scale,

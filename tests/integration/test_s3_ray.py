@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from tests.s3.endpoint import CLEARED, S3Endpoint, list_keys, moto_server
+from tests.s3.endpoint import S3Endpoint, list_keys, moto_server, point_at
 from xswinir.cli import main
 from xswinir.config import load_config
 from xswinir.images import read_image, write_image
@@ -44,15 +44,6 @@ def endpoint() -> Iterator[S3Endpoint]:
         yield server
 
 
-def _aws_env(endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Points this process at the server and returns the environment for the processes it starts."""
-    for name in CLEARED:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in endpoint.env.items():
-        monkeypatch.setenv(name, value)
-    return {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-
-
 def _model_weights(checkpoint: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -66,7 +57,7 @@ def test_train_from_a_bucket_survives_a_killed_worker_bit_for_bit(ray_local, end
                                                                    capsys):
     from xswinir.trainer import FAILURE_ENV, fit
 
-    env = _aws_env(endpoint, monkeypatch)
+    env = {**point_at(endpoint, monkeypatch), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     bucket = endpoint.new_bucket()
     for path in resolve_image_files("skimage:astronaut,coffee,chelsea"):
         write_image(tmp_path / "hr" / f"{path.stem}.png", read_image(path)[:, :96, :96])
@@ -113,14 +104,14 @@ def ray_with_aws(endpoint, monkeypatch):
     import ray
 
     ray.shutdown()
-    _aws_env(endpoint, monkeypatch)
+    point_at(endpoint, monkeypatch)
     monkeypatch.setenv("RAY_ADDRESS", "local")
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     yield
     ray.shutdown()
 
 
-# 3-6 minutes on 2 cores: two Tune runs of two tiny trials each, a classifier trained on the fly.
+# 1-4 minutes on 2 cores: three tiny trials one after the other (a classifier trained on the fly), over two Tune runs.
 @pytest.mark.slow
 def test_sweep_in_a_bucket_interrupted_then_resumed(ray_with_aws, endpoint, tmp_path, monkeypatch):
     from ray.tune import Callback
@@ -136,7 +127,7 @@ def test_sweep_in_a_bucket_interrupted_then_resumed(ray_with_aws, endpoint, tmp_
     bucket = endpoint.new_bucket()
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({
-        "name": "tiny", "base": "demo", "num_samples": 2, "max_concurrent": 2, "seed": 0,
+        "name": "tiny", "base": "demo", "num_samples": 3, "max_concurrent": 1, "seed": 0,
         "overrides": [
             "model.depths=[1]", "model.num_heads=[2]", "model.embed_dim=12", "data.gt_size=32",
             "texture.region_size=64", "texture.classifier.num_pairs=256", "texture.classifier.steps=20",
@@ -177,7 +168,7 @@ def test_sweep_in_a_bucket_interrupted_then_resumed(ray_with_aws, endpoint, tmp_
         f.write(original)
 
     resumed = run_sweep(sweep, resume=True)
-    assert resumed.finished and len(resumed.rows) == 2
+    assert resumed.finished and len(resumed.rows) == 3
     assert all(r.status == "completed" for r in resumed.rows), [r.status for r in resumed.rows]
     verify_signature(exp)  # re-signed after the resumed run
     keys = list_keys(fs, f"{bucket}/sweeps/tiny")

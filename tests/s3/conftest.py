@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 import pytest
 
-from tests.s3.endpoint import CLEARED, S3Endpoint, moto_server
+from tests.s3.endpoint import S3Endpoint, moto_server, point_at
 
 
 @pytest.fixture(scope="session")
@@ -36,8 +36,5 @@ class Bucket:
 @pytest.fixture
 def s3(s3_server: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Bucket:
     """A new bucket, with ``AWS_ENDPOINT_URL``, the keys and the region set for this test only."""
-    for name in CLEARED:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in s3_server.env.items():
-        monkeypatch.setenv(name, value)
+    point_at(s3_server, monkeypatch)
     return Bucket(s3_server.new_bucket(), s3_server, s3_server.filesystem())

@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import pytest
 
 # Dummy keys (moto accepts any unless told to check them); region as S3-compatible stores default it.
 KEYS = {"AWS_ACCESS_KEY_ID": "xswinir-test-key", "AWS_SECRET_ACCESS_KEY": "xswinir-test-secret"}
@@ -79,3 +81,13 @@ def list_keys(fs: pafs.FileSystem, remote: str) -> list[str]:
     """Every object below ``remote`` (``bucket/key``), as paths relative to it, sorted."""
     infos = fs.get_file_info(pafs.FileSelector(remote, recursive=True, allow_not_found=True))
     return sorted(i.path.removeprefix(remote.rstrip("/") + "/") for i in infos if i.type == pafs.FileType.File)
+
+
+def point_at(endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Sets this process's AWS variables to ``endpoint`` (``CLEARED`` unset) for the test; returns the whole
+    environment, for the processes the test starts (a Ray started from here inherits it)."""
+    for name in CLEARED:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in endpoint.env.items():
+        monkeypatch.setenv(name, value)
+    return dict(os.environ)

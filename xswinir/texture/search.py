@@ -17,9 +17,9 @@ With ``query: gt`` the search depends on the training batch alone, so training c
 made, in the DataLoader's worker processes (``texture.search_in``): :meth:`TextureSearch.attach_match` puts the
 match into the collated batch in place of the region, :meth:`TextureSearch.match_from_batch` reads it back in
 the training step, which then only computes the term. On the study's CPU model (one thread) the search costs
-more than a whole λ = 0 step, about 55 % of it the feature pass over the region and 30 % the pair scoring
-(``python -m bench.bench_texture --profile study_cpu``); in the workers it runs beside the training thread, on
-a core of its own where one is free. Its CPU time is the same there.
+about twice a whole λ = 0 step, mostly the pair scoring (about half of it) and the feature pass over the region
+(about a third) (``python -m bench.bench_texture --profile study_cpu``); in the workers it runs beside the
+training thread, on a core of its own where one is free. Its CPU time is the same there.
 
 Naming: a *patch* is one square of the ``p`` grid of the searched image; a *window* is any ``p x p`` square of
 the region at the search stride. (A *tile* elsewhere in the project is a piece of an image in tiled inference.)

@@ -273,7 +273,9 @@ def _sample_rankings(images: list[Tensor], lq_images: list[Tensor] | None, num: 
             y, x, ok = _nearby(img, ya, xa, reach, span, p, max_iou, generator)
             y, x = torch.where(ok, y, ya), torch.where(ok, x, xa)  # (the anchor itself stands in; masked out below)
             c = _fit_correlation(anchor, _crop(images, img, y, x, p))
-            ys.append(y), xs.append(x), corr.append(torch.where(ok, c, torch.full_like(c, -math.inf)))
+            ys.append(y)
+            xs.append(x)
+            corr.append(torch.where(ok, c, torch.full_like(c, -math.inf)))
         ys, xs, corr = torch.stack(ys, 1), torch.stack(xs, 1), torch.stack(corr, 1)  # (n, M) each
         best = corr.argmax(1, keepdim=True)
         best_corr = corr.gather(1, best)
@@ -293,41 +295,32 @@ def _sample_rankings(images: list[Tensor], lq_images: list[Tensor] | None, num: 
     return _Rankings(fa, better, worse, lq)
 
 
-def _sample_pairs(images: list[Tensor], lq_images: list[Tensor] | None, num_pairs: int, p: int, max_iou: float,
-                  cfg: ClassifierConfig, clf: TextureClassifier, generator: torch.Generator,
-                  progress: bool) -> _Pairs:
-    """Draws ``num_pairs`` pairs from ``images`` as described in the module docstring and computes features."""
-    sizes = torch.tensor([img.shape[-2:] for img in images])  # (I, 2) as (H, W)
-    num_images = len(images)
-    n_pos = num_pairs // 2
-    n_neg = num_pairs - n_pos
-    n_hard = round(n_neg * cfg.hard_negative_fraction) if num_images > 1 else n_neg
-    span = sizes - p + 1  # window positions per axis
-    reach = max(p, round(cfg.positive_max_shift * p))  # positives lie within this Chebyshev distance
+def _nearby_pairs(images: list[Tensor], span: Tensor, reach: int, p: int, max_iou: float, cfg: ClassifierConfig,
+                  wanted: dict[str, int], generator: torch.Generator) -> dict[str, tuple[Tensor, ...]]:
+    """Nearby windows the search could pick (overlap <= max_iou), inside the image, sorted by what they show.
 
-    def positions(index: Tensor) -> tuple[Tensor, Tensor]:
-        return _uniform(len(index), span[index, 0], generator), _uniform(len(index), span[index, 1], generator)
+    Args:
+        span: (I, 2) window positions per axis of each image.
+        wanted: how many pairs of each kind: ``correlated`` and ``texture`` (positives; texture positives found
+            count against the correlated ones) and ``near`` (a boundary: negative).
 
-    # Nearby windows the search could pick (overlap <= max_iou), inside the image, sorted by what they show:
-    # correlated (positive), one texture region without correlation (positive), a boundary (negative).
-    by_correlation = cfg.positive_min_correlation > 0
-    n_texture = round(n_pos * TEXTURE_POSITIVE_FRACTION) if by_correlation else 0
-    n_near = round(n_neg * cfg.near_negative_fraction) if by_correlation else 0
-    kinds = {"correlated": [], "texture": [], "near": []}
-    found = dict.fromkeys(kinds, 0)
+    Returns:
+        Per kind ``(image, ya, xa, image, yb, xb)``, each (n,) long, at most ``wanted`` of them.
+    """
+    kinds: dict[str, list[tuple[Tensor, ...]]] = {kind: [] for kind in wanted}
+    found = dict.fromkeys(wanted, 0)
 
-    def wanted() -> dict[str, int]:
-        return {"correlated": n_pos - min(found["texture"], n_texture) - found["correlated"],
-                "texture": n_texture - found["texture"], "near": n_near - found["near"]}
+    def missing() -> dict[str, int]:
+        return {"correlated": wanted["correlated"] - min(found["texture"], wanted["texture"]) - found["correlated"],
+                "texture": wanted["texture"] - found["texture"], "near": wanted["near"] - found["near"]}
 
     for _ in range(20):  # rejection sampling; a few rounds suffice
-        want = max(max(wanted().values()), 1)
-        img = torch.randint(0, num_images, (8 * want,), generator=generator)
-        ya, xa = positions(img)
+        img = torch.randint(0, len(images), (8 * max(*missing().values(), 1),), generator=generator)
+        ya, xa = _uniform(len(img), span[img, 0], generator), _uniform(len(img), span[img, 1], generator)
         yb, xb, ok = _nearby(img, ya, xa, reach, span, p, max_iou, generator)
         ok = ok.nonzero().flatten()
         chosen = {"correlated": ok, "texture": ok[:0], "near": ok[:0]}
-        if by_correlation and len(ok):
+        if cfg.positive_min_correlation > 0 and len(ok):
             a, b = _crop(images, img[ok], ya[ok], xa[ok], p), _crop(images, img[ok], yb[ok], xb[ok], p)
             midway = _crop(images, img[ok], (ya[ok] + yb[ok]) // 2, (xa[ok] + xb[ok]) // 2, p)
             corr = _correlation(a, b)
@@ -340,35 +333,56 @@ def _sample_pairs(images: list[Tensor], lq_images: list[Tensor] | None, num_pair
             chosen = {"correlated": ok[corr >= cfg.positive_min_correlation],
                       "texture": ok[(corr.abs() < cfg.positive_min_correlation) & one_region],
                       "near": ok[(corr.abs() <= cfg.near_negative_max_correlation) & boundary]}
-        need = wanted()
+        need = missing()
         for kind, index in chosen.items():
             index = index[: max(need[kind], 0)]
             kinds[kind].append((img[index], ya[index], xa[index], img[index], yb[index], xb[index]))
             found[kind] += len(index)
-        if max(wanted().values()) <= 0:
+        if max(missing().values()) <= 0:
             break
     joined = {kind: tuple(torch.cat(column) for column in zip(*parts, strict=True)) for kind, parts in kinds.items()}
-    n_texture = found["texture"]
-    n_correlated = min(found["correlated"], n_pos - n_texture)  # texture positives found late leave fewer to fill
+    n_correlated = wanted["correlated"] - len(joined["texture"][0])  # texture positives found late leave fewer
     joined["correlated"] = tuple(column[:n_correlated] for column in joined["correlated"])
-    if n_correlated + n_texture == 0:
-        raise ConfigError(f"texture classifier: no image is large enough for two {p} px windows that overlap at "
-                          f"most texture.max_iou={max_iou}; give images at least {2 * p} px wide")
-    n_pos = n_correlated + n_texture
-    found_near = found["near"]
-    n_hard = min(n_hard, n_neg - found_near)
+    return joined
 
-    # Same-image candidates farther apart than any positive, from images big enough; 4x the need, filtered later.
+
+def _far_candidates(span: Tensor, reach: int, p: int, num: int, generator: torch.Generator) -> tuple[Tensor, ...]:
+    """Up to ``num`` pairs of windows of one image farther apart than any positive, from images big enough.
+
+    Returns:
+        ``(image, ya, xa, image, yb, xb)``, each (n,) long.
+    """
     far_apart = reach + p
     eligible = ((span - 1).amax(1) >= far_apart).nonzero().flatten()
-    if len(eligible) and n_hard:
-        cand = eligible[torch.randint(0, len(eligible), (4 * n_hard,), generator=generator)]
-        ya, xa = positions(cand)
-        yb, xb = positions(cand)
-        far = torch.maximum((ya - yb).abs(), (xa - xb).abs()) >= far_apart
-        hard_parts = (cand[far], ya[far], xa[far], cand[far], yb[far], xb[far])
-    else:
-        hard_parts = tuple(torch.zeros(0, dtype=torch.long) for _ in range(6))
+    if not len(eligible) or not num:
+        return tuple(torch.zeros(0, dtype=torch.long) for _ in range(6))
+    cand = eligible[torch.randint(0, len(eligible), (num,), generator=generator)]
+    ya, xa = _uniform(num, span[cand, 0], generator), _uniform(num, span[cand, 1], generator)
+    yb, xb = _uniform(num, span[cand, 0], generator), _uniform(num, span[cand, 1], generator)
+    far = torch.maximum((ya - yb).abs(), (xa - xb).abs()) >= far_apart
+    return cand[far], ya[far], xa[far], cand[far], yb[far], xb[far]
+
+
+def _sample_pairs(images: list[Tensor], lq_images: list[Tensor] | None, num_pairs: int, p: int, max_iou: float,
+                  cfg: ClassifierConfig, clf: TextureClassifier, generator: torch.Generator,
+                  progress: bool) -> _Pairs:
+    """Draws ``num_pairs`` pairs from ``images`` as described in the module docstring and computes features."""
+    span = torch.tensor([img.shape[-2:] for img in images]) - p + 1  # (I, 2) window positions per axis
+    num_images = len(images)
+    n_pos = num_pairs // 2
+    n_neg = num_pairs - n_pos
+    reach = max(p, round(cfg.positive_max_shift * p))  # positives lie within this Chebyshev distance
+    by_correlation = cfg.positive_min_correlation > 0
+    wanted = {"correlated": n_pos, "texture": round(n_pos * TEXTURE_POSITIVE_FRACTION) if by_correlation else 0,
+              "near": round(n_neg * cfg.near_negative_fraction) if by_correlation else 0}
+    nearby = _nearby_pairs(images, span, reach, p, max_iou, cfg, wanted, generator)
+    n_correlated, n_texture, found_near = (len(nearby[kind][0]) for kind in ("correlated", "texture", "near"))
+    n_pos = n_correlated + n_texture
+    if n_pos == 0:
+        raise ConfigError(f"texture classifier: no image is large enough for two {p} px windows that overlap at "
+                          f"most texture.max_iou={max_iou}; give images at least {2 * p} px wide")
+    n_hard = min(round(n_neg * cfg.hard_negative_fraction) if num_images > 1 else n_neg, n_neg - found_near)
+    hard_parts = _far_candidates(span, reach, p, 4 * n_hard, generator)  # 4x the need, filtered below
     n_hard_cand = len(hard_parts[0])
 
     def pair_features(parts: list[tuple[Tensor, ...]]) -> tuple[Tensor, Tensor, Tensor]:
@@ -381,11 +395,10 @@ def _sample_pairs(images: list[Tensor], lq_images: list[Tensor] | None, num_pair
         windows_b = _augment(_crop(images, index_b, yb, xb, p), generator)
         return _features(clf, windows_a, progress), _features(clf, windows_b, progress), lq
 
-    fa, fb, lq_query = pair_features([joined["correlated"], joined["texture"], hard_parts])
+    fa, fb, lq_query = pair_features([nearby["correlated"], nearby["texture"], hard_parts])
     # Keep the hard candidates that differ more than the chosen quantile of positive pairs (named features only:
     # the descriptor's pixels are no texture statistics).
-    named = fa.shape[-1] - clf.features.descriptor_size((p, p))
-    both = torch.cat([fa, fb])[:, :named]
+    both = torch.cat([fa, fb])[:, :clf.features.num_features]
     z = (both - both.mean(0)) / both.std(0).clamp_min(1e-6)
     dist = (z[: len(fa)] - z[len(fa):]).norm(dim=1)
     hard = torch.arange(n_pos, n_pos + n_hard_cand)
@@ -395,7 +408,7 @@ def _sample_pairs(images: list[Tensor], lq_images: list[Tensor] | None, num_pair
     keep = torch.cat([torch.arange(n_pos), hard])
     fa, fb, lq_query = fa[keep], fb[keep], lq_query[keep]
     if found_near:
-        fa_near, fb_near, lq_near = pair_features([joined["near"]])
+        fa_near, fb_near, lq_near = pair_features([nearby["near"]])
         fa, fb, lq_query = torch.cat([fa, fa_near]), torch.cat([fb, fb_near]), torch.cat([lq_query, lq_near])
 
     # Across images: whatever the hard negatives leave.
@@ -403,7 +416,9 @@ def _sample_pairs(images: list[Tensor], lq_images: list[Tensor] | None, num_pair
     if n_cross:
         img_a = torch.randint(0, num_images, (n_cross,), generator=generator)
         img_b = (img_a + torch.randint(1, num_images, (n_cross,), generator=generator)) % num_images
-        fa_cross, fb_cross, lq_cross = pair_features([(img_a, *positions(img_a), img_b, *positions(img_b))])
+        a = (img_a, _uniform(n_cross, span[img_a, 0], generator), _uniform(n_cross, span[img_a, 1], generator))
+        b = (img_b, _uniform(n_cross, span[img_b, 0], generator), _uniform(n_cross, span[img_b, 1], generator))
+        fa_cross, fb_cross, lq_cross = pair_features([(*a, *b)])
         fa, fb, lq_query = torch.cat([fa, fa_cross]), torch.cat([fb, fb_cross]), torch.cat([lq_query, lq_cross])
     labels = torch.cat([torch.ones(n_pos), torch.zeros(len(fa) - n_pos)])
     texture_positive = torch.zeros(len(fa), dtype=torch.bool)
