@@ -27,7 +27,8 @@ the HR grid (``lq``: what a user has). Reported per method (mean over crops, 95 
 texture images ``brick``, ``grass`` and ``gravel`` (seeded positions) and textured regions of held-out photographs
 (fur, grass, gravel, soil, lichen in BSD200; the cat's fur of scikit-image's ``chelsea``; boxes in
 ``PHOTO_TEXTURE_REGIONS``, chosen by eye before any classifier ran on them). Every patch of the region's central
-``gt_size`` crop counts. Reported: the share of patches that get at least one partner (``partnered``), and the
+``gt_size`` crop counts. Reported: the share of patches that get at least one partner (``partnered``), how many of
+the K windows pass ``min_score`` per patch (``windows``), and the
 honest r² and fit error of those textures (low: windows of a stochastic texture share its statistics, not its
 pixels).
 
@@ -84,6 +85,15 @@ PHOTO_TEXTURE_REGIONS = (
     ("skimage:chelsea", 0, 190, "cat fur, forehead"),
     ("skimage:chelsea", 160, 20, "cat fur, cheek"),
 )
+
+
+MARKDOWN_INTRO = """Written by `python -m bench.bench_selection` (the JSON beside it has every figure, the classifier's
+report and weights). The classifier is fitted on T91; the crops (Set5 HR, BSD200) and the stochastic-texture
+regions (scikit-image's brick, grass and gravel; the boxes of `PHOTO_TEXTURE_REGIONS` in BSD200 and chelsea) are
+held out from that fit and were fixed before the first run. `fit_err`: mean |X c* - gt| per patch; `partnered`:
+share of patches with at least one window scoring at least `texture.min_score`; `windows`: how many of the K
+windows per patch do (mean).
+"""
 
 
 class _RandomFeatures:
@@ -178,14 +188,15 @@ def _ci(values: torch.Tensor) -> tuple[float, float]:
 
 
 def evaluate(search: TextureSearch, region: torch.Tensor, query: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Per-crop means (N,) of fit error, r², error share, pull-helps and windows used, and per-patch partners."""
+    """Per-crop means (N,) of fit error, r², error share, pull-helps and windows used; per patch (N * T,) whether
+    it has a partner and how many windows it got."""
     p = search.patch_size
     offset = torch.full((len(region), 2), (region.shape[-1] - GT_SIZE) // 2, dtype=torch.long)
     gt = _centre_crop(region)
     lq_up = _degrade(gt, seed=1)
     error = lq_up - gt
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("fit_err", "r2", "err_share", "pull_helps", "used",
-                                                         "partnered")}
+                                                         "partnered", "windows")}
     for i in range(0, len(region), BATCH):
         sl = slice(i, i + BATCH)
         q = None if query is None else query[sl]
@@ -203,6 +214,7 @@ def evaluate(search: TextureSearch, region: torch.Tensor, query: torch.Tensor | 
         out["pull_helps"].append((patch_err < bicubic_err).float().mean(-1))
         out["used"].append(ok.float().mean(-1))
         out["partnered"].append(ok.flatten())
+        out["windows"].append(match.valid.sum(-1).flatten().float())
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -258,6 +270,7 @@ def main() -> None:
         for query_name, query in (("gt", None), ("lq", lq_up)):
             values = evaluate(search, region, query)
             values.pop("partnered")
+            values.pop("windows")
             per_crop[(name, query_name)] = values
             row = {"method": name, "query": query_name}
             for key, v in values.items():
@@ -282,6 +295,7 @@ def main() -> None:
             patch_sel = torch.tensor([group in ("all", g) for g in per_patch_group])
             texture_rows.append({"query": query_name, "textures": group, "patches": int(patch_sel.sum()),
                                  "partnered": float(values["partnered"][patch_sel].float().mean()),
+                                 "windows": float(values["windows"][patch_sel].mean()),
                                  "r2": float(values["r2"][crop_sel].mean()),
                                  "fit_err": float(values["fit_err"][crop_sel].mean())})
 
@@ -322,7 +336,7 @@ def main() -> None:
                photo_texture_regions=[list(r) for r in PHOTO_TEXTURE_REGIONS], overrides=args.overrides)
     markdown = "\n".join(_markdown(table, title) for table, title in zip((rows, texture_rows, goals), titles,
                                                                           strict=True))
-    json_path.with_suffix(".md").write_text(f"# bench_selection\n\n{markdown}")
+    json_path.with_suffix(".md").write_text(f"# bench_selection\n\n{MARKDOWN_INTRO}\n{markdown}")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,7 @@ class DataConfig:
     crops_per_image: int = 4
     verify_checksums: bool = True  # check each shard row's sha256 when it is decoded (a mismatch is skipped)
     loader_workers: int = 2
+    stream_above_mb: float = 2048.0  # shards larger than this stream (xswinir.stream); smaller: held in memory
     val_max_images: int | None = None
     val_tile: int | None = None  # LR tile size for validation inference; None: whole images
 
@@ -141,6 +142,8 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be >= 1 or null, got {getattr(self, name)}")
         if self.crops_per_image < 1 or self.loader_workers < 0:
             raise ConfigError("data.crops_per_image must be >= 1 and data.loader_workers >= 0")
+        if self.stream_above_mb < 0:
+            raise ConfigError(f"data.stream_above_mb must be >= 0, got {self.stream_above_mb}")
 
 
 @dataclass

@@ -564,7 +564,9 @@ def build_train_batches(cfg: Config, rank: int, world_size: int, start_step: int
 
     Image folders and Parquet shards (local or remote) take the same path: DataLoader worker processes
     (``data.loader_workers``) decode images and cut ``data.crops_per_image`` items from each, so the training
-    loop only moves finished batches.
+    loop only moves finished batches. Shards whose encoded size is over ``data.stream_above_mb`` are streamed
+    (:mod:`xswinir.stream`: this rank's share of the row groups, read on demand through a bounded shuffle
+    buffer) instead of held in memory; one log line says which and why.
 
     Args:
         cfg: the run's config (``data``, ``texture.region_size``, ``loss.texture_weight``, ``train.seed``,
@@ -584,6 +586,13 @@ def build_train_batches(cfg: Config, rank: int, world_size: int, start_step: int
     """
     if cfg.train.batch_size % world_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over {world_size} workers")
+    if is_shard_source(cfg.data.train) and cfg.data.train_lq is None:
+        from xswinir.stream import build_stream_batches, stream_choice  # stream imports this module
+
+        stream, why = stream_choice(cfg)
+        log.info("training data %s: %s", printable_path(cfg.data.train), why)
+        if stream:
+            return build_stream_batches(cfg, rank, world_size, start_step, batch_fn)
     cutter = PatchCutter.from_config(cfg)
     images = open_images(cfg.data.train, cfg.model.in_chans, cfg.data.train_lq, cfg.scale,
                          cfg.data.verify_checksums)

@@ -1,9 +1,9 @@
 """A linear "same texture?" classifier on pairs of named texture features; saving, loading and plotting it.
 
 For two windows a and b with standardised features ``za``, ``zb`` (F each) and standardised named pair features
-``g(a, b)`` (P of them, see :mod:`xswinir.texture.features`: the windows' correlation at the best small shift,
-the agreement of their gradient orientations and of their spectral shape) the classifier is a logistic regression
-on the symmetric pair encoding ``[|za - zb|, za * zb, g]``::
+``g(a, b)`` (P of them, see :mod:`xswinir.texture.features`: the windows' pixel correlation in place and at the
+best small shift, the agreement of their gradient orientations and of their spectral shape) the classifier is a
+logistic regression on the symmetric pair encoding ``[|za - zb|, za * zb, g]``::
 
     logit(a, b) = bias + sum_f (w_diff[f] * |za_f - zb_f| + w_prod[f] * za_f * zb_f) + sum_k w_pair[k] * g_k
 
