@@ -15,8 +15,9 @@
     DIV2K-like synthetic set (shards of random-textured 480 px PNG sub-images, 64 MiB at 1x; the 30x set,
     ~2 GB, lives under the temporary folder and is deleted after), today's in-memory path
     (:class:`~xswinir.shards.ShardImages`) against the rank-partitioned stream (:mod:`xswinir.stream`), each
-    measured in a fresh process (its peak RSS, ``VmHWM``) with the real dataset, sampler and collate and one torch
-    thread, each twice, alternated (the best rate, the highest peak); ``--ray-data`` adds Ray Data's ``streaming_split`` on the 1x set (wall-clock, one CPU for Ray).
+    measured in a fresh process (its peak RSS, ``VmHWM``) with the real dataset, sampler and collate and one
+    torch thread, each twice, alternated (the best rate, the highest peak); ``--ray-data`` adds Ray Data's
+    ``streaming_split`` on the 1x set (its reads run in Ray's processes, which neither figure counts).
 
     python -m bench.bench_data [--quick] [--device cuda] [--growth-only] [--ray-data]
 """

@@ -221,3 +221,17 @@ def test_processes_racing_for_one_lease_one_wins(tmp_path, stale):
     assert sum(o.startswith("won") for o in outcomes) == 1, outcomes
     assert sum(o.startswith("refused") for o in outcomes) == 3, outcomes
     assert not (folder / LEASE_FILE).exists()
+
+
+def test_a_body_that_fails_leaves_no_empty_folder_it_made(tmp_path: Path) -> None:
+    """A run refused before it wrote anything (a bad init_from, say) leaves the storage as it found it."""
+    folder = tmp_path / "runs" / "new"
+    with pytest.raises(ValueError), Lease(folder, "xswinir train"):
+        assert (folder / LEASE_FILE).is_file()
+        raise ValueError("refused before any write")
+    assert not (tmp_path / "runs").exists()
+    kept = tmp_path / "kept"
+    with pytest.raises(ValueError), Lease(kept, "xswinir train"):
+        (kept / "checkpoint").mkdir()  # something was written: the folder stays, the lease goes
+        raise ValueError("failed later")
+    assert [p.name for p in kept.iterdir()] == ["checkpoint"]

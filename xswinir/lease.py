@@ -170,6 +170,7 @@ class LocalLeaseStore:
         self.folder = Path(folder).expanduser().absolute()
         self.path = self.folder / LEASE_FILE
         self.where = printable_path(self.folder)
+        self._made: list[Path] = []  # folders the create made, deepest first: removed again if left empty
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -196,7 +197,9 @@ class LocalLeaseStore:
         return Stored(body, hashlib.sha256(body).hexdigest(), modified)
 
     def create(self, body: bytes) -> str | None:
+        missing = [f for f in (self.folder, *self.folder.parents) if not f.exists()]
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._made = self._made or missing
         with self._locked():
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -228,6 +231,16 @@ class LocalLeaseStore:
                 return False
             self.path.unlink()
             return True
+
+    def remove_made_folders(self) -> None:
+        """Removes the folders the create made, if they are empty: a run refused before it wrote anything
+        leaves no empty run folder behind (rmdir fails on a non-empty one, which then stays)."""
+        for folder in self._made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._made = []
 
 
 class S3LeaseStore:
@@ -539,5 +552,7 @@ class Lease:
         self.acquire()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self.release()
+        if exc_type is not None and isinstance(self.store, LocalLeaseStore):
+            self.store.remove_made_folders()

@@ -16,7 +16,7 @@ training worker. This one holds at most a shuffle buffer of encoded rows (plus t
 The position (epoch, row-group cursor, the rows in the buffer) is the bookkeeping of row *indices* only, and
 every draw of step ``t`` comes from a generator seeded with ``(train.seed, t, rank)``, as the in-memory
 sampler's. So the position at step ``t`` is a function of ``t``: a run resumed at step ``t`` replays the index
-bookkeeping up to ``t`` (no image is read; about ten microseconds a step) and then reads exactly the rows the
+bookkeeping up to ``t`` (no image is read; tens of microseconds a step) and then reads exactly the rows the
 straight run read. :meth:`StreamPosition.state_dict` gives the same position as a small dict, for a checkpoint.
 
 A damaged row (an empty cell, a checksum that does not match, an image that cannot be decoded or is too

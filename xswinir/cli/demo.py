@@ -36,7 +36,7 @@ HELP = ("the main job: a short local training run, evaluation against bicubic, a
         "picture")
 # The demo's trust model: central crops of the training images (skimage:train has 8). 160 px crops give 100
 # patches per image and, with 30 % of the images held apart for the bound (2 of 8), 200 calibration patches; they
-# take about 1 s on 2 idle CPU cores (whole images: 80 s). `xswinir trust fit` fits a larger one.
+# take about 1 s on 2 idle CPU cores, 30 s on a busy one (whole images: 80 s idle). `xswinir trust fit` fits more.
 TRUST_FILE = "trust.json"
 TRUST_MAX_IMAGES = 8
 TRUST_CROP = 160
