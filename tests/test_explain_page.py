@@ -366,7 +366,5 @@ def test_cli_pages_need_an_output_folder(cli_parts, capsys):
     common = ["--checkpoint", str(cli_parts["model"]), "--classifier", str(cli_parts["classifier"])]
     assert main(["explain", str(cli_parts["images"]), "--lq", *common]) == 2
     assert "a folder IMAGE makes one explorable page per image: pass --html-dir DIR" in capsys.readouterr().err
-    assert main(["explain", str(cli_parts["images"] / "flat.png"), "--lq", "--trust", "t.json", *common]) == 2
-    assert "--trust adds a layer to the explorable page: pass --html" in capsys.readouterr().err
     assert main(["explain", str(cli_parts["images"] / "flat.png"), "--lq", "--html-dir", "d", *common]) == 2
     assert "--html-dir is for a folder IMAGE" in capsys.readouterr().err

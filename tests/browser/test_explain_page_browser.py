@@ -1,6 +1,7 @@
 """The explanation page in a real browser: opened from disk, a patch clicked, the panel read, layers switched.
 
-``XSWINIR_SCREENSHOT=1`` also writes the screenshot to ``docs/explain_page.png`` (the README's picture).
+``XSWINIR_SCREENSHOT=FILE`` also copies the screenshot to FILE (to look at the test page; the README's picture
+is taken from a real demo run instead).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import shutil
 import pytest
 import torch.nn.functional as F
 
-from tests.conftest import REPO_ROOT
 from tests.test_explain_page import HOSTILE, page_classifier, search_for
 from xswinir.explain_page import PageData, build_page_data, write_page
 from xswinir.images import read_image
@@ -112,7 +112,7 @@ def test_a_clicked_patch_is_explained_in_the_panel(chrome, tmp_path):
     shot = tmp_path / "explain_page.png"
     assert chrome.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     if os.environ.get("XSWINIR_SCREENSHOT"):
-        shutil.copyfile(shot, REPO_ROOT / "docs" / "explain_page.png")
+        shutil.copyfile(shot, os.environ["XSWINIR_SCREENSHOT"])
 
 
 def test_a_hostile_name_is_shown_as_text(chrome, tmp_path):

@@ -110,8 +110,6 @@ def _run(args: argparse.Namespace, checkpoint: Path) -> int:
         raise ExplainError("a folder IMAGE makes one explorable page per image: pass --html-dir DIR")
     if not folder and args.html_dir is not None:
         raise ExplainError("--html-dir is for a folder IMAGE; for one image pass --html (the page goes beside the PNG)")
-    if args.trust is not None and not (args.html or folder):
-        raise ExplainError("--trust adds a layer to the explorable page: pass --html (or a folder with --html-dir)")
     degradation = args.degradation or DEFAULT_DEGRADATION
     if degradation not in DEGRADATION_PRESETS:
         raise ConfigError(f"unknown --degradation {degradation!r}; choose one of {sorted(DEGRADATION_PRESETS)}")
