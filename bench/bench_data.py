@@ -229,9 +229,10 @@ def _growth_child(path: str, folder: str, batch: int, steps: int, crops: int, qu
     for t in range(1, steps + 1):
         step(t)
     seconds, wall = time.process_time() - start, time.perf_counter() - wall
-    if path == "ray-data":
+    if path == "ray-data":  # the iterator first: closed after the shutdown, it would start Ray again
         import ray
 
+        rows.close()
         ray.shutdown()
     queue.put({"patches_per_core_s": batch * steps / seconds, "patches_per_s_wall": batch * steps / wall,
                "peak_rss_mib": _peak_rss_mib()})
