@@ -110,7 +110,8 @@ class ShardIndex:
         path = self.files[group.file]
         try:
             reader = pq.ParquetFile(path, filesystem=self.fs, metadata=self.metadata[group.file])
-            rows = reader.read_row_group(group.group, columns=self.columns).to_pylist()
+            # One thread: the reads are a few percent of a step, and Arrow's pool would spend CPU the loader needs.
+            rows = reader.read_row_group(group.group, columns=self.columns, use_threads=False).to_pylist()
         except (OSError, pa.ArrowException) as err:
             raise ShardError(f"{printable_path(path)}: cannot read row group {group.group}: {err}") from err
         for row in rows:
