@@ -47,7 +47,8 @@ def _train(storage: str, seed: int, cwd: Path, env: dict[str, str]) -> subproces
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+# The S3 case (a minute) runs in .ci/run's slow pass; S3 leases keep fast tests in tests/s3/test_s3_lease.py.
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])
 def test_two_trainings_under_one_name_one_is_refused(tmp_path, where, request):
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     if where == "local":

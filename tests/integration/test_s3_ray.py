@@ -53,6 +53,7 @@ def _model_weights(checkpoint: str) -> dict[str, torch.Tensor]:
         return load_file(folder / MODEL_FILE)
 
 
+@pytest.mark.slow  # 1.5 min: .ci/run's second pass runs it; the default tier keeps S3 through tests/s3
 def test_train_from_a_bucket_survives_a_killed_worker_bit_for_bit(ray_local, endpoint, tmp_path, monkeypatch,
                                                                    capsys):
     from xswinir.trainer import FAILURE_ENV, fit
