@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from pathlib import Path
@@ -341,7 +342,8 @@ def test_explain_draws_the_trust_panel_beside_the_consistency(parts, tmp_path):
     clf = load_texture_classifier(parts["classifier"])
     search, trust = search_for(clf, min_score=0.0, region_size=48), contrast_trust(clf)
     plain = explain(Upsampler(), search, lq, patches=1, out=tmp_path / "plain.png")
-    result = explain(Upsampler(), search, lq, patches=1, out=tmp_path / "trust.png", trust=trust)
+    estimate = functools.partial(estimate_trust, trust, trust.load_search())
+    result = explain(Upsampler(), search, lq, patches=1, out=tmp_path / "trust.png", trust=estimate)
     assert plain.trust is None and _panel(plain.figure, "expected error") is None
     expected = estimate_trust(trust, trust.load_search(), lq, result.sr)  # the map the page shows too
     torch.testing.assert_close(result.trust.expected, expected.expected)
@@ -360,7 +362,8 @@ def test_explain_draws_the_trust_panel_beside_the_consistency(parts, tmp_path):
     assert order == sorted(order)  # beside the consistency, before the similarity
     assert read_image(tmp_path / "trust.png").shape[-1] > read_image(tmp_path / "plain.png").shape[-1]
     with pytest.raises(TrustError, match="fitted for x4"):
-        explain(Upsampler(), search, lq, patches=1, trust=contrast_trust(clf, scale=4))
+        wrong = contrast_trust(clf, scale=4)
+        explain(Upsampler(), search, lq, patches=1, trust=functools.partial(estimate_trust, wrong, wrong.load_search()))
 
 
 def test_cli_trust_reaches_the_png_and_the_page(parts, tmp_path, capsys):

@@ -73,7 +73,10 @@ def collect_trials(grid, sweep: SweepConfig, base: Config) -> list[TrialRow]:
             error=str(result.error).splitlines()[0][:300] if result.error is not None else None,
             history_step=steps_hist, history_metric=metric_hist,
         ))
-    # The ResultGrid lists trials in the order Tune created them (also after a restore).
+    # BaselineFirst creates the baseline before any other trial, so it is order 0 by construction. The others
+    # keep the ResultGrid's order: Tune's creation order, except after a restore, where Ray may list them
+    # otherwise (seen 2026-12-06: the restored grid listed a searched trial before the baseline).
+    rows.sort(key=lambda row: not row.baseline)  # stable
     for i, row in enumerate(rows):
         row.order = i
     return rows

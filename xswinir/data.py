@@ -35,8 +35,21 @@ from xswinir.paths import printable_path
 from xswinir.pixel_limit import MAX_PIXELS_ENV, max_pixels
 from xswinir.resize import modcrop
 from xswinir.seeds import batch_seed, crop_seed, loader_seed
-from xswinir.shards import PairMismatchError, ShardImages, check_pair_size, check_shards, is_shard_source
+from xswinir.shards import (
+    PairMismatchError,
+    ShardImages,
+    check_pair_size,
+    check_shards,
+    is_shard_source,
+)
 from xswinir.sources import lq_candidates, resolve_image_files
+from xswinir.stream import (
+    SHUFFLE_ROWS,
+    ShardIndex,
+    ShardStream,
+    StreamDataset,
+    stream_choice,
+)
 
 log = logging.getLogger(__name__)
 
@@ -587,12 +600,10 @@ def build_train_batches(cfg: Config, rank: int, world_size: int, start_step: int
     if cfg.train.batch_size % world_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over {world_size} workers")
     if is_shard_source(cfg.data.train) and cfg.data.train_lq is None:
-        from xswinir.stream import build_stream_batches, stream_choice  # stream imports this module
-
         stream, why = stream_choice(cfg)
         log.info("training data %s: %s", printable_path(cfg.data.train), why)
         if stream:
-            return build_stream_batches(cfg, rank, world_size, start_step, batch_fn)
+            return _stream_batches(cfg, rank, world_size, start_step, batch_fn)
     cutter = PatchCutter.from_config(cfg)
     images = open_images(cfg.data.train, cfg.model.in_chans, cfg.data.train_lq, cfg.scale,
                          cfg.data.verify_checksums)
@@ -643,3 +654,25 @@ def load_val_images(cfg: Config) -> list[tuple[str, Tensor]]:
     if not out:
         raise DataError(f"{cfg.data.val}: no readable validation image")
     return out
+
+
+def _stream_batches(cfg: Config, rank: int, world_size: int, start_step: int = 0,
+                         batch_fn: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+                         capacity: int = SHUFFLE_ROWS) -> Iterator[dict[str, Tensor]]:
+    """This worker's training batches streamed from ``data.train``'s shards, forever, from ``start_step``.
+
+    As :func:`build_train_batches` (same arguments, same batches' layout); the images differ, since they are
+    drawn from this rank's share through the shuffle buffer (:mod:`xswinir.stream`).
+    """
+    index = ShardIndex(cfg.data.train)
+    if index.paired:
+        log.info("paired data: LQ crops come from %s; no degradations in training", printable_path(cfg.data.train))
+    stream = ShardStream(index, cfg.train.batch_size // world_size, cfg.train.seed, rank, world_size, start_step,
+                         cfg.data.crops_per_image, capacity)
+    dataset = StreamDataset(PatchCutter.from_config(cfg), index.paired, cfg.data.verify_checksums)
+    workers = cfg.data.loader_workers
+    loader = DataLoader(dataset, batch_sampler=stream, num_workers=workers,
+                        collate_fn=collate if batch_fn is None else functools.partial(_collate_then, batch_fn),
+                        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
+                        generator=torch.Generator().manual_seed(loader_seed(cfg.train.seed, rank)))
+    return iter(loader)

@@ -24,7 +24,7 @@ first names (``tiles``, ``tile_summary``, ``"tile"``), which mean patches.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -42,8 +42,8 @@ from xswinir.paths import printable_path
 from xswinir.texture import plot_classifier_weights
 from xswinir.texture.search import TextureMatch, TextureSearch, upsample_query
 
-if TYPE_CHECKING:  # xswinir.trust imports this module: its names only for annotations here
-    from xswinir.trust import TrustMap, TrustModel
+if TYPE_CHECKING:  # annotations only: xswinir.trust builds on this module's consistency map
+    from xswinir.trust import TrustMap
 
 log = logging.getLogger(__name__)
 
@@ -374,8 +374,7 @@ def explain(
     positions: Tensor | None = None,
     out: str | Path | None = None,
     tile: int | None = None,
-    trust: TrustModel | None = None,
-    trust_search: TextureSearch | None = None,
+    trust: Callable[[Tensor, Tensor], TrustMap] | None = None,
     device: str | torch.device = "cpu",
 ) -> Explanation:
     """Restores ``lq`` and draws what the texture search sees in a few patches, with or without the HR image.
@@ -400,9 +399,8 @@ def explain(
         positions: (n, 2) top/left of the patches to explain in output pixels; None: picked by texture strength.
         out: where to write the PNG; None: write nothing.
         tile: LR tile size for the model's inference; None: the whole image at once.
-        trust: a fitted trust model (:func:`xswinir.trust.load_trust`); None: no trust panel.
-        trust_search: its texture search (:meth:`xswinir.trust.TrustModel.load_search`, or the search it was
-            fitted with); None: loaded from ``trust``.
+        trust: makes the trust map of ``(lq, sr)``, e.g. ``functools.partial(xswinir.trust.estimate_trust,
+            trust_model, trust_model.load_search(), model=model)``; None: no trust panel.
         device: where the model and the search run.
 
     Returns:
@@ -411,7 +409,7 @@ def explain(
     Raises:
         ExplainError: the output would be smaller than a patch, ``hr`` does not match it, or a given position
             lies outside it.
-        TrustError: the trust model was fitted at another scale.
+        TrustError: from ``trust``: its model was fitted at another scale.
     """
     device = _on_device(search, device)
     if lq.ndim != 3:
@@ -428,11 +426,8 @@ def explain(
     scene = _scene(search, lq, sr, None if hr is None else hr.float().cpu(), positions, patches, description,
                    scale, device)
     if trust is not None:
-        from xswinir.trust import estimate_trust  # here: xswinir.trust imports this module
-
-        scene.trust = estimate_trust(trust, trust_search or trust.load_search(), lq, sr, model=model, tile=tile,
-                                     device=device)
-        scene.trust_scale, scene.trust_coverage = trust.display_max, trust.coverage
+        scene.trust = trust(lq, sr)
+        scene.trust_scale, scene.trust_coverage = scene.trust.display_max, scene.trust.coverage
     fig = _draw(search.classifier, scene)
     rows, summary = _tables(scene)
     mean = float(scene.consistency.mean())

@@ -28,29 +28,34 @@ when needed, so even a batch of one image goes on.
 from __future__ import annotations
 
 import bisect
-import functools
 import hashlib
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from xswinir.config import Config
 from xswinir.errors import UserError
 from xswinir.images import ImageReadError, decode_image
 from xswinir.paths import printable_path
 from xswinir.resize import modcrop
-from xswinir.seeds import batch_seed, crop_seed, hash_seed, loader_seed
-from xswinir.shards import PAIRED_SCHEMA, SCHEMA, ShardError, check_pair_size, check_shards, shard_files
+from xswinir.seeds import batch_seed, crop_seed, hash_seed
+from xswinir.shards import (
+    PAIRED_SCHEMA,
+    SCHEMA,
+    ShardError,
+    check_pair_size,
+    check_shards,
+    shard_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -378,27 +383,3 @@ def stream_choice(cfg: Config) -> tuple[bool, str]:
     if size > limit:
         return True, f"{size:.0f} MiB of shards > data.stream_above_mb={limit:g}: streamed, {SHUFFLE_ROWS}-row buffer"
     return False, f"{size:.0f} MiB of shards <= data.stream_above_mb={limit:g}: held in memory"
-
-
-def build_stream_batches(cfg: Config, rank: int, world_size: int, start_step: int = 0,
-                         batch_fn: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
-                         capacity: int = SHUFFLE_ROWS) -> Iterator[dict[str, Tensor]]:
-    """This worker's training batches streamed from ``data.train``'s shards, forever, from ``start_step``.
-
-    As :func:`xswinir.data.build_train_batches` (same arguments, same batches' layout); the images differ,
-    since they are drawn from this rank's share through the shuffle buffer.
-    """
-    from xswinir.data import PatchCutter, _collate_then, collate  # data imports this module lazily
-
-    index = ShardIndex(cfg.data.train)
-    if index.paired:
-        log.info("paired data: LQ crops come from %s; no degradations in training", printable_path(cfg.data.train))
-    stream = ShardStream(index, cfg.train.batch_size // world_size, cfg.train.seed, rank, world_size, start_step,
-                         cfg.data.crops_per_image, capacity)
-    dataset = StreamDataset(PatchCutter.from_config(cfg), index.paired, cfg.data.verify_checksums)
-    workers = cfg.data.loader_workers
-    loader = DataLoader(dataset, batch_sampler=stream, num_workers=workers,
-                        collate_fn=collate if batch_fn is None else functools.partial(_collate_then, batch_fn),
-                        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
-                        generator=torch.Generator().manual_seed(loader_seed(cfg.train.seed, rank)))
-    return iter(loader)

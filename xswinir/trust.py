@@ -373,6 +373,8 @@ class TrustMap:
         patch_size: the patch side p in output pixels.
         output_size: (H, W) of the model's output the patches lie in.
         signals: the signals the estimate was made from.
+        display_max: the expected error at the top of the model's colour scale (the same for every image).
+        coverage: the share of patches of unseen images the bound holds for (e.g. 0.9).
     """
 
     expected: Tensor
@@ -380,6 +382,8 @@ class TrustMap:
     patch_size: int
     output_size: tuple[int, int]
     signals: PatchSignals
+    display_max: float
+    coverage: float
 
     def output_factor(self, size: tuple[int, int] | None) -> float:
         """Pixels of a picture of ``size`` (a resize of the output, e.g. ``--outscale``) per output pixel."""
@@ -458,7 +462,7 @@ class TrustModel:
         z = self.log_error(signals.select(self.signal_names))
         expected = (z.exp() * self.smear - 1).clamp_min(0)
         bound = ((z + self.quantile).exp() - 1).clamp_min(0)
-        return TrustMap(expected, bound, self.patch_size, output_size, signals)
+        return TrustMap(expected, bound, self.patch_size, output_size, signals, self.display_max, self.coverage)
 
     def weight_table(self) -> list[tuple[str, float, float]]:
         """``(name, weight per std, weight per unit of the signal)`` for each signal, in order."""

@@ -10,6 +10,7 @@ expected error of every patch.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import shutil
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from xswinir.texture import TextureSearch, load_texture_classifier
     from xswinir.trainer import fit, init_ray
     from xswinir.training_log import METRICS_FILE, read_metrics
+    from xswinir.trust import estimate_trust
 
     out = Path(args.out).expanduser().resolve()
     cfg = load_config(args.config, [f"run.storage={out / 'runs'}", f"run.log_dir={out / 'logs'}",
@@ -94,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     hr, lq, description = degrade_hr(hr, cfg.degradation, cfg.scale, search.patch_size, seed=0)
     # The trust model's signals were measured with this very search: it is passed on, not rebuilt from the file.
     explanation = explain(model, search, lq, hr=hr, description=description, out=out / "explain.png",
-                          tile=cfg.data.val_tile, trust=trust, trust_search=search)
+                          tile=cfg.data.val_tile, trust=None if trust is None else functools.partial(
+                              estimate_trust, trust, search, model=model, tile=cfg.data.val_tile))
     picture = explanation.png
     page = write_page(page_data(search, explanation.lq, explanation.sr, hr=explanation.hr, trust=trust,
                                 trust_search=search, model=model, name="demo", description=description,

@@ -98,7 +98,7 @@ def _run(args: argparse.Namespace, checkpoint: Path) -> int:
     from xswinir.images import read_image
     from xswinir.inference import resolve_device
     from xswinir.texture import TextureSearch, load_texture_classifier
-    from xswinir.trust import load_trust
+    from xswinir.trust import estimate_trust, load_trust
 
     apply_max_pixels(args)
     if args.patches < 1:
@@ -143,7 +143,9 @@ def _run(args: argparse.Namespace, checkpoint: Path) -> int:
             hr, lq, description = degrade_hr(image, DEGRADATION_PRESETS[degradation], model_cfg.upscale,
                                              search.patch_size, seed=args.seed or 0, device=device)
         result = explain(model, search, lq, hr=hr, description=description, patches=args.patches,
-                         positions=positions, out=args.out, tile=args.tile, trust=trust, device=device)
+                         positions=positions, out=args.out, tile=args.tile, device=device,
+                         trust=None if trust is None else functools.partial(
+                             estimate_trust, trust, trust.load_search(), model=model, tile=args.tile, device=device))
     except ExplainError as err:
         raise ExplainError(f"{printable_path(args.image)}: {err}") from err  # say which of the user's files
     print(f"wrote {printable_path(result.png)}")

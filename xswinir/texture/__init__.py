@@ -1,7 +1,7 @@
 """The linear texture classifier and the search built on it: named features, a pair classifier, its training.
 
 ``TextureFeatures`` turns windows into named features (for all windows of an image in one pass),
-``TextureClassifier`` scores "same texture?" for pairs with ``2F + 1`` readable weights,
+``TextureClassifier`` scores "same texture?" for pairs with ``2F + P + 1`` readable weights (P named pair features),
 ``train_texture_classifier`` / ``ensure_texture_classifier`` fit it in seconds from HR images, and
 ``TextureSearch`` finds, for every patch of an image, the windows elsewhere with its texture (the loss's and the
 explanations' search).
