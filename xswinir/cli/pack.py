@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: keeps pyarrow and torch off `xswinir --help`
     from xswinir.errors import UserError
     from xswinir.paths import filesystem_and_path, printable_path
     from xswinir.shards import pack_images

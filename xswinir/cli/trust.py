@@ -73,6 +73,7 @@ def _fit(args: argparse.Namespace) -> int:
 
     import torch
 
+    # lazy: keeps torch off `xswinir --help`
     from xswinir.checkpoint import CLASSIFIER_DIR, CONFIG_FILE, CheckpointError, load_model
     from xswinir.config import DEGRADATION_PRESETS, ConfigError, TextureConfig, load_config
     from xswinir.data import open_images
@@ -148,7 +149,7 @@ def _fit(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.trust_command == "fit":
         return _fit(args)
-    from xswinir.trust import load_trust
+    from xswinir.trust import load_trust  # lazy: keeps torch off `xswinir --help`
 
     print_trust(load_trust(args.file), args.file)
     return 0
