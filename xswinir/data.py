@@ -17,7 +17,7 @@ import functools
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -613,13 +613,7 @@ def build_train_batches(cfg: Config, rank: int, world_size: int, start_step: int
     dataset = PatchDataset(images, cutter, source=cfg.data.train)
     sampler = StepBatchSampler(len(dataset), cfg.train.batch_size // world_size, cfg.train.seed, rank, start_step,
                                cfg.data.crops_per_image)
-    workers = cfg.data.loader_workers
-    # Its own generator: starting the iterator (on resume, too) must not draw from the global RNG.
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                        collate_fn=collate if batch_fn is None else functools.partial(_collate_then, batch_fn),
-                        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
-                        generator=torch.Generator().manual_seed(loader_seed(cfg.train.seed, rank)))
-    return iter(loader)
+    return _batches(dataset, sampler, cfg, rank, batch_fn)
 
 
 def load_val_images(cfg: Config) -> list[tuple[str, Tensor]]:
@@ -670,8 +664,15 @@ def _stream_batches(cfg: Config, rank: int, world_size: int, start_step: int = 0
     stream = ShardStream(index, cfg.train.batch_size // world_size, cfg.train.seed, rank, world_size, start_step,
                          cfg.data.crops_per_image, capacity)
     dataset = StreamDataset(PatchCutter.from_config(cfg), index.paired, cfg.data.verify_checksums)
+    return _batches(dataset, stream, cfg, rank, batch_fn)
+
+
+def _batches(dataset: Dataset, sampler: Iterable[list], cfg: Config, rank: int,
+             batch_fn: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None) -> Iterator[dict[str, Tensor]]:
+    """The DataLoader both paths share: ``sampler`` yields each step's items, decoding runs in loader workers."""
     workers = cfg.data.loader_workers
-    loader = DataLoader(dataset, batch_sampler=stream, num_workers=workers,
+    # Its own generator: starting the iterator (on resume, too) must not draw from the global RNG.
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                         collate_fn=collate if batch_fn is None else functools.partial(_collate_then, batch_fn),
                         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
                         generator=torch.Generator().manual_seed(loader_seed(cfg.train.seed, rank)))
