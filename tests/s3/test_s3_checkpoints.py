@@ -103,6 +103,24 @@ def test_every_command_reads_a_checkpoint_from_the_bucket(s3: Bucket, local, tmp
     assert (tmp_path / "file" / "texture_x2.png").is_file()
 
 
+def test_trust_fit_reads_a_checkpoint_from_the_bucket(s3: Bucket, local, tmp_path, capsys):
+    upload_folder(s3.fs, local["checkpoint"], s3.path(f"runs/trust/{NAMES[1]}"))
+    images = tmp_path / "images"
+    for seed in (1, 2, 3):  # fitting and calibration need two images at least
+        write_image(images / f"t{seed}.png", textured_image(torch.Generator().manual_seed(seed)))
+    fitted = {}
+    for name, checkpoint in (("disk", str(local["checkpoint"])), ("bucket", s3.uri(f"runs/trust/{NAMES[1]}"))):
+        out = tmp_path / f"{name}.json"
+        assert main(["trust", "fit", "--checkpoint", checkpoint, "--images", str(images), "--crop", "0",
+                     "--device", "cpu", "--out", str(out)]) == 0
+        fitted[name] = json.loads(out.read_text())
+        assert fitted[name]["report"].pop("checkpoint") == checkpoint  # the URI, not the temporary copy
+    assert fitted["bucket"] == fitted["disk"]
+    assert main(["trust", "fit", "--checkpoint", s3.uri("runs/trust/missing"), "--images", str(images),
+                 "--out", str(tmp_path / "x.json")]) == 2
+    assert s3.name in _one_line_error(capsys)
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          description="Degrade training images as the model was trained, restore them, fit a linear "
                                      "model of each patch's error on named signals and calibrate its bound on "
                                      "held-apart images (split conformal).")
-    fit.add_argument("--checkpoint", required=True, help="training checkpoint folder, .safetensors or .pth")
+    fit.add_argument("--checkpoint", required=True,
+                     help="training checkpoint folder, .safetensors or .pth; local or s3://...")
     fit.add_argument("--preset", default=None, help="model preset, needed for official .pth files")
     fit.add_argument("--images", metavar="SRC", default=None,
                      help="training images: folder, file, skimage:NAME,... or several joined by ';' (default: the "
@@ -69,6 +70,13 @@ def print_trust(trust, path: str | Path) -> None:
 
 
 def _fit(args: argparse.Namespace) -> int:
+    from xswinir.checkpoint import local_checkpoint  # lazy: keeps torch off `xswinir --help`
+
+    with local_checkpoint(args.checkpoint) as checkpoint:  # s3://... is downloaded and checked once
+        return _fit_local(args, checkpoint)
+
+
+def _fit_local(args: argparse.Namespace, checkpoint: Path) -> int:
     import dataclasses
 
     import torch
@@ -88,17 +96,17 @@ def _fit(args: argparse.Namespace) -> int:
     apply_max_pixels(args)
     if args.crop < 0 or (args.max_images is not None and args.max_images < 2):
         raise TrustError("--crop must be >= 0 and --max-images >= 2")
-    checkpoint = Path(args.checkpoint)
     if not checkpoint.exists():  # said first: a missing checkpoint holds no classifier either
-        raise CheckpointError(f"checkpoint {printable_path(checkpoint)} does not exist")
+        raise CheckpointError(f"checkpoint {printable_path(args.checkpoint)} does not exist")
     cfg = load_config(checkpoint / CONFIG_FILE) if (checkpoint / CONFIG_FILE).is_file() else None
     classifier_path = args.classifier or (checkpoint / CLASSIFIER_DIR if (checkpoint / CLASSIFIER_DIR).is_dir()
                                           else None)
     if classifier_path is None:
-        raise TrustError(f"{printable_path(checkpoint)} holds no texture classifier; pass --classifier FOLDER")
+        raise TrustError(f"{printable_path(args.checkpoint)} holds no texture classifier; pass --classifier FOLDER")
     source = args.images or (cfg.data.train if cfg is not None else None)
     if source is None:
-        raise TrustError(f"{printable_path(checkpoint)} carries no config naming its training images; pass --images")
+        raise TrustError(f"{printable_path(args.checkpoint)} carries no config naming its training images; "
+                         "pass --images")
     if args.degradation is not None:
         if args.degradation not in DEGRADATION_PRESETS:
             raise ConfigError(f"unknown --degradation {args.degradation!r}; choose one of "
@@ -107,7 +115,7 @@ def _fit(args: argparse.Namespace) -> int:
     elif cfg is not None:
         degradation, degradation_name = cfg.degradation, f"the checkpoint's training ({cfg.degradation.preset})"
     else:
-        raise TrustError(f"{printable_path(checkpoint)} carries no training config; pass --degradation PRESET")
+        raise TrustError(f"{printable_path(args.checkpoint)} carries no training config; pass --degradation PRESET")
 
     device = resolve_device(args.device)
     model, model_cfg = load_model(checkpoint, preset=args.preset)
@@ -139,7 +147,7 @@ def _fit(args: argparse.Namespace) -> int:
     trust = fit_trust(sample, fit_ids, cal_ids, search=search, scale=scale,
                       coverage=args.coverage, ridge=args.ridge,
                       report={"images": str(source), "degradation": degradation_name, "seed": args.seed,
-                              "crop": args.crop or None, "checkpoint": str(checkpoint)})
+                              "crop": args.crop or None, "checkpoint": str(args.checkpoint)})
     save_trust(trust, args.out)
     print_trust(trust, args.out)
     print(f"wrote {printable_path(args.out)}; use it with: xswinir upscale ... --trust {printable_path(args.out)}")
