@@ -1,7 +1,8 @@
 """Weights and checkpoints: our safetensors and official ``.pth`` layouts, the architecture read from a state dict
 and the one-line errors of a file that does not fit; training checkpoints: the manifest, recognising each way a
 checkpoint folder gets damaged (on a local folder and through a non-local pyarrow filesystem, the code path of
-s3:// and gs://), and restoring one (which checkpoint of a run folder a run resumes from: tests/test_runs.py)."""
+s3:// and gs://), and restoring one, with the streamed data's position (which checkpoint of a run folder a run
+resumes from: tests/test_runs.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from xswinir.checkpoint import (
     MANIFEST_FILE,
     MODEL_FILE,
     STATE_FILE,
+    STREAM_FILE,
     CheckpointError,
     CheckpointMismatchError,
     checkpoint_problem,
@@ -27,6 +29,7 @@ from xswinir.checkpoint import (
     load_checkpoint,
     load_model,
     load_state_dict_strict,
+    load_stream_position,
     save_checkpoint,
     save_weights,
 )
@@ -234,3 +237,19 @@ def test_load_restores_this_ranks_rng_state(tmp_path):
         torch.manual_seed(99)
         assert load_checkpoint(tmp_path, model, ema, optimizer, rank) == 7
         assert torch.equal(torch.get_rng_state(), expected[rank])
+
+
+def test_the_stream_position_is_kept_and_guarded_by_the_manifest(tmp_path):
+    cfg = load_config("demo", TINY)
+    model, ema = build_swinir(cfg.model), build_swinir(cfg.model)
+    optimizer = torch.optim.Adam(model.parameters())
+    # As xswinir.trainer.StreamRecorder.for_checkpoint gives it: JSON turns the (epoch, row) pairs into lists.
+    position = {"world_size": 1, "seed": 3, "rows": 30,
+                "positions": [{"step": 4, "epoch": 0, "pending": [[0, 7], [0, 2]], "buffer": [[0, 5]]}]}
+    save_checkpoint(tmp_path / "streamed", cfg, model, ema, optimizer, 4, None, stream_position=position)
+    save_checkpoint(tmp_path / "in_memory", cfg, model, ema, optimizer, 4, None)
+    assert load_stream_position(tmp_path / "streamed") == position
+    assert load_stream_position(tmp_path / "in_memory") is None  # and so for checkpoints older than positions
+    assert checkpoint_problem(tmp_path / "streamed") is None
+    (tmp_path / "streamed" / STREAM_FILE).write_text(json.dumps({"format": 1, **position, "seed": 4}))
+    assert f"{STREAM_FILE} does not match its sha256" in checkpoint_problem(tmp_path / "streamed")

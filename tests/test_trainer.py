@@ -1,9 +1,13 @@
 """The trainer without Ray: the learning-rate schedule, one step with the texture term, exact resume (from
-image files and from Parquet shards, and past a damaged checkpoint), and what fit checks before Ray starts.
-Which checkpoint a run resumes from: tests/test_runs.py."""
+image files, from Parquet shards held in memory or streamed from their saved position, and past a damaged
+checkpoint), what fit checks before Ray starts, and the workers' loop config (no local path where storage and data
+are URIs). Which checkpoint a run resumes from: tests/test_runs.py."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import math
 import shutil
 from collections.abc import Iterator
@@ -16,11 +20,12 @@ import torch
 from PIL import Image
 
 import xswinir.trainer as trainer
-from xswinir.checkpoint import load_checkpoint, save_checkpoint
+from xswinir.checkpoint import STREAM_FILE, load_checkpoint, save_checkpoint
 from xswinir.config import Config, TrainConfig, load_config
 from xswinir.data import build_train_batches
 from xswinir.errors import ConfigError, UserError
 from xswinir.model import DropPath
+from xswinir.stream import ShardIndex, ShardStream, StreamPosition
 from xswinir.texture import TextureClassifier, save_texture_classifier
 from xswinir.trainer import TrainingParts, build_training_parts, learning_rate, resume_training, run_step
 
@@ -169,7 +174,8 @@ def run_folder(images, tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]
 
 def finish_from(cfg: Config, checkpoint: Path | str, fs: pafs.FileSystem | None = None):
     parts = build_training_parts(cfg, CPU, None)
-    start = resume_training(parts, str(checkpoint), fs)
+    start, stream_position = resume_training(parts, str(checkpoint), fs)
+    assert stream_position is None  # image files: nothing streamed
     train(cfg, parts, file_batches(cfg, start), range(start, STEPS))
     return start, weights(parts)
 
@@ -204,11 +210,13 @@ class RayStarted(Exception):
 def test_fit_checks_the_run_and_the_classifier_before_ray(images, run_folder, tmp_path, monkeypatch):
     seen = {}
 
-    def build_trainer(cfg, callbacks, classifier, resume_from):
-        seen.update(cfg=cfg, classifier=classifier, resume_from=resume_from)
+    def build_trainer(cfg, loop_config, callbacks):
+        seen.update(cfg=cfg, loop=loop_config)
         raise RayStarted
 
     monkeypatch.setattr(trainer, "init_ray", lambda *args, **kwargs: None)
+    monkeypatch.setattr(trainer, "start_metrics_sink", lambda logs: f"sink for {logs}")
+    monkeypatch.setattr(trainer, "stop_metrics_sink", lambda sink: seen.update(stopped=sink))
     monkeypatch.setattr(trainer, "build_trainer", build_trainer)
     clf = save_texture_classifier(TextureClassifier(patch_size=8, scales=(1, 2)), tmp_path / "clf")
     texture = ["loss.texture_weight=0.1", "texture.region_size=32", "texture.classifier.scales=[1,2]",
@@ -220,9 +228,15 @@ def test_fit_checks_the_run_and_the_classifier_before_ray(images, run_folder, tm
         trainer.fit(cfg)
     with pytest.raises(RayStarted):
         trainer.fit(cfg, resume=True)
-    assert seen["resume_from"] == f"{tmp_path}/run/{CHECKPOINT_NAMES[0]}"
-    assert seen["cfg"].texture.classifier.path == str(clf)  # the classifier the workers load, in every checkpoint
-    assert seen["classifier"] == {f.name: f.read_bytes() for f in clf.iterdir()}
+    loop = seen["loop"]
+    assert loop["resume_from"] == f"{tmp_path}/run/{CHECKPOINT_NAMES[0]}"
+    assert seen["cfg"].texture.classifier.path == str(clf)  # the run names the classifier the workers load
+    assert loop["classifier"] == {f.name: f.read_bytes() for f in clf.iterdir()}  # its files travel to them
+    # The workers' config leaves out the driver's folders: the sink writes the logs, the classifier travels.
+    workers = Config.from_dict(loop["config"])
+    assert workers.run.log_dir is None and workers.texture.classifier.path is None
+    assert workers.texture == dataclasses.replace(seen["cfg"].texture, classifier=workers.texture.classifier)
+    assert loop["metrics"] == f"sink for {tmp_path / 'logs'}" and seen["stopped"] == loop["metrics"]
     with pytest.raises(ConfigError, match="trained on 8 px patches but texture.patch_size is 16"):
         trainer.fit(tiny_config(images, *texture, "texture.patch_size=16", f"run.storage={tmp_path}",
                                 "run.name=other", f"run.log_dir={tmp_path / 'logs'}"))
@@ -282,3 +296,70 @@ def test_where_the_search_runs(images):
     # The loader's copy of the classifier is its own, on the CPU.
     batch_fn = trainer.loader_search(tiny_config(images, *TEXTURE), classifier, CPU)
     assert batch_fn.__self__.classifier is not classifier
+
+
+def test_the_workers_get_no_local_path_when_storage_and_data_are_uris(tmp_path, caplog):
+    # A texture run: the classifier the driver trained or read sits in a local folder, and so do its logs.
+    cfg = tiny_config("s3://bucket/shards", *TEXTURE, "data.val=skimage:coins", "run.storage=s3://bucket/runs",
+                      f"run.log_dir={tmp_path / 'logs'}", f"texture.classifier.path={tmp_path / 'clf'}")
+    loop = trainer.build_loop_config(cfg, metrics_sink=object(), classifier={"meta.json": b"{}"},
+                                     resume_from="s3://bucket/runs/xswinir/checkpoint_2026-01-01_00-00-02.000000")
+    assert trainer.local_paths(loop) == []
+    # What a worker would read or write on its own disk is named: the control.
+    local = tiny_config(f"{tmp_path / 'hr'};skimage:grass", f"data.val={tmp_path / 'val'}", "run.storage=runs",
+                        f"model.init_from={tmp_path / 'w.safetensors'}")
+    local_loop = trainer.build_loop_config(local, None, resume_from=str(tmp_path / "ckpt"))
+    assert trainer.local_paths(local_loop) == [
+        f"model.init_from={tmp_path / 'w.safetensors'}", f"data.train={tmp_path / 'hr'}",
+        f"data.val={tmp_path / 'val'}", "run.storage=runs", f"resume_from={tmp_path / 'ckpt'}"]
+    # A run that joins a cluster says so in one line (a disk every node shares is fine: not an error).
+    with caplog.at_level(logging.WARNING, logger="xswinir.trainer"):
+        trainer.warn_local_paths(loop)
+        trainer.warn_local_paths(local_loop)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"the workers get local paths (model.init_from={tmp_path / 'w.safetensors'}, ")
+
+
+def test_a_streamed_run_resumes_from_its_saved_position_bit_for_bit(images, tmp_path, monkeypatch, caplog):
+    from xswinir.shards import pack_images
+
+    pack_images(images, tmp_path / "shards", progress=False)
+    # A loader process draws two steps ahead of the loop: the recorder must keep the checkpoint's position.
+    cfg = tiny_config(tmp_path / "shards", "data.stream_above_mb=0", "data.loader_workers=1", "train.val_every=2")
+    parts = build_training_parts(cfg, CPU, None)
+    batches, recorder = trainer.train_batches(cfg, 0, 1)
+    assert recorder is not None  # streamed
+    straight = []
+    for step in range(STEPS):
+        straight.append(run_step(parts, parts.model, cfg.train, step, 0, next(batches))["loss"])
+        if step + 1 == 2:
+            position = recorder.position(2)
+            folder = tmp_path / "run" / CHECKPOINT_NAMES[0]
+            folder.mkdir(parents=True)
+            save_checkpoint(folder, cfg, parts.model, parts.ema.module, parts.optimizer, 2, None,
+                            stream_position=recorder.for_checkpoint([position]))
+    straight_weights = weights(parts)
+    assert recorder.stream.position.step > STEPS  # the loader did draw ahead
+    # The kept position is the one a replay to step 2 reaches.
+    replayed = ShardStream(ShardIndex(tmp_path / "shards"), 2, cfg.train.seed, 0, 1, start_step=2,
+                           crops_per_image=cfg.data.crops_per_image)
+    assert position == replayed.position.state_dict()
+    assert json.loads((folder / STREAM_FILE).read_text())["positions"][0]["step"] == 2
+
+    def resume(saved_override=None):
+        torch.manual_seed(1234)  # whatever a new process's global RNG holds
+        parts = build_training_parts(cfg, CPU, None)
+        start, saved = resume_training(parts, str(folder))
+        batches, _ = trainer.train_batches(cfg, 0, 1, start, saved=saved if saved_override is None else saved_override)
+        rest = [run_step(parts, parts.model, cfg.train, step, 0, next(batches))["loss"] for step in range(start, STEPS)]
+        torch.testing.assert_close(torch.stack(straight[:start] + rest), torch.stack(straight), atol=0, rtol=0)
+        assert_same_weights(weights(parts), straight_weights)
+
+    with monkeypatch.context() as patched:  # the saved position is used: nothing is replayed
+        patched.setattr(StreamPosition, "skip", lambda *args: pytest.fail("the stream was replayed"))
+        resume()
+    # A position of another world size does not apply: the stream is replayed, and that is exact too.
+    saved = json.loads((folder / STREAM_FILE).read_text())
+    with caplog.at_level(logging.INFO, logger="xswinir.trainer"):
+        resume({**saved, "world_size": 2})
+    assert "does not apply (world_size 2 -> 1); replaying the stream to step 2" in caplog.text

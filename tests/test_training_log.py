@@ -1,5 +1,7 @@
-"""Training curves (the texture term's diagnostics get their own panel when the term is on) and the driver's
-progress: a bar on a terminal, plain lines in a log."""
+"""The metrics sink rank 0 sends its rows to (restarts keep the steps continuous), training curves (the texture
+term's diagnostics get their own panel when the term is on) and the driver's progress: a bar on a terminal, plain
+lines in a log. The sink as a Ray actor on the driver's node: tests/integration/test_train_ray.py and
+test_two_nodes_ray.py."""
 
 from __future__ import annotations
 
@@ -9,12 +11,45 @@ import time
 
 from PIL import Image
 
-from xswinir.training_log import ProgressFollower, plot_training_curves, progress_line, read_metrics
+from xswinir.training_log import (
+    FAILURE_MARKER,
+    METRICS_FILE,
+    MetricsSink,
+    ProgressFollower,
+    plot_training_curves,
+    progress_line,
+    read_metrics,
+)
 
 
 def _write(path, rows):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
+
+
+def test_a_restart_continues_the_metrics_and_drops_the_lost_attempts_rows(tmp_path):
+    sink = MetricsSink(tmp_path / "logs")
+    first = sink.start(0, node="node-a")
+    for step in (2, 4, 6):
+        assert sink.write(first, step, {"train/loss": 1.0 / step})
+    # Rank 0's node is lost after step 6; the run restarts from the step-4 checkpoint on another node. A row the
+    # lost worker had in flight arrives after the restart: it is dropped.
+    second = sink.start(4, node="node-b")
+    assert not sink.write(first, 8, {"train/loss": 0.5})
+    for step in (6, 8):
+        assert sink.write(second, step, {"train/loss": 0.1 / step})
+    sink.close()
+    rows = read_metrics(tmp_path / "logs" / METRICS_FILE)
+    assert [(r["step"], r["node"]) for r in rows] == [(2, "node-a"), (4, "node-a"), (6, "node-b"), (8, "node-b")]
+    assert rows[2]["train/loss"] == 0.1 / 6  # the restart's step 6, not the lost attempt's
+    assert len(list((tmp_path / "logs" / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per start
+
+
+def test_fault_injection_fails_a_log_folder_once(tmp_path):
+    sink = MetricsSink(tmp_path / "logs")
+    assert sink.claim_failure() and (tmp_path / "logs" / FAILURE_MARKER).is_file()
+    assert not sink.claim_failure()
+    assert not MetricsSink(tmp_path / "logs").claim_failure()  # a --resume of the run: still once
 
 
 def test_texture_diagnostics_panel_only_with_the_term(tmp_path):

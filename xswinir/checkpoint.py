@@ -3,8 +3,9 @@
 * weights: our ``.safetensors`` (the model config in its metadata), the official ``.pth`` layout (``params`` /
   ``params_ema``), and training checkpoint folders; :func:`load_model` builds a SwinIR from any of them, and
   :func:`load_pretrained` fills a run's fresh model from any of them (``model.init_from``);
-* a training checkpoint folder: weights, EMA weights, optimizer and RNG states, the config, and the texture
-  classifier the run trained with, so that a checkpoint alone restores or explains a run; its manifest,
+* a training checkpoint folder: weights, EMA weights, optimizer and RNG states, the config, the texture
+  classifier the run trained with, and for streamed training data each rank's position in the stream, so that a
+  checkpoint alone restores or explains a run; its manifest,
   written last, lists every file with size and sha256, so a damaged or unfinished folder is recognised
   (:func:`checkpoint_problem`) on a local disk and on remote storage alike. Which checkpoint of a run folder a
   run resumes from is :mod:`xswinir.runs`.
@@ -49,6 +50,9 @@ EMA_FILE = "model_ema.safetensors"
 STATE_FILE = "train_state.pt"
 CONFIG_FILE = "config.yaml"
 CLASSIFIER_DIR = "classifier"
+# Streamed training data only: where each rank's stream stands (xswinir.stream.StreamPosition.state_dict).
+STREAM_FILE = "stream_position.json"
+STREAM_FORMAT = 1
 # Written last into a checkpoint folder: every file with its size and sha256 (see checkpoint_problem).
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -383,17 +387,22 @@ def _load_pretrained(model: SwinIR, path: Path, strict: bool) -> tuple[list[str]
 def save_checkpoint(
     directory: Path, cfg: Config, model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer,
     step: int, classifier_dir: Path | None, rng_states: list[dict[str, Tensor | None]] | None = None,
+    stream_position: dict[str, Any] | None = None,
 ) -> None:
     """Writes a self-contained checkpoint: weights, EMA weights, training state, config, classifier, manifest.
 
     Args:
         rng_states: every rank's RNG states (:func:`rng_state`), indexed by rank; None: this process's only.
+        stream_position: where the streamed training data stands, as plain JSON data (the trainer's
+            ``positions`` per rank and what they depend on); None when the data is not streamed.
     """
     save_weights(model, cfg.model, directory / MODEL_FILE)
     save_weights(ema_model, cfg.model, directory / EMA_FILE)
     state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_states or [rng_state()]}
     torch.save(state, directory / STATE_FILE)
     (directory / CONFIG_FILE).write_text(cfg.to_yaml())
+    if stream_position is not None:
+        (directory / STREAM_FILE).write_text(json.dumps({"format": STREAM_FORMAT, **stream_position}))
     if classifier_dir is not None:
         shutil.copytree(classifier_dir, directory / CLASSIFIER_DIR)
     write_manifest(directory)  # last: a folder without a valid manifest is an unfinished checkpoint
@@ -419,6 +428,22 @@ def load_checkpoint(
         if rng[rank]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng[rank]["cuda"])
     return int(state["step"])
+
+
+def load_stream_position(directory: Path) -> dict[str, Any] | None:
+    """What :func:`save_checkpoint` saved as ``stream_position``, or None: a checkpoint of data that was not
+    streamed, or one written before positions were saved (the stream is then replayed from the step).
+
+    Check the folder with :func:`checkpoint_problem` first: the manifest covers this file too.
+    """
+    path = directory / STREAM_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.pop("format", None) != STREAM_FORMAT:  # a format this version cannot read: replaying is exact too
+        log.warning("%s: stream position of an unknown format; the stream is replayed instead", path)
+        return None
+    return saved
 
 
 def rng_state() -> dict[str, Tensor | None]:

@@ -373,6 +373,10 @@ class RunConfig:
     keep_checkpoints: int = 2
     log_dir: str | None = None  # metrics.jsonl, TensorBoard, curves; None: <storage>/<name>/logs (local storage)
     progress: bool = True  # a progress bar on the driver for local runs
+    # How Ray places the workers: PACK fills a node first (fast collectives); SPREAD puts them on different
+    # nodes when it can, and on what remains after a node is lost; the STRICT_ forms never bend (a lost node
+    # then stops the run until a replacement joins).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:

@@ -9,11 +9,16 @@ checkpoint, ``ray.train.report``. Ray touch points carry Ray's numbered comments
 
 Resuming is exact: every random draw of step t (the batch, its crops, the degradations, stochastic depth)
 comes from generators seeded with (seed, t, rank), never from history, and a checkpoint holds the weights,
-the EMA weights, the optimizer, the step and every rank's RNG states. A run restarted with the same name and
+the EMA weights, the optimizer, the step, every rank's RNG states and, for streamed training data, every rank's
+position in the stream (continued from there, not replayed). A run restarted with the same name and
 storage (``--resume``), or restarted by Ray after a worker failure, continues from the newest checkpoint that
 passes verification (see :mod:`xswinir.runs`) and computes what the uninterrupted run would have computed:
 bit for bit on the CPU (``tests/test_trainer.py``); GPU kernels that are not deterministic may differ in the
 last bits.
+
+Nothing a worker is handed names a folder on the driver's disk: on a cluster a worker may run on any machine.
+Rank 0 sends its metrics rows to a :class:`~xswinir.training_log.MetricsSink` that the driver starts on its own
+node, and :func:`local_paths` names what in a loop config would be read or written on a worker's own disk.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,22 +40,24 @@ import torch
 import torch.nn as nn
 from timm.utils import ModelEmaV3
 
-from xswinir.checkpoint import load_checkpoint, load_pretrained, rng_state, save_checkpoint
+from xswinir.checkpoint import load_checkpoint, load_pretrained, load_stream_position, rng_state, save_checkpoint
 from xswinir.config import Config, RunConfig, TrainConfig, apply_overrides
-from xswinir.data import build_train_batches, check_train_source
+from xswinir.data import PatchCutter, build_train_batches, check_train_source, loader_batches
 from xswinir.degradations import build_degrader
 from xswinir.errors import UserError
 from xswinir.evaluation import build_validation_set, validate
 from xswinir.losses import CombinedLoss, build_loss
 from xswinir.metrics import VAL_PSNR_Y
 from xswinir.model import build_swinir
-from xswinir.paths import filesystem_and_path, log_dir, storage_path
+from xswinir.paths import filesystem_and_path, is_remote, log_dir, printable_path, storage_path
 from xswinir.runs import prepare_run, verified_checkpoint
 from xswinir.seeds import MODEL_STREAM, step_seed
+from xswinir.shards import is_shard_source
 from xswinir.storage import check_writable
+from xswinir.stream import ShardIndex, ShardStream, StreamDataset, stream_choice
 from xswinir.texture.payload import classifier_from_payload, classifier_payload
 from xswinir.texture.search import TextureSearch
-from xswinir.training_log import CURVES_FILE, METRICS_FILE, MetricsWriter, ProgressFollower, plot_training_curves
+from xswinir.training_log import CURVES_FILE, METRICS_FILE, MetricsSink, ProgressFollower, plot_training_curves
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -201,7 +208,7 @@ def _gather(obj: Any, world_size: int) -> list[Any]:
 
 
 def resume_training(parts: TrainingParts, checkpoint: str, filesystem: pafs.FileSystem | None = None,
-                    rank: int = 0) -> int:
+                    rank: int = 0) -> tuple[int, dict[str, Any] | None]:
     """Loads ``checkpoint`` into ``parts``, or the newest older checkpoint of its run folder that passes
     verification (:func:`xswinir.runs.verified_checkpoint`).
 
@@ -209,13 +216,152 @@ def resume_training(parts: TrainingParts, checkpoint: str, filesystem: pafs.File
         checkpoint: a checkpoint folder inside ``filesystem`` (local when None), e.g. Ray's latest.
 
     Returns:
-        The number of completed steps of the checkpoint loaded.
+        The number of completed steps of the checkpoint loaded, and where its streamed training data stood
+        (:meth:`StreamRecorder.for_checkpoint`; None when the data was not streamed, or for an older checkpoint).
 
     Raises:
         CheckpointError: neither ``checkpoint`` nor any older checkpoint of its run folder passes.
     """
     with verified_checkpoint(checkpoint, filesystem, rank) as directory:
-        return load_checkpoint(directory, parts.model, parts.ema.module, parts.optimizer, rank)
+        step = load_checkpoint(directory, parts.model, parts.ema.module, parts.optimizer, rank)
+        return step, load_stream_position(directory)
+
+
+class StreamRecorder:
+    """The batch sampler of streamed training data: a :class:`~xswinir.stream.ShardStream` that keeps its position
+    for the checkpoints.
+
+    The DataLoader draws each step's keys ahead of the training loop (``prefetch_factor`` steps per loader
+    process), so when the checkpoint after ``t`` steps is written the stream is already further on. This keeps a
+    copy of the position (:meth:`~xswinir.stream.StreamPosition.state_dict`) as it stood before each step that
+    follows a checkpoint.
+
+    Args:
+        stream: the stream the DataLoader draws from, through this.
+        checkpoint_after: whether a checkpoint is written after this many steps.
+    """
+
+    def __init__(self, stream: ShardStream, checkpoint_after: Callable[[int], bool]) -> None:
+        self.stream = stream
+        self.checkpoint_after = checkpoint_after
+        self._kept: dict[int, dict[str, Any]] = {}
+
+    def __iter__(self) -> Iterator[list[tuple[dict[str, Any], int, int]]]:
+        while True:
+            position = self.stream.position
+            if self.checkpoint_after(position.step):
+                self._kept[position.step] = position.state_dict()
+            yield self.stream.batch()
+
+    def position(self, step: int) -> dict[str, Any]:
+        """The stream's position after ``step`` steps (the next one to draw is step ``step``)."""
+        for older in [s for s in self._kept if s < step]:
+            del self._kept[older]
+        if step in self._kept:
+            return self._kept.pop(step)
+        if self.stream.position.step != step:  # the loop asked for a step that is not a checkpoint's
+            raise ValueError(f"no stream position kept for step {step} (the stream is at {self.stream.position.step})")
+        return self.stream.position.state_dict()  # nothing drawn ahead (no loader processes): it stands there
+
+    def for_checkpoint(self, positions: list[dict[str, Any]]) -> dict[str, Any]:
+        """What a checkpoint keeps: every rank's position (indexed by rank) and what they are positions in."""
+        return {"world_size": len(positions), "seed": self.stream.position.seed, "rows": self.stream.index.rows,
+                "positions": positions}
+
+
+def _saved_position(saved: dict[str, Any] | None, index: ShardIndex, seed: int, rank: int, world_size: int,
+                    start_step: int) -> dict[str, Any] | None:
+    """This rank's position in a checkpoint's ``saved`` stream positions, or None where it does not apply."""
+    if saved is None:
+        return None
+    fits = {"world_size": world_size, "seed": seed, "rows": index.rows}
+    changed = [f"{key} {saved.get(key)} -> {value}" for key, value in fits.items() if saved.get(key) != value]
+    position = saved["positions"][rank] if not changed else None
+    if position is not None and position.get("step") != start_step:
+        changed.append(f"step {position.get('step')} -> {start_step}")
+    if changed:  # a position of another world (or data) means nothing here: the replay is exact for this one
+        log.info("rank %d: the checkpoint's stream position does not apply (%s); replaying the stream to step %d",
+                 rank, ", ".join(changed), start_step)
+        return None
+    return position
+
+
+def train_batches(cfg: Config, rank: int, world_size: int, start_step: int = 0,
+                  batch_fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+                  saved: dict[str, Any] | None = None
+                  ) -> tuple[Iterator[dict[str, torch.Tensor]], StreamRecorder | None]:
+    """This worker's training batches from ``start_step`` (:func:`xswinir.data.build_train_batches`); streamed
+    shards also keep their position for the checkpoints, and continue from a checkpoint's position.
+
+    Args:
+        saved: the stream positions of the checkpoint resumed from (:func:`resume_training`): the stream
+            continues from this rank's instead of replaying its index bookkeeping to ``start_step``; None (a
+            checkpoint without them, or another world size): replayed, which is exact too.
+
+    Returns:
+        The batches, and for streamed data the :class:`StreamRecorder` whose positions go into the checkpoints
+        (None otherwise).
+    """
+    # build_train_batches's choice, made here too: only the streamed path needs the recorder.
+    choice = stream_choice(cfg) if is_shard_source(cfg.data.train) and cfg.data.train_lq is None else None
+    if choice is None or not choice[0]:
+        return build_train_batches(cfg, rank, world_size, start_step, batch_fn), None
+    # As xswinir.data builds streamed batches, with the recorder between the stream and the DataLoader.
+    log.info("training data %s: %s", printable_path(cfg.data.train), choice[1])
+    index = ShardIndex(cfg.data.train)
+    if index.paired:
+        log.info("paired data: LQ crops come from %s; no degradations in training", printable_path(cfg.data.train))
+    position = _saved_position(saved, index, cfg.train.seed, rank, world_size, start_step)
+    stream = ShardStream(index, cfg.train.batch_size // world_size, cfg.train.seed, rank, world_size,
+                         start_step=0 if position is not None else start_step,
+                         crops_per_image=cfg.data.crops_per_image)
+    if position is not None:
+        stream.position.load_state_dict(position)
+    every, total = cfg.train.val_every, cfg.train.total_steps
+    recorder = StreamRecorder(stream, lambda step: step > 0 and (step % every == 0 or step == total))
+    dataset = StreamDataset(PatchCutter.from_config(cfg), index.paired, cfg.data.verify_checksums)
+    return loader_batches(dataset, recorder, cfg.data.loader_workers, cfg.train.seed, rank, batch_fn), recorder
+
+
+class MetricsSender:
+    """Rank 0's end of the run's :class:`~xswinir.training_log.MetricsSink` (a Ray actor on the driver's node).
+
+    At most one row is in flight: each write first waits for the previous one, so a row is never dropped
+    silently (an error in the sink, a full disk, fails the run here) and rows never queue without bound; one
+    round trip per log step, hidden behind the step that follows it.
+
+    Args:
+        sink: the actor handle (:func:`start_metrics_sink`).
+        start_step: the step this worker loop starts from (see :meth:`MetricsSink.start`).
+    """
+
+    def __init__(self, sink: Any, start_step: int) -> None:
+        import ray
+
+        self.sink = sink
+        self.attempt: int = ray.get(sink.start.remote(start_step, ray.get_runtime_context().get_node_id()))
+        self._pending: Any = None  # the ObjectRef of the row in flight
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.flush()
+        self._pending = self.sink.write.remote(self.attempt, step, metrics)
+
+    def flush(self) -> None:
+        """Waits until every row sent is in the file."""
+        import ray
+
+        if self._pending is not None:
+            ray.get(self._pending)
+            self._pending = None
+
+    def claim_failure(self) -> bool:
+        """Whether fault injection fails this run now: only the first time in its log folder."""
+        import ray
+
+        return ray.get(self.sink.claim_failure.remote())
+
+    def close(self) -> None:
+        self.flush()
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -238,25 +384,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # [1] Resume from the latest checkpoint: after a worker failure, or a relaunch with the same name. Ray
     # knows none when fit() set its snapshot aside; then the driver's verified choice is the one.
-    start_step = 0
+    start_step, stream_position = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        start_step = resume_training(parts, checkpoint.path, checkpoint.filesystem, rank)
+        start_step, stream_position = resume_training(parts, checkpoint.path, checkpoint.filesystem, rank)
     elif loop_config.get("resume_from"):
         fs, path = filesystem_and_path(loop_config["resume_from"])
-        start_step = resume_training(parts, path, fs, rank)
+        start_step, stream_position = resume_training(parts, path, fs, rank)
     if start_step:
         log.info("rank %d resumed at step %d", rank, start_step)
 
     # [3] Wrap in DDP (only when world size > 1) and move to the device.
     ddp_model = ray.train.torch.prepare_model(model)
     # Folders and shards alike: DataLoader worker processes decode off this loop, several crops per image.
-    batches = build_train_batches(cfg, rank, world_size, start_step, batch_fn=loader_search(cfg, classifier, device))
+    batches, recorder = train_batches(cfg, rank, world_size, start_step, loader_search(cfg, classifier, device),
+                                      stream_position)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.bf16 else None
-    writer = MetricsWriter(loop_config["log_dir"], start_step) if rank == 0 else None
+    # Rank 0 may run on another machine than the driver: its rows go to the driver's MetricsSink.
+    writer = MetricsSender(loop_config["metrics"], start_step) if rank == 0 else None
     val_set = build_validation_set(cfg, parts.degrader, device) if rank == 0 else None
     failure_step = int(os.environ.get(FAILURE_ENV, "0"))
-    failure_marker = Path(loop_config["log_dir"]) / ".failure_injected"
 
     window_start, window_steps = time.perf_counter(), 0
     sums: dict[str, torch.Tensor] = {}
@@ -268,8 +415,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         window_steps += 1
         done = step + 1
 
-        if rank == 0 and failure_step and done == failure_step and not failure_marker.exists():
-            failure_marker.touch()
+        if writer is not None and failure_step and done == failure_step and writer.claim_failure():
             raise RuntimeError(f"failure injected at step {done} ({FAILURE_ENV})")
 
         if writer is not None and (done % cfg.train.log_every == 0 or done == cfg.train.total_steps):
@@ -283,12 +429,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if done % cfg.train.val_every == 0 or done == cfg.train.total_steps:
             report: dict[str, Any] = {"step": done}
             rng_states = _gather(rng_state(), world_size)
+            positions = _gather(recorder.position(done), world_size) if recorder is not None else None
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
                     report.update(validate(ema.module, val_set, cfg.scale, cfg.data.val_tile))
                     writer.write(done, {k: v for k, v in report.items() if k != "step"})
-                    save_checkpoint(Path(tmp), cfg, model, ema.module, optimizer, done, classifier_dir, rng_states)
+                    writer.flush()  # every row up to the checkpoint is in the file before the checkpoint exists
+                    save_checkpoint(Path(tmp), cfg, model, ema.module, optimizer, done, classifier_dir, rng_states,
+                                    recorder.for_checkpoint(positions) if recorder is not None else None)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                     log.info("step %d: %s = %.3f dB", done, VAL_PSNR_Y, report[VAL_PSNR_Y])
                 # [4] Every rank reports; rank 0 attaches the checkpoint.
@@ -391,25 +540,105 @@ def failure_message(err: Exception, logs: Path) -> str:
     return f"training failed on {where}: {type(cause).__name__}: {first} ({full_log})"
 
 
-def build_trainer(cfg: Config, callbacks: list | None = None, classifier: dict[str, bytes] | None = None,
-                  resume_from: str | None = None):
-    """A Ray Train ``TorchTrainer`` for the config; Ray Tune builds one per trial with this.
+def start_metrics_sink(logs: Path) -> Any:
+    """A :class:`~xswinir.training_log.MetricsSink` for the log folder ``logs``, as a Ray actor on this node.
+
+    Pinned to the node of the process that calls it (the driver, or a Tune trial's function), whose disk holds
+    ``logs``; no CPU reserved, so that it never keeps a worker from being scheduled.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(MetricsSink).options(num_cpus=0, scheduling_strategy=here).remote(str(logs))
+
+
+def stop_metrics_sink(sink: Any) -> None:
+    """Closes the sink's files (TensorBoard's last events) and ends the actor."""
+    import ray
+
+    try:
+        ray.get(sink.close.remote())
+    except ray.exceptions.RayError as err:  # gone with its node: the run has failed already, say why there
+        log.debug("metrics sink: %s", err)
+    ray.kill(sink)
+
+
+def worker_config(cfg: Config) -> Config:
+    """The config the workers train with (and every checkpoint records): without the driver's own folders.
+
+    ``run.log_dir`` is where the driver's :class:`MetricsSink` writes, and a local ``texture.classifier.path``
+    the folder the driver read the classifier from (its files travel with the loop config, and every
+    checkpoint holds them in ``classifier/``): on a cluster, neither exists on a worker's machine.
+    """
+    drop: dict[str, Any] = {"run.log_dir": None}
+    if cfg.texture.classifier.path is not None and not is_remote(cfg.texture.classifier.path):
+        drop["texture.classifier.path"] = None
+    return apply_overrides(cfg, drop)
+
+
+def build_loop_config(cfg: Config, metrics_sink: Any, classifier: dict[str, bytes] | None = None,
+                      resume_from: str | None = None) -> dict[str, Any]:
+    """What ``train_loop_per_worker`` receives: the worker config as a dict, the classifier's files, the
+    checkpoint to resume from and the metrics sink's handle.
 
     Args:
+        metrics_sink: the handle of :func:`start_metrics_sink`'s actor.
+        classifier: the texture classifier's files (:attr:`~xswinir.texture.payload.ClassifierPayload.files`).
         resume_from: the checkpoint folder to start from when Ray's snapshot names none (see :func:`fit`): an
             absolute path or a URI, since a relative storage path means nothing in a worker's folder.
+    """
+    return {"config": worker_config(cfg).to_dict(), "classifier": classifier, "resume_from": resume_from,
+            "metrics": metrics_sink}
+
+
+# The config values that name a file, a folder or a storage (data sources may be ";" lists of them).
+PATH_KEYS = ("run.storage", "run.log_dir", "data.train", "data.train_lq", "data.val", "model.init_from",
+             "texture.classifier.path")
+
+
+def local_paths(loop_config: dict[str, Any]) -> list[str]:
+    """The local paths in a loop config, as ``key=value``: what a worker would read or write on its own disk.
+
+    On one machine, or a cluster whose nodes share a disk, they are fine; on a cluster without one, each node
+    would find a different folder (or none). URIs and ``skimage:`` names (inside the installed package) are
+    not local paths; any other value of :data:`PATH_KEYS`, and any absolute path elsewhere, is.
+    """
+    found = []
+
+    def visit(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for name, item in value.items():
+                visit(item, f"{key}.{name}" if key else str(name))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item, key)
+        elif isinstance(value, str):
+            for part in filter(None, (p.strip() for p in value.split(";"))):
+                local = not is_remote(part) and not part.startswith("skimage:")
+                if local and (key.removeprefix("config.") in PATH_KEYS or part.startswith(("/", "~"))):
+                    found.append(f"{key.removeprefix('config.')}={part}")
+
+    visit(loop_config, "")
+    return found
+
+
+def build_trainer(cfg: Config, loop_config: dict[str, Any], callbacks: list | None = None):
+    """A Ray Train ``TorchTrainer`` for the config, its workers given ``loop_config`` (:func:`build_loop_config`).
+
+    Workers are placed by ``run.placement_strategy``: ``PACK`` fills a node first, ``SPREAD`` puts them on
+    different nodes when it can (and on what remains when a node is lost).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "classifier": classifier,
-                           "log_dir": str(log_dir(cfg.run.storage, cfg.run.name, cfg.run.log_dir)),
-                           "resume_from": resume_from},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
             resources_per_worker={"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {})},
+            placement_strategy=cfg.run.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
@@ -422,6 +651,14 @@ def build_trainer(cfg: Config, callbacks: list | None = None, classifier: dict[s
             else None,
         ),
     )
+
+
+def warn_local_paths(loop_config: dict[str, Any]) -> None:
+    """One warning line when a run that joins a cluster hands its workers local paths (:func:`local_paths`)."""
+    found = local_paths(loop_config)
+    if found:
+        log.warning("the workers get local paths (%s): fine when every node shares that disk; otherwise give "
+                    "URIs (s3://...)", ", ".join(found))
 
 
 def fit(cfg: Config, resume: bool = False, callbacks: list | None = None, classifier_cache: Path | None = None):
@@ -447,18 +684,25 @@ def fit(cfg: Config, resume: bool = False, callbacks: list | None = None, classi
         load_pretrained(build_swinir(cfg.model), cfg.model.init_from, strict=cfg.model.init_strict)
     resume_from = prepare_run(cfg.run, resume)
     classifier = classifier_payload(cfg, classifier_cache)  # None without the texture term
-    if classifier is not None:  # the run (and every checkpoint's config) names the classifier it trains with
+    if classifier is not None:  # the run names the classifier it trains with (every checkpoint holds its files)
         cfg = apply_overrides(cfg, {"texture.classifier.path": str(classifier.path)})
-    log.debug("config:\n%s", cfg.to_yaml())  # also saved in every checkpoint
+    log.debug("config:\n%s", cfg.to_yaml())  # every checkpoint saves it too, less the driver's folders
     init_ray(cfg.run, logs)
-    trainer = build_trainer(cfg, callbacks, None if classifier is None else classifier.files, resume_from)
     metrics_path = logs / METRICS_FILE
-    if cfg.run.address is None and cfg.run.progress:  # a local run shows its progress on the console
-        with ProgressFollower(metrics_path, cfg.train.total_steps, every=max(cfg.train.log_every,
-                                                                             cfg.train.total_steps // 10)):
+    sink = start_metrics_sink(logs)
+    try:
+        loop_config = build_loop_config(cfg, sink, None if classifier is None else classifier.files, resume_from)
+        if cfg.run.address is not None or os.environ.get("RAY_ADDRESS"):  # joins a cluster
+            warn_local_paths(loop_config)
+        trainer = build_trainer(cfg, loop_config, callbacks)
+        if cfg.run.address is None and cfg.run.progress:  # a local run shows its progress on the console
+            with ProgressFollower(metrics_path, cfg.train.total_steps, every=max(cfg.train.log_every,
+                                                                                 cfg.train.total_steps // 10)):
+                result = trainer.fit()
+        else:
             result = trainer.fit()
-    else:
-        result = trainer.fit()
+    finally:
+        stop_metrics_sink(sink)
     curves = plot_training_curves(metrics_path, logs / CURVES_FILE)
     if curves is not None:
         log.info("training curves: %s", curves)

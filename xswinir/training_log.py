@@ -1,8 +1,11 @@
 """What a training run leaves for people to read: metrics.jsonl, TensorBoard events, progress, curves.
 
-Rank 0 writes one JSON line per log or validation step. The driver of a local run follows that file to
-show its progress, and plots it as PNG curves at the end. A resumed run first drops the lines beyond
-its checkpoint, so the curve continues without a jump or a duplicate.
+One JSON line per log or validation step, in the driver's log folder. Rank 0 may run on another machine
+than the driver (a cluster shares no disk), so it does not write the folder itself: it sends its rows to a
+:class:`MetricsSink`, which the driver starts on its own node (a Ray actor, see ``xswinir.trainer``). The driver
+of a local run follows that file to show its progress, and plots it as PNG curves at the end. A resumed or
+restarted run first drops the lines beyond its checkpoint, so the curve continues without a jump or a
+duplicate.
 """
 
 from __future__ import annotations
@@ -19,14 +22,23 @@ from xswinir.metrics import VAL_PSNR_BICUBIC_Y, VAL_PSNR_Y
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
+# In the log folder once fault injection (xswinir.trainer.FAILURE_ENV) has failed a run: it fails it only once.
+FAILURE_MARKER = ".failure_injected"
 
 
 class MetricsWriter:
-    """Appends metrics to ``log_dir/metrics.jsonl`` and to TensorBoard; used on rank 0 only."""
+    """Appends metrics to ``log_dir/metrics.jsonl`` and to TensorBoard, from ``start_step`` on.
 
-    def __init__(self, log_dir: str | Path, start_step: int = 0, tensorboard: bool = True) -> None:
+    Args:
+        start_step: the step the run (re)starts from: rows and TensorBoard events past it are dropped.
+        node: where rank 0 trains (a Ray node id), written into every row: which machine ran which steps.
+    """
+
+    def __init__(self, log_dir: str | Path, start_step: int = 0, tensorboard: bool = True,
+                 node: str | None = None) -> None:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.node = node
         self.path = self.log_dir / METRICS_FILE
         kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= start_step]
         self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
@@ -38,7 +50,7 @@ class MetricsWriter:
             self._tensorboard = SummaryWriter(str(self.log_dir / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        row = {"step": step, "time": time.time(), **metrics}
+        row = {"step": step, "time": time.time(), **({"node": self.node} if self.node else {}), **metrics}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self._tensorboard is not None:
@@ -50,6 +62,52 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+class MetricsSink:
+    """The run's log folder as rank 0 sees it: the driver runs this on its own node, rank 0 sends it rows.
+
+    Each start of the worker loop (the first, a restart after a failure, a ``--resume``) calls :meth:`start`,
+    which truncates the folder's metrics to the step it starts from and numbers the attempt; a row of an
+    earlier attempt that arrives late (its worker died with the row in flight) is dropped, so the steps stay
+    continuous. Plain Python: ``xswinir.trainer`` makes it a Ray actor, the tests call it directly.
+
+    Args:
+        log_dir: the run's log folder on the driver's machine.
+    """
+
+    def __init__(self, log_dir: str | Path) -> None:
+        self.log_dir = Path(log_dir)
+        self.attempt = 0
+        self._writer: MetricsWriter | None = None
+
+    def start(self, start_step: int, node: str | None = None) -> int:
+        """Opens the metrics for a worker loop starting at ``start_step``; returns its attempt number."""
+        self.close()
+        self.attempt += 1
+        self._writer = MetricsWriter(self.log_dir, start_step, node=node)
+        return self.attempt
+
+    def write(self, attempt: int, step: int, metrics: dict[str, float]) -> bool:
+        """Appends one row of attempt ``attempt``; False (and nothing written) for an earlier attempt's row."""
+        if attempt != self.attempt or self._writer is None:
+            return False
+        self._writer.write(step, metrics)
+        return True
+
+    def claim_failure(self) -> bool:
+        """True the first time it is asked for this log folder (then it leaves :data:`FAILURE_MARKER` there)."""
+        marker = self.log_dir / FAILURE_MARKER
+        if marker.exists():
+            return False
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        return True
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
