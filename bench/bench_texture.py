@@ -15,6 +15,14 @@ wall clock and by this process's CPU clock, which on a busy machine leaves out t
   (:meth:`~xswinir.texture.TextureSearch.attach_match`); with the loader step it gives the CPU time per step of
   the whole run, which is what a machine whose every core is busy pays.
 
+(c) The loader's search measured where training runs it, inside a DataLoader worker process (one torch thread, by
+that process's CPU clock, kernel time included): this search and, with ``--reference DIR``, an earlier
+implementation, each in worker processes of its own, in alternating blocks; each must find the same match bit for
+bit. DIR holds
+copies of ``xswinir/texture/{features,classifier,search}.py`` from an earlier commit (``git show
+<commit>:xswinir/texture/search.py > DIR/search.py``, and so on), loaded in place of the installed ones. With the
+loader step of (a) they give the CPU per texture step of a whole run relative to a λ = 0 step, before and after.
+
 Goal (issue 20): the texture term costs at most 1.25x a λ = 0 step on the study's model.
 
 Profiles (``--profile``): ``study_cpu`` is the study's configuration (``xswinir/configs/study_cpu.yaml``: SwinIR
@@ -32,17 +40,23 @@ are fixed synthetic values (the timing does not depend on what it learned), its 
 benchmark's own windows. The batches come from ``skimage:train`` through the trainer's data pipeline.
 
     python -m bench.bench_texture [--profile swinir-s|study_cpu] [--quick] [--rounds N] [--threads N] [--device cuda]
+        [--reference DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import torch
+from torch.utils.data import DataLoader
 
 from bench.common import measure, parse_args, print_table, sync, write_json
 from xswinir.config import Config, TextureConfig, apply_overrides, load_config, read_yaml_mapping, resolve_config_path
@@ -151,8 +165,10 @@ WORKER = "the loader's search of one batch"
 TOTAL = "projection, loader step + its search"
 
 
-def step_rows(cfg: Config, device: torch.device, rounds: int) -> tuple[list[dict], dict[str, object]]:
-    """(a): the trainer's step per variant, interleaved; the rows and the median ratios by clock."""
+def step_rows(cfg: Config, device: torch.device, rounds: int
+              ) -> tuple[list[dict], dict[str, object], dict[str, object]]:
+    """(a): the trainer's step per variant, interleaved; the rows, the median ratios by clock, and for (c) the
+    loader's search, its batch and the median CPU seconds of the λ = 0 and the loader step."""
     base_cfg = apply_overrides(cfg, {"loss.texture_weight": 0.0})
     plain = {k: v.to(device) for k, v in next(build_train_batches(base_cfg, 0, 1)).items()}
     cpu_batch = next(build_train_batches(cfg, 0, 1))  # what a loader worker searches, on the CPU
@@ -198,7 +214,9 @@ def step_rows(cfg: Config, device: torch.device, rounds: int) -> tuple[list[dict
             median, q1, q3 = spread(values)
             rows[i].update({f"{clock} ms": 1e3 * statistics.median(t[name]), f"ratio ({clock})": median,
                             f"{clock} q25-q75": f"{q1:.2f}-{q3:.2f}"})
-    return rows, {"ratios": medians, "loader_match_vs_step": same}
+    step_cpu = {name: statistics.median(seconds["cpu"][name]) for name in ("λ=0", LOADER)}
+    worker = {"search": loader_search, "batch": cpu_batch, "step_cpu": step_cpu}
+    return rows, {"ratios": medians, "loader_match_vs_step": same}, worker
 
 
 def search_rows(tex: TextureConfig, classifier: TextureClassifier, size: int, repeat: int,
@@ -221,6 +239,93 @@ def search_rows(tex: TextureConfig, classifier: TextureClassifier, size: int, re
     return rows, t["per-window loop"] / t["batched"]
 
 
+_TEXTURE_MODULES = ("features", "classifier", "search")  # in import order: each imports the one before
+
+
+def load_reference(folder: Path) -> dict[str, ModuleType]:
+    """The texture modules of an earlier implementation, from copies of their files in ``folder``.
+
+    Each is loaded under its installed name for the moment of its import, so that the copies import each other
+    (``classifier.py``'s ``from xswinir.texture.features import ...``) and not the installed modules; the
+    installed ones are back in place afterwards.
+    """
+    names = [f"xswinir.texture.{name}" for name in _TEXTURE_MODULES]
+    saved = {name: sys.modules[name] for name in names if name in sys.modules}
+    modules = {}
+    try:
+        for short, name in zip(_TEXTURE_MODULES, names, strict=True):
+            file = folder / f"{short}.py"
+            if not file.is_file():
+                raise SystemExit(f"--reference {folder}: {file.name} is missing (copy it from an earlier commit)")
+            spec = importlib.util.spec_from_file_location(name, file)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            modules[short] = module
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+    return modules
+
+
+def reference_search(modules: dict[str, ModuleType], tex: TextureConfig, classifier: TextureClassifier) -> object:
+    """The earlier implementation's search with the same settings and a classifier with the same weights."""
+    old = modules["classifier"].TextureClassifier(classifier.patch_size, pair_features=classifier.has_pair_features)
+    old.load_state_dict(classifier.state_dict())
+    return modules["search"].TextureSearch.from_config(tex, old.requires_grad_(False).eval())
+
+
+class _TimedSearches:
+    """A DataLoader's collate function: runs the named search on the batch and returns its CPU seconds and match."""
+
+    def __init__(self, searches: dict[str, Callable[[dict], dict]], batch: dict[str, torch.Tensor]) -> None:
+        self.searches, self.batch = searches, batch
+
+    def __call__(self, name: str) -> tuple[str, float, dict[str, torch.Tensor]]:
+        start = time.process_time()
+        match = self.searches[name](dict(self.batch))
+        return name, time.process_time() - start, match
+
+
+def worker_search_rows(searches: dict[str, Callable[[dict], dict]], batch: dict[str, torch.Tensor], rounds: int,
+                       step_cpu: dict[str, float]) -> tuple[list[dict], dict[str, object]]:
+    """(c): each search of one batch inside DataLoader worker processes, by the worker's CPU clock.
+
+    Args:
+        searches: name -> ``attach_match`` of a search; the first is the one the others are compared with.
+        batch: a collated training batch with its region.
+        rounds: measured calls of each (after one warm-up call of each).
+        step_cpu: median CPU seconds of the λ = 0 step and of the loader step, from (a).
+    """
+    # Each search in worker processes of its own (what one process sets up, e.g. its allocator, stays its own),
+    # in blocks that alternate between the searches, so that the machine's load hits them alike.
+    blocks = min(rounds, 4)
+    seconds: dict[str, list[float]] = {name: [] for name in searches}
+    matches: dict[str, dict[str, torch.Tensor]] = {}
+    for block in range(blocks):
+        calls = rounds // blocks + (block < rounds % blocks)
+        for name in searches:
+            loader = DataLoader([name] * (calls + 1), batch_size=None, num_workers=1,
+                                collate_fn=_TimedSearches(searches, batch))
+            for i, (_, cpu, match) in enumerate(loader):
+                if i > 0:  # a worker's first call warms up
+                    seconds[name].append(cpu)
+                matches[name] = match
+    first = next(iter(searches))
+    rows, summary = [], {}
+    for name, values in seconds.items():
+        same = all(torch.equal(matches[name][k], matches[first][k]) for k in matches[first])
+        search_cpu = statistics.median(values)
+        total = (step_cpu[LOADER] + search_cpu) / step_cpu["λ=0"]
+        rows.append({"case": f"the loader's search in a worker: {name}", "cpu ms": 1e3 * search_cpu,
+                     "q25-q75 ms": "{:.0f}-{:.0f}".format(*(1e3 * v for v in spread(values)[1:])),
+                     "ratio to λ=0 step (cpu)": search_cpu / step_cpu["λ=0"],
+                     "loader step + search / λ=0 (cpu)": total, f"match = {first}'s": same})
+        summary[name] = {"search_cpu_ms": 1e3 * search_cpu, "total_cpu_ratio": total, "same_match": same}
+    return rows, summary
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=("swinir-s", "study_cpu"), default="swinir-s",
                         help="the model and batch of (a) (default: %(default)s)")
@@ -229,6 +334,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "8 for swinir-s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: 1 for study_cpu, as each study trial runs; else all)")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="a folder with copies of xswinir/texture/{features,classifier,search}.py from an earlier "
+                             "commit: (c) measures that search beside this one")
 
 
 def main() -> None:
@@ -241,13 +349,27 @@ def main() -> None:
     cfg = profile_config(args.profile, args.quick)
     rounds = args.rounds or (5 if args.quick else 20 if args.profile == "study_cpu" else 8)
 
-    rows, result = step_rows(cfg, device, rounds)
+    rows, result, worker = step_rows(cfg, device, rounds)
     shape = (f"SwinIR x{cfg.scale} embed {cfg.model.embed_dim} depths {list(cfg.model.depths)}, batch "
              f"{cfg.train.batch_size}, gt {cfg.data.gt_size}, region {cfg.texture.region_size}")
     print_table(rows, f"(a) {args.profile} ({shape}): training step on {device}, {torch.get_num_threads()} threads; "
                       f"ratio to the λ=0 step of the same round, median and quartiles over {rounds} interleaved "
                       "rounds, by the wall clock and by this process's CPU clock")
     extra: dict[str, object] = {}
+    searches = {"this search": worker["search"].attach_match}
+    if args.reference is not None:
+        old = reference_search(load_reference(args.reference), cfg.texture, worker["search"].classifier)
+        searches[f"reference ({args.reference})"] = old.attach_match
+    c_rows, extra["worker_search"] = worker_search_rows(searches, worker["batch"], rounds, worker["step_cpu"])
+    print_table(c_rows, "(c) the loader's search of one batch inside DataLoader worker processes, median over "
+                        f"{rounds} calls in alternating blocks, by the worker's CPU clock; with the loader step of "
+                        "(a), the CPU of a whole texture step against a λ=0 step")
+    rows += c_rows
+    if len(searches) == 2:
+        new, ref = extra["worker_search"].values()
+        extra["worker_search_speedup"] = ref["search_cpu_ms"] / new["search_cpu_ms"]
+        print(f"the loader's search costs {extra['worker_search_speedup']:.2f}x less CPU than the reference's; a whole "
+              f"texture step {ref['total_cpu_ratio']:.2f}x -> {new['total_cpu_ratio']:.2f}x the CPU of a λ=0 step")
     if args.profile == "swinir-s":
         size = 64 if args.quick else 128
         classifier = make_classifier(cfg.texture.patch_size, crops(size, 2, torch.Generator().manual_seed(1)))

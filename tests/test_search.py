@@ -413,3 +413,63 @@ def test_attach_match_pickles_into_worker_processes():
     copied = pickle.loads(pickle.dumps(search.attach_match))
     a, b = copied(_pinned_batch(case)), search.attach_match(_pinned_batch(case))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _study_search_case(generator: torch.Generator) -> tuple[TextureSearch, dict[str, torch.Tensor]]:
+    """The study's search (the real classifier with pair features, 16 px patches, stride 4) and a random batch."""
+    region = torch.rand(2, 3, 80, 72, generator=generator)
+    offset = torch.tensor([[8, 4], [13, 6]])
+    gt = torch.stack([region[i, :, y:y + 32, x:x + 32] for i, (y, x) in enumerate(offset.tolist())])
+    valid = torch.ones(2, 1, 80, 72, dtype=torch.bool)
+    valid[1, :, 70:] = False
+    clf = TextureClassifier(16, pair_features=True)
+    with torch.no_grad():
+        feats = clf.features.window_features(region, 16, 4).flatten(2).transpose(1, 2).flatten(0, 1)
+        clf.feature_mean.copy_(feats[:, :clf.features.num_features].mean(0))
+        clf.feature_std.copy_(feats[:, :clf.features.num_features].std(0).clamp_min(1e-3))
+        clf.weight_diff.copy_(-torch.rand(clf.weight_diff.shape, generator=generator))
+        clf.weight_prod.copy_(0.1 * torch.randn(clf.weight_prod.shape, generator=generator))
+        clf.weight_pair.fill_(1.0)
+        clf.bias.fill_(20.0)  # random pictures: most pairs score high, the top K differ in every digit
+    search = search_for(clf.eval(), top_k=5, min_score=0.3)
+    return search, {"gt": gt, "region": region, "gt_offset": offset, "region_valid": valid}
+
+
+def test_the_study_search_equals_the_search_on_plain_avg_pool(generator, monkeypatch):
+    # The window means come from strided slices (faster on the CPU); with F.avg_pool2d, as they were computed
+    # before, the windows, c*, X c* and every other field are the same bit for bit.
+    import xswinir.texture.features as features_module
+
+    search, batch = _study_search_case(generator)
+    fast = search.attach_match(batch)
+
+    def avg_pool(x: torch.Tensor, kernel: tuple[int, int], stride: int) -> torch.Tensor:
+        x = F.avg_pool2d(x, kernel_size=(kernel[0], 1), stride=(stride, 1))
+        return F.avg_pool2d(x, kernel_size=(1, kernel[1]), stride=(1, stride))
+
+    monkeypatch.setattr(features_module, "_pool", avg_pool)
+    plain = search.attach_match(batch)
+    assert fast.keys() == plain.keys() and all(torch.equal(fast[k], plain[k]) for k in fast)
+    assert fast["texture_match.valid"].sum() > 20  # a real search: windows were chosen
+
+
+def _match_in_worker(args: tuple[TextureSearch, dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], bool]:
+    import xswinir.texture.search as search_module
+
+    search, batch = args
+    match = search.attach_match(batch)
+    return match, search_module.keep_freed_memory()  # True: attach_match has set the allocator up already
+
+
+def test_the_match_made_in_a_loader_worker_is_the_same(generator):
+    # In a DataLoader worker attach_match also keeps freed memory for the next batch (glibc); no number changes.
+    from torch.utils.data import DataLoader
+
+    search, batch = _study_search_case(generator)
+    loader = DataLoader([(search, batch)], batch_size=None, num_workers=1, collate_fn=_match_in_worker)
+    (in_worker, kept), = list(loader)
+    here = search.attach_match(batch)
+    assert in_worker.keys() == here.keys() and all(torch.equal(in_worker[k], here[k]) for k in here)
+    import sys
+
+    assert kept or not sys.platform.startswith("linux")

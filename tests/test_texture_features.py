@@ -138,6 +138,51 @@ def test_too_small_windows_raise(features):
         features(torch.rand(1, 2, 16, 16))
 
 
+def _avg_pool_reference(x: torch.Tensor, kernel: tuple[int, int], stride: int) -> torch.Tensor:
+    """The separable window means as F.avg_pool2d computes them: what _pool's strided slices reproduce."""
+    x = torch.nn.functional.avg_pool2d(x, kernel_size=(kernel[0], 1), stride=(stride, 1))
+    return torch.nn.functional.avg_pool2d(x, kernel_size=(1, kernel[1]), stride=(1, stride))
+
+
+@pytest.mark.parametrize(("size", "kernel", "stride"), [((126, 126), (14, 14), 4), ((40, 37), (12, 9), 3),
+                                                         ((33, 50), (16, 16), 1), ((64, 64), (14, 14), 16)])
+def test_window_means_equal_avg_pool_bit_for_bit(generator, size, kernel, stride):
+    from xswinir.texture.features import _pool
+
+    # Maps of every magnitude, as the filter energies and their squares are; the sums must round alike.
+    maps = torch.rand(2, 5, *size, generator=generator) * torch.randn(2, 5, *size, generator=generator).mul(3).exp()
+    assert torch.equal(_pool(maps, kernel, stride), _avg_pool_reference(maps, kernel, stride))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_descriptor_written_in_place_equals_the_concatenated_one(paired, generator, channels):
+    # Without a gradient the descriptor is written into the feature tensor; with one it is concatenated. Both
+    # hold each window's pixels centred per channel (F.unfold's layout), bit for bit.
+    from torch.nn.functional import unfold
+
+    images = torch.rand(2, channels, 45, 38, generator=generator)
+    with torch.no_grad():
+        in_place = paired.window_features(images, 16, 4)
+    concatenated = paired.window_features(images.clone().requires_grad_(), 16, 4).detach()
+    assert torch.equal(in_place, concatenated)
+    num, (nh, nw) = paired.num_features, in_place.shape[-2:]
+    cols = unfold(images.expand(-1, 3, -1, -1), 16, stride=4).unflatten(1, (3, -1))  # (B, 3, 256, nh * nw)
+    centred = (cols - cols.mean(2, keepdim=True)).flatten(1, 2).unflatten(-1, (nh, nw))
+    assert torch.equal(in_place[:, num:num + 3 * 256], centred)
+
+
+def test_moved_copies_equal_padded_shifts(generator):
+    from xswinir.texture.features import _moved_copies, _overlap, _shifts
+
+    windows = torch.rand(2, 4, 3, 8, 8, generator=generator)
+    shifts = _shifts(2)
+    expected = torch.stack([torch.nn.functional.pad(_overlap(windows, -dy, -dx),
+                                                    (max(0, dx), max(0, -dx), max(0, dy), max(0, -dy)))
+                            for dy, dx in shifts], dim=-4)
+    assert torch.equal(_moved_copies(windows, shifts), expected)
+    assert torch.equal(_moved_copies(windows, shifts)[..., len(shifts) // 2, :, :, :], windows)  # (0, 0) in the middle
+
+
 @pytest.mark.gpu
 def test_cuda_matches_cpu(features, generator):
     images = torch.rand(2, 3, 40, 40, generator=generator)

@@ -17,9 +17,11 @@ With ``query: gt`` the search depends on the training batch alone, so training c
 made, in the DataLoader's worker processes (``texture.search_in``): :meth:`TextureSearch.attach_match` puts the
 match into the collated batch in place of the region, :meth:`TextureSearch.match_from_batch` reads it back in
 the training step, which then only computes the term. On the study's CPU model (one thread) the search costs
-about twice a whole λ = 0 step, mostly the pair scoring (about half of it) and the feature pass over the region
-(about a third) (``python -m bench.bench_texture --profile study_cpu``); in the workers it runs beside the
-training thread, on a core of its own where one is free. Its CPU time is the same there.
+about 1.5x a whole λ = 0 step in CPU (``python -m bench.bench_texture --profile study_cpu``): the pair features'
+batched matrix product of every patch at 25 small shifts with every window (about a third, at the core's
+arithmetic peak), centring and scaling the windows' pixels for it (about a tenth), and the feature pass over the
+region (about a quarter); in the workers it runs beside the training thread, on a core of its own where one is
+free. A worker keeps the memory the search frees for the next batch (:func:`keep_freed_memory`).
 
 Naming: a *patch* is one square of the ``p`` grid of the searched image; a *window* is any ``p x p`` square of
 the region at the search stride. (A *tile* elsewhere in the project is a piece of an image in tiled inference.)
@@ -27,7 +29,10 @@ the region at the search stride. (A *tile* elsewhere in the project is a piece o
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -43,6 +48,40 @@ MATCH_PREFIX = "texture_match."
 _MATCH_TENSORS = ("target", "mask", "boxes", "coefs", "scores", "valid", "tile_boxes", "tile_r2", "windows")
 # What the search reads from a collated batch; attach_match replaces them by the match.
 _REGION_KEYS = ("region", "region_valid", "gt_offset")
+# glibc's mallopt parameters (malloc.h) and the values a loader worker gets (see keep_freed_memory).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEPT_HEAP = 512 * 2**20  # freed heap a worker keeps before returning memory to the system
+_HEAP_BLOCKS_UP_TO = 32 * 2**20  # blocks up to this size come from the heap (glibc's own dynamic maximum)
+_memory_kept_in: int | None = None  # the process id keep_freed_memory last applied in
+
+
+def keep_freed_memory() -> bool:
+    """Lets this process reuse the memory it frees instead of returning it to the system (glibc's malloc only).
+
+    A search allocates and frees about 100 MB of temporaries per batch, in blocks of up to ~22 MB. glibc maps
+    blocks that large afresh and trims its heap when they are freed, so every batch faults all those pages in
+    again: about a fifth of the search's CPU time on the study's profile (kernel time, which ``process_time``
+    counts). Fixed thresholds keep the blocks on the heap and the heap from shrinking. Changes no number, only
+    where memory comes from; applied once per process (:meth:`TextureSearch.attach_match` calls it in
+    DataLoader worker processes, which only make batches).
+
+    Returns:
+        Whether it applied (False off Linux or without glibc).
+    """
+    global _memory_kept_in
+    if _memory_kept_in == os.getpid():
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCKS_UP_TO)
+                       and libc.mallopt(_M_TRIM_THRESHOLD, _KEPT_HEAP))
+    except (OSError, AttributeError):  # another C library (musl): its own allocator, nothing to set
+        return False
+    if applied:
+        _memory_kept_in = os.getpid()
+    return applied
 
 
 class _Features(Protocol):
@@ -307,7 +346,7 @@ class TextureSearch:
 
         Runs where the batch is made (``build_train_batches``' ``batch_fn``: the DataLoader's worker processes),
         so that the training step only computes the term. The match is the one the step would find on the same
-        batch: the same call on the same tensors.
+        batch: the same call on the same tensors. In a worker process it first calls :func:`keep_freed_memory`.
 
         Args:
             batch: ``gt`` (B, C, H, W) and, when the region is not gt itself, ``region``, ``gt_offset`` and
@@ -322,6 +361,8 @@ class TextureSearch:
         """
         if self.query != "gt":
             raise ConfigError("the search can run with the data only for texture.query=gt; use texture.search_in=step")
+        if torch.utils.data.get_worker_info() is not None:  # a loader worker: its own process, only batches
+            keep_freed_memory()
         match = self(batch["gt"], batch.get("region"), batch.get("gt_offset"), batch.get("region_valid"))
         rest = {key: value for key, value in batch.items() if key not in _REGION_KEYS}
         return {**rest, **match.to_batch()}
