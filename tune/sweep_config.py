@@ -23,6 +23,7 @@ from xswinir.config import (
     check_name,
     load_config,
     read_experiment_file,
+    resolve_config_path,
     show,
     unknown_key_error,
 )
@@ -92,6 +93,10 @@ class SweepConfig:
 
     def base_config(self) -> Config:
         """The training config every trial starts from: ``base`` + ``overrides``, validated."""
+        try:
+            resolve_config_path(self.base)
+        except ConfigError as err:  # say which field: `base: config 'x' is neither a file nor ...`
+            raise ConfigError(f"base: {err}") from err
         return load_config(self.base, list(self.overrides))
 
     def experiment_path(self) -> str:
