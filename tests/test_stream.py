@@ -102,6 +102,27 @@ def test_memory_holds_at_most_the_buffer_and_one_row_group(shards):
     assert big.max_held <= 5 + GROUP_ROWS
 
 
+def test_each_row_group_is_read_about_once_per_epoch(tmp_path, monkeypatch):
+    index = ShardIndex(write_shards(tmp_path / "shards", rows=10 * ROWS, size=8, files=4))
+    reads: Counter[int] = Counter()
+    read = index.read
+
+    def counted(group):
+        reads[group.first] += 1
+        return read(group)
+
+    monkeypatch.setattr(index, "read", counted)
+    capacity = 5
+    stream = ShardStream(index, batch_size=4, seed=0, rank=0, world_size=1, crops_per_image=2, capacity=capacity)
+    while stream.position.epoch < 3:  # epochs 0 and 1 drawn, 2 begun
+        stream.batch()
+    # A group is read when its first row is drawn, and its other rows are kept until drawn; only around an
+    # epoch's turn is a group read again (its last copies still buffered while the next epoch's wait further on).
+    # Reading a group per row drawn would be 8 times as many reads.
+    assert set(reads) == {g.first for g in index.groups}
+    assert sum(reads.values()) <= 3 * len(index.groups) + 3 * (capacity + GROUP_ROWS), sorted(reads.values())
+
+
 def test_position_is_replayed_or_restored_exactly(shards):
     index = ShardIndex(shards)
     straight = StreamPosition(index.groups, seed=3, rank=1, world_size=2, capacity=6)

@@ -613,7 +613,7 @@ def build_train_batches(cfg: Config, rank: int, world_size: int, start_step: int
     dataset = PatchDataset(images, cutter, source=cfg.data.train)
     sampler = StepBatchSampler(len(dataset), cfg.train.batch_size // world_size, cfg.train.seed, rank, start_step,
                                cfg.data.crops_per_image)
-    return _batches(dataset, sampler, cfg, rank, batch_fn)
+    return loader_batches(dataset, sampler, cfg.data.loader_workers, cfg.train.seed, rank, batch_fn)
 
 
 def load_val_images(cfg: Config) -> list[tuple[str, Tensor]]:
@@ -651,8 +651,8 @@ def load_val_images(cfg: Config) -> list[tuple[str, Tensor]]:
 
 
 def _stream_batches(cfg: Config, rank: int, world_size: int, start_step: int = 0,
-                         batch_fn: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
-                         capacity: int = SHUFFLE_ROWS) -> Iterator[dict[str, Tensor]]:
+                    batch_fn: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+                    capacity: int = SHUFFLE_ROWS) -> Iterator[dict[str, Tensor]]:
     """This worker's training batches streamed from ``data.train``'s shards, forever, from ``start_step``.
 
     As :func:`build_train_batches` (same arguments, same batches' layout); the images differ, since they are
@@ -664,16 +664,25 @@ def _stream_batches(cfg: Config, rank: int, world_size: int, start_step: int = 0
     stream = ShardStream(index, cfg.train.batch_size // world_size, cfg.train.seed, rank, world_size, start_step,
                          cfg.data.crops_per_image, capacity)
     dataset = StreamDataset(PatchCutter.from_config(cfg), index.paired, cfg.data.verify_checksums)
-    return _batches(dataset, stream, cfg, rank, batch_fn)
+    return loader_batches(dataset, stream, cfg.data.loader_workers, cfg.train.seed, rank, batch_fn)
 
 
-def _batches(dataset: Dataset, sampler: Iterable[list], cfg: Config, rank: int,
-             batch_fn: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None) -> Iterator[dict[str, Tensor]]:
-    """The DataLoader both paths share: ``sampler`` yields each step's items, decoding runs in loader workers."""
-    workers = cfg.data.loader_workers
+def loader_batches(dataset: Dataset, sampler: Iterable[list], workers: int, seed: int, rank: int,
+                   batch_fn: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
+                   ) -> Iterator[dict[str, Tensor]]:
+    """The DataLoader both paths share: ``sampler`` yields each step's keys, ``workers`` processes decode them.
+
+    Args:
+        dataset: :class:`PatchDataset` or :class:`xswinir.stream.StreamDataset`.
+        sampler: each step's keys (:class:`StepBatchSampler` or :class:`xswinir.stream.ShardStream`).
+        workers: DataLoader worker processes (``data.loader_workers``); 0 decodes in this process.
+        seed: ``train.seed``, for the loader's own generator.
+        rank: this worker's rank.
+        batch_fn: as in :func:`build_train_batches`.
+    """
     # Its own generator: starting the iterator (on resume, too) must not draw from the global RNG.
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                         collate_fn=collate if batch_fn is None else functools.partial(_collate_then, batch_fn),
                         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
-                        generator=torch.Generator().manual_seed(loader_seed(cfg.train.seed, rank)))
+                        generator=torch.Generator().manual_seed(loader_seed(seed, rank)))
     return iter(loader)

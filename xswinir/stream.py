@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import logging
 import random
 from collections import deque
@@ -277,9 +278,15 @@ class ShardStream:
         if entry not in self.held:
             group = self._group(entry[1])
             rows = self.index.read(group)
-            waiting = {e for e in (*self.position.buffer, *self.position.pending, entry)
-                       if group.first <= e[1] < group.first + group.rows}
-            for e in waiting:  # the rows of the group still to be drawn; the others were drawn already
+            def in_group(e: tuple[int, int]) -> bool:
+                return group.first <= e[1] < group.first + group.rows
+
+            # The rows of the group still to be drawn: those in the buffer and those about to enter it, at the
+            # head of `pending` (a rank reads a group's rows one after another). Only these: looking through all
+            # of `pending` would cost a step time that grows with the dataset.
+            waiting = {entry, *filter(in_group, self.position.buffer),
+                       *itertools.takewhile(in_group, self.position.pending)}
+            for e in waiting:
                 self.held[e] = rows[e[1] - group.first] | {"index": e[1]}
             self.max_held = max(self.max_held, len(self.held))
         return self.held[entry]
