@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
+import pyarrow as pa
 import pytest
+import yaml
 
-from xswinir.config import ConfigError
+from xswinir.config import PACKAGED_CONFIGS, ConfigError
 from xswinir.tune.study import (
     EVAL_FILE,
     StudyConfig,
+    StudyStorageError,
     load_study_config,
     paired_difference,
+    read_study_file,
     run_name,
+    study_trial,
     summarise,
     with_absolute_paths,
     write_report,
+    write_study_file,
 )
 
 
@@ -57,7 +67,6 @@ def test_arms_differ_only_in_their_overrides():
     ("arms: {lambda0: []}\nname: 5\n", "name must be a string, got 5"),
     ("arms: {lambda0: []}\nseeds: [0, a]\n", r"seeds\[1\] must be an integer"),
     ("arms: {lambda0: [], ../x: []}\n", "an arm's name must be"),
-    ("arms: {lambda0: []}\nstorage: s3://bucket/studies\n", "local or mounted folder"),
 ])
 def test_bad_study_files_are_refused_before_anything_runs(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
@@ -139,8 +148,8 @@ def test_report_files_from_eval_json(tmp_path):
             folder = tmp_path / "s" / "train" / run_name(arm, seed)
             folder.mkdir(parents=True)
             (folder / EVAL_FILE).write_text(json.dumps([r for r in rows if r["arm"] == arm and r["seed"] == seed]))
-    report = write_report(study)
-    text = report.read_text()
+    text = write_report(study)
+    assert text == (tmp_path / "s" / "study.md").read_text()
     assert "| S | x | psnr_y | -0.1000 |" in text and "0/2" in text
     assert (tmp_path / "s" / "study.parquet").is_file() and (tmp_path / "s" / "study_psnr.png").stat().st_size > 5000
     assert not [p.name for p in (tmp_path / "s").iterdir() if ".tmp" in p.name]  # each file moved into place
@@ -157,7 +166,13 @@ def test_the_command_is_listed_and_documents_itself(capsys):
     assert "study" in parser.format_help()
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["study", "--help"])
-    assert exit_info.value.code == 0 and "--report-only" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert exit_info.value.code == 0 and "--report-only" in out and "--export-models DIR" in out
+    assert "paired 95% intervals" in out and "95%%" not in out  # a description is printed as it is
+    shipped = sorted(p.stem for p in PACKAGED_CONFIGS.glob("study*.yaml"))
+    assert {"study_cpu", "study_gpu", "study_screen", "study_confirm"} <= set(shipped)
+    assert f"the name of a shipped one: {', '.join(shipped)}" in out
+    assert "paired 95% intervals" in " ".join(parser.format_help().split())  # the listing %-formats its line
 
 
 def test_resume_of_a_study_without_our_manifest_is_refused_before_ray(tmp_path, monkeypatch, capsys):
@@ -178,6 +193,276 @@ def test_resume_of_a_study_without_our_manifest_is_refused_before_ray(tmp_path, 
     err = capsys.readouterr().err
     assert "refusing to resume" in err and "xswinir_manifest.json is missing" in err
     assert not marker.exists() and not ray.is_initialized()
+
+
+def test_old_studies_with_bicubic_in_every_trial_summarise_as_new_ones(tmp_path):
+    # Before: every trial evaluated bicubic (the same inputs, the same numbers); now only the baseline arm's do.
+    study = StudyConfig(arms={"lambda0": [], "x": ["loss.texture_weight=1"], "y": ["loss.texture_weight=2"]},
+                        seeds=[0, 1, 2], storage=str(tmp_path), name="s")
+    old = _fake_rows(study, {"lambda0": 0.0, "x": 0.25, "y": -0.5})
+    new = [r for r in old if r["kind"] == "model" or r["arm"] == study.baseline]
+    assert len(new) < len(old)
+    assert summarise(study, new) == summarise(study, old)
+    # An old study whose baseline trial of one seed never finished: another arm's copy stands in for it.
+    partial_old = [r for r in old if not (r["arm"] == study.baseline and r["seed"] == 2)]
+    partial_new = [r for r in new if not (r["arm"] == study.baseline and r["seed"] == 2)]
+    bicubic = next(r for r in summarise(study, partial_old)["means"] if r["arm"] == "bicubic")
+    assert bicubic["seeds"] == 3 and bicubic["psnr_y"] == pytest.approx(28.0)
+    assert next(r for r in summarise(study, partial_new)["means"] if r["arm"] == "bicubic")["seeds"] == 2
+
+
+def test_a_study_may_live_in_a_bucket():
+    study = StudyConfig(arms={"lambda0": []}, seeds=[0, 1], storage="s3://bucket/studies/", name="s")
+    assert study.experiment_path() == "s3://bucket/studies/s"
+    assert study.run_path("lambda0", 1) == "s3://bucket/studies/s/train/lambda0_s1"
+    assert with_absolute_paths(study).storage == "s3://bucket/studies/"
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    from tests.s3.endpoint import moto_server
+
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def bucket(s3_server, monkeypatch) -> str:
+    """A new bucket on the local S3 server, the AWS variables pointing at it for this test."""
+    from tests.s3.endpoint import point_at
+
+    point_at(s3_server, monkeypatch)
+    return s3_server.new_bucket("study")
+
+
+def _keys(s3_server, bucket: str, prefix: str = "") -> list[str]:
+    from tests.s3.endpoint import list_keys
+
+    return list_keys(s3_server.filesystem(), f"{bucket}/{prefix}".rstrip("/"))
+
+
+def test_study_files_in_a_bucket_are_written_whole_and_read_back(s3_server, bucket):
+    uri = f"s3://{bucket}/studies/s/study.md"
+    assert read_study_file(uri) is None  # not there yet: no error, no file
+    written = write_study_file(uri, lambda path: path.write_text("# first\n"))
+    assert written == (8, hashlib.sha256(b"# first\n").hexdigest())
+    assert read_study_file(uri) == b"# first\n"
+
+    def half_then_fail(path):
+        path.write_text("# sec")
+        raise RuntimeError("the plot failed")
+
+    with pytest.raises(RuntimeError, match="the plot failed"):
+        write_study_file(uri, half_then_fail)
+    assert read_study_file(uri) == b"# first\n"  # the earlier file as it was
+    assert _keys(s3_server, bucket) == ["studies/s/study.md"]  # no temporary object left behind
+
+
+def test_a_missing_bucket_is_one_line_naming_bucket_and_key(s3_server, bucket):
+    with pytest.raises(StudyStorageError) as err:
+        write_study_file("s3://no-such-bucket/studies/s/study.md", lambda path: path.write_text("x"))
+    message = str(err.value)
+    assert "\n" not in message and "bucket 'no-such-bucket', key 'studies/s/study.md'" in message
+    assert "NO_SUCH_BUCKET" in message and "AWS_ENDPOINT_URL=" in message
+
+
+def test_local_study_files_are_moved_into_place(tmp_path):
+    target = tmp_path / "a" / "study.md"
+    written = write_study_file(str(target), lambda path: path.write_bytes(b"report"))
+    assert target.read_bytes() == b"report" and written.size == 6
+    assert written.sha256 == hashlib.sha256(b"report").hexdigest()
+    assert read_study_file(str(tmp_path / "a" / "none.json")) is None
+    assert [p.name for p in target.parent.iterdir()] == ["study.md"]
+    uri = f"file://{tmp_path / 'b' / 'study.md'}"  # a store that renames: a temporary sibling, then a move
+    assert write_study_file(uri, lambda path: path.write_bytes(b"again")).size == 5
+    assert read_study_file(uri) == b"again" and [p.name for p in (tmp_path / "b").iterdir()] == ["study.md"]
+
+
+def _write_eval_files(study: StudyConfig, rows: list[dict]) -> None:
+    for arm in study.arms:
+        for seed in study.seeds:
+            mine = [r for r in rows if r["arm"] == arm and r["seed"] == seed]
+            write_study_file(f"{study.run_path(arm, seed)}/{EVAL_FILE}", lambda path, m=mine: path.write_text(
+                json.dumps(m)))
+
+
+def test_the_report_in_a_bucket_is_the_local_report(tmp_path, s3_server, bucket):
+    import pyarrow.parquet as pq
+
+    from xswinir.tune.study import STUDY_PLOT, STUDY_REPORT, STUDY_SUMMARY, STUDY_TABLE
+
+    arms = {"lambda0": [], "x": ["loss.texture_weight=1"]}
+    local = StudyConfig(arms=arms, seeds=[0, 1, 2], storage=str(tmp_path), name="s")
+    remote = dataclasses.replace(local, storage=f"s3://{bucket}/studies")
+    rows = [r for r in _fake_rows(local, {"lambda0": 0.0, "x": 0.3}) if r["kind"] == "model" or r["arm"] == "lambda0"]
+    rows = [{**r, "psnr_y": r["psnr_y"] + 0.01 * r["seed"] ** 2 * (r["arm"] == "x")} for r in rows]  # some spread
+    for study in (local, remote):
+        _write_eval_files(study, rows)
+    assert write_report(remote) == write_report(local)
+    keys = _keys(s3_server, bucket, "studies/s")
+    assert {STUDY_TABLE, STUDY_REPORT, STUDY_SUMMARY, STUDY_PLOT} <= set(keys)
+    assert not [k for k in keys if k.endswith(".tmp")]
+    for name in (STUDY_REPORT, STUDY_SUMMARY):
+        assert read_study_file(f"{remote.experiment_path()}/{name}") == (tmp_path / "s" / name).read_bytes()
+    table = pq.read_table(pa.BufferReader(read_study_file(f"{remote.experiment_path()}/{STUDY_TABLE}")))
+    assert table.equals(pq.read_table(tmp_path / "s" / STUDY_TABLE))
+    assert read_study_file(f"{remote.experiment_path()}/{STUDY_PLOT}")[:4] == b"\x89PNG"
+
+
+def test_report_only_on_an_empty_bucket_study_names_where_it_looked(bucket):
+    from xswinir.errors import UserError
+
+    study = StudyConfig(arms={"lambda0": []}, seeds=[0, 1], storage=f"s3://{bucket}/studies", name="s")
+    with pytest.raises(UserError, match=f"no finished trial to report on in s3://{bucket}/studies/s"):
+        write_report(study)
+
+
+def test_an_eval_file_that_is_not_json_is_one_line(tmp_path):
+    study = StudyConfig(arms={"lambda0": []}, seeds=[0, 1], storage=str(tmp_path), name="s")
+    folder = tmp_path / "s" / "train" / "lambda0_s0"
+    folder.mkdir(parents=True)
+    (folder / EVAL_FILE).write_text('[{"arm": ')
+    with pytest.raises(StudyStorageError, match=r"lambda0_s0/eval\.json is not JSON"):
+        write_report(study)
+
+
+# The trials below are the real trial function with the training left out: each "trained" model is a freshly
+# initialised one saved as a real checkpoint, which the trial then evaluates, as after a Ray Train run.
+TINY_STUDY = {"base": "demo", "arms": {"lambda0": ["loss.texture_weight=0"], "x": ["loss.texture_weight=1"]},
+              "seeds": [0, 1], "name": "s"}
+
+
+@pytest.fixture
+def tiny_study(tmp_path) -> dict:
+    """:data:`TINY_STUDY` evaluated on one 64 x 64 photo (seconds, not minutes, on a busy CPU)."""
+    from xswinir.images import read_image, write_image
+    from xswinir.sources import resolve_image_files
+
+    write_image(tmp_path / "hr" / "coffee.png", read_image(resolve_image_files("skimage:coffee")[0])[:, :64, :64])
+    return {**TINY_STUDY, "eval_sets": [str(tmp_path / "hr")]}
+
+
+def _train_without_training(study: StudyConfig, arm: str, seed: int, staging: Path) -> Path:
+    """A checkpoint folder as a finished run leaves it (an older one first), in the study's storage."""
+    import torch
+
+    from tests.s3.endpoint import upload_folder
+    from xswinir.checkpoint import save_checkpoint
+    from xswinir.model import build_swinir
+    from xswinir.paths import filesystem_and_path
+
+    cfg = study.arm_config(arm, seed)
+    run = staging / run_name(arm, seed)
+    for step, stamp in ((1, "2026-01-01_00-00-00.000001"), (cfg.train.total_steps, "2026-01-01_00-00-09.000001")):
+        torch.manual_seed(1000 * seed + step + len(arm))
+        model, ema = build_swinir(cfg.model), build_swinir(cfg.model)
+        save_checkpoint(run / f"checkpoint_{stamp}", cfg, model, ema, torch.optim.Adam(model.parameters()), step,
+                        None)
+    if study.storage.startswith("s3://"):
+        fs, path = filesystem_and_path(study.run_path(arm, seed))
+        upload_folder(fs, run, path)
+    return run / f"checkpoint_{stamp}"
+
+
+def _finished_study(study: StudyConfig, trials: list[tuple[str, int]], staging: Path, monkeypatch) -> list[dict]:
+    """Runs :func:`study_trial` for ``trials`` with the training replaced; returns what each reported to Tune."""
+    import ray.train
+    from ray import tune
+
+    import xswinir.tune.study as study_module
+
+    reports: list[dict] = []
+    monkeypatch.setattr(tune, "report", reports.append)
+    for arm, seed in trials:
+        checkpoint = _train_without_training(study, arm, seed, staging)
+        result = SimpleNamespace(checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)))
+        monkeypatch.setattr(study_module, "fit_trial", lambda cfg, name, storage, cache, r=result: r)
+        study_trial({"arm": arm, "seed": seed}, dataclasses.asdict(study), str(staging / "classifiers"))
+    return reports
+
+
+def test_a_trial_in_a_bucket_writes_its_eval_json_there_bicubic_in_the_baseline_only(tmp_path, bucket, monkeypatch,
+                                                                                     tiny_study):
+    study = StudyConfig(**tiny_study, storage=f"s3://{bucket}/studies")
+    reports = _finished_study(study, [("lambda0", 0), ("x", 0)], tmp_path / "staging", monkeypatch)
+    assert [r["done"] for r in reports] == [1, 1] and all(math.isfinite(r["test/psnr_y"]) for r in reports)
+    baseline = json.loads(read_study_file(f"{study.run_path('lambda0', 0)}/{EVAL_FILE}"))
+    other = json.loads(read_study_file(f"{study.run_path('x', 0)}/{EVAL_FILE}"))
+    assert [r["kind"] for r in baseline] == ["model", "bicubic"] and [r["kind"] for r in other] == ["model"]
+    assert baseline[0]["set"] == str(tmp_path / "hr") and baseline[0]["psnr_y"] != other[0]["psnr_y"]
+    assert write_report(study).count("| bicubic | 1 |") == 1  # one seed of bicubic rows, from lambda0_s0
+
+
+def test_export_models_writes_the_final_ema_weights_that_eval_loads(tmp_path, monkeypatch, capsys, tiny_study):
+    import torch
+    from safetensors.torch import load_file
+
+    from xswinir.checkpoint import EMA_FILE, load_model
+    from xswinir.cli import main
+
+    config = _write_yaml(tmp_path / "s.yaml", yaml.safe_dump({**tiny_study, "storage": str(tmp_path / "studies")}))
+    study = load_study_config(config)
+    _finished_study(study, [("lambda0", 0), ("lambda0", 1), ("x", 0)], tmp_path / "studies" / "s" / "train",
+                    monkeypatch)  # x_s1 has not finished: left out
+    assert main(["study", "--config", str(config), "--report-only", "--export-models", str(tmp_path / "models")]) == 0
+    assert "models: 3 in" in capsys.readouterr().out
+    files = sorted(p.name for p in (tmp_path / "models").iterdir())
+    assert files == ["README.md", "lambda0_s0.safetensors", "lambda0_s1.safetensors", "x_s0.safetensors"]
+
+    # The file holds the final checkpoint's EMA weights (not the older checkpoint's, not the raw weights).
+    final = sorted(p for p in (tmp_path / "studies" / "s" / "train" / "x_s0").glob("checkpoint_*") if p.is_dir())[-1]
+    model, cfg = load_model(tmp_path / "models" / "x_s0.safetensors")
+    expected = load_file(final / EMA_FILE)
+    assert cfg == dataclasses.replace(study.arm_config("x", 0).model, init_from=None)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+
+    # The index: one row per model with its size, sha256 and the study's mean Y-PSNR.
+    index = (tmp_path / "models" / "README.md").read_text()
+    data = (tmp_path / "models" / "x_s0.safetensors").read_bytes()
+    rows = json.loads((tmp_path / "studies" / "s" / "train" / "x_s0" / EVAL_FILE).read_text())
+    line = next(x for x in index.splitlines() if x.startswith("| x | 0 |"))
+    assert "`loss.texture_weight=1`" in line and "`x_s0.safetensors`" in line
+    assert hashlib.sha256(data).hexdigest() in line and f"{len(data) / 1024:,.0f} KiB" in line
+    assert f"{rows[0]['psnr_y']:.4f}" in line  # one image in the set: the mean is its value
+
+    # The command the index gives reproduces the study's numbers from the exported file.
+    command = next(x.strip() for x in index.splitlines() if x.strip().startswith("xswinir eval"))
+    assert command == (f"xswinir eval --checkpoint {tmp_path / 'models'}/lambda0_s0.safetensors --hr {tmp_path / 'hr'} "
+                       "--degradation blur-noise --seed 0")
+    out = tmp_path / "again.json"
+    assert main([*command.replace("lambda0_s0", "x_s0").split()[1:], "--out", str(out), "--device", "cpu"]) == 0
+    again = json.loads(out.read_text())["images"]
+    assert [r["psnr_y"] for r in again] == pytest.approx([r["psnr_y"] for r in rows], abs=1e-6)
+
+
+def test_export_refuses_a_damaged_final_checkpoint(tmp_path):
+    from xswinir.checkpoint import EMA_FILE
+    from xswinir.tune.study import export_models
+
+    study = StudyConfig(**TINY_STUDY, storage=str(tmp_path / "studies"))
+    checkpoint = _train_without_training(study, "lambda0", 0, tmp_path / "studies" / "s" / "train")
+    (Path(study.run_path("lambda0", 0)) / EVAL_FILE).write_text("[]")
+    data = bytearray((checkpoint / EMA_FILE).read_bytes())
+    data[-1] ^= 0xFF
+    (checkpoint / EMA_FILE).write_bytes(bytes(data))
+    with pytest.raises(StudyStorageError, match=r"the final checkpoint of lambda0_s0, .*checkpoint_2026-01-01_00-00-09"
+                                                r".* cannot be exported: model_ema.safetensors does not match"):
+        export_models(study, str(tmp_path / "models"))
+    assert not (tmp_path / "models").exists()
+
+
+def test_export_from_a_bucket_into_a_bucket(tmp_path, s3_server, bucket, monkeypatch, tiny_study):
+    from xswinir.checkpoint import load_model
+    from xswinir.tune.study import export_models
+
+    study = StudyConfig(**tiny_study, storage=f"s3://{bucket}/studies")
+    _finished_study(study, [("x", 1)], tmp_path / "staging", monkeypatch)
+    models = export_models(study, f"s3://{bucket}/models/")
+    assert [(m.arm, m.seed, m.location) for m in models] == [("x", 1, f"s3://{bucket}/models/x_s1.safetensors")]
+    assert _keys(s3_server, bucket, "models") == ["README.md", "x_s1.safetensors"]
+    model, _ = load_model(models[0].location)  # downloaded from the bucket
+    assert model.upscale == 2
+    assert models[0].sha256 in read_study_file(f"s3://{bucket}/models/README.md").decode()
 
 
 class _Touch:

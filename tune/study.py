@@ -7,26 +7,37 @@ batches and the degradations of every step). Each trial is one ``xswinir train``
 Tune function trainable, launched as a sweep's are: :mod:`xswinir.tune.launch`); after training, the final EMA
 weights are evaluated on every evaluation set with the ``eval_degradation`` at the fixed ``eval_seed``
 (:func:`xswinir.evaluation.evaluate_model`: each image degraded the same way for every model) and the
-per-image rows are written beside the run (``eval.json``), so nothing depends on Tune's result objects.
+per-image rows are written beside the run (``eval.json``), so nothing depends on Tune's result objects. The
+bicubic rows (the same inputs whatever the arm) are evaluated by the baseline arm's trials only.
+
+The storage is a local folder or a URI (``s3://bucket/studies``): the trials, the report and ``--resume`` read
+and write it through pyarrow (:func:`read_study_file`, :func:`write_study_file`), and every file appears whole
+or not at all (a local file is moved into place, an object is copied onto its name once uploaded).
 
 Outputs, in ``<storage>/<name>/``: ``train/<arm>_s<seed>/`` (each run with its checkpoints, kept for
 re-evaluation), ``study.parquet`` (one row per arm, seed, set and image, bicubic included), ``study.md``
 (per arm and set: the mean of every metric; per texture arm: the paired difference to the baseline arm with
-its 95 % confidence interval over seeds), ``study_psnr.png`` (paired differences per seed), each written
-atomically, and ``xswinir_manifest.json`` (what ``--resume`` may unpickle: :mod:`xswinir.tune.manifest`).
+its 95 % confidence interval over seeds), ``study_summary.json``, ``study_psnr.png`` (paired differences per
+seed), and ``xswinir_manifest.json`` (what ``--resume`` may unpickle: :mod:`xswinir.tune.manifest`). On request,
+:func:`export_models` writes every finished trial's final EMA weights as safetensors with an index.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
+import tempfile
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from xswinir.atomic import atomic_path
-from xswinir.checkpoint import load_model
+from xswinir.atomic import atomic_path, sha256_stream
+from xswinir.checkpoint import checkpoint_problem, load_model
 from xswinir.config import (
     DEFAULT_DEGRADATION,
     Config,
@@ -42,7 +53,16 @@ from xswinir.config import (
 from xswinir.errors import UserError
 from xswinir.evaluation import evaluate_model
 from xswinir.metrics import LPIPS, MS_SSIM_Y, PSNR_Y, SCC_Y, SSIM_Y, VIF_Y
-from xswinir.paths import experiment_path, is_remote, printable_path
+from xswinir.paths import (
+    experiment_path,
+    filesystem_and_path,
+    is_remote,
+    location_of,
+    printable_path,
+    remote_error,
+    storage_path,
+)
+from xswinir.runs import list_checkpoints
 from xswinir.sources import absolute_source
 from xswinir.tune.launch import absolute_path_overrides, check_experiment, check_inputs, fit_trial, run_trials
 
@@ -51,6 +71,7 @@ STUDY_TABLE = "study.parquet"
 STUDY_REPORT = "study.md"
 STUDY_PLOT = "study_psnr.png"
 STUDY_SUMMARY = "study_summary.json"
+MODELS_INDEX = "README.md"  # beside the exported models (export_models)
 # Metrics compared between arms, higher is better for all but LPIPS.
 COMPARED = (PSNR_Y, SSIM_Y, MS_SSIM_Y, SCC_Y, VIF_Y, LPIPS)
 
@@ -69,7 +90,7 @@ class StudyConfig:
     eval_degradation: str = DEFAULT_DEGRADATION
     eval_seed: int = 0
     max_concurrent: int = 2
-    storage: str = "outputs/studies"  # a local folder: the report is made from the trials' files
+    storage: str = "outputs/studies"  # a local folder or a URI (s3://bucket/studies)
     address: str | None = None
 
     def __post_init__(self) -> None:
@@ -83,16 +104,19 @@ class StudyConfig:
                               f"{show(list(self.seeds))}")
         if not self.eval_sets or self.max_concurrent < 1:
             raise ConfigError("a study needs eval_sets and max_concurrent >= 1")
-        if is_remote(self.storage):
-            raise ConfigError(f"study storage must be a local or mounted folder, got {show(self.storage)}")
 
     def arm_config(self, arm: str, seed: int) -> Config:
         """The training config of one trial, validated."""
         base = load_config(self.base, list(self.overrides))
         return apply_overrides(base, [*self.arms[arm], f"train.seed={seed}"])
 
-    def experiment_path(self) -> Path:
-        return Path(experiment_path(self.storage, self.name))
+    def experiment_path(self) -> str:
+        """``<storage>/<name>``: an absolute local path or a URI."""
+        return experiment_path(self.storage, self.name)
+
+    def run_path(self, arm: str, seed: int) -> str:
+        """The Ray Train run folder of one trial, ``<storage>/<name>/train/<arm>_s<seed>``."""
+        return f"{self.experiment_path()}/train/{run_name(arm, seed)}"
 
 
 def load_study_config(path: str | Path, extra_overrides: list[str] | None = None, **changes: Any) -> StudyConfig:
@@ -128,40 +152,129 @@ def with_absolute_paths(study: StudyConfig) -> StudyConfig:
     base_path = resolve_config_path(study.base)
     return dataclasses.replace(study, base=str(base_path.resolve()), overrides=[*study.overrides, *extra],
                                eval_sets=[absolute_source(s) for s in study.eval_sets],
-                               storage=str(Path(study.storage).expanduser().resolve()))
+                               storage=storage_path(study.storage))
 
 
 def run_name(arm: str, seed: int) -> str:
     return f"{arm}_s{seed}"
 
 
+class StudyStorageError(UserError):
+    """A file of the study that cannot be read or written (remote storage: the bucket and key, what to check)."""
+
+
+def read_study_file(location: str) -> bytes | None:
+    """The bytes of a file of the study, a local path or a URI; None when there is no such file.
+
+    Raises:
+        StudyStorageError: the file exists but cannot be read, or the store cannot be reached; one line naming
+            the bucket and key and what to check.
+    """
+    if not is_remote(location):
+        path = Path(location)
+        return path.read_bytes() if path.is_file() else None
+    import pyarrow as pa
+
+    try:
+        fs, path = filesystem_and_path(location)
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except FileNotFoundError:
+        return None
+    except (OSError, pa.ArrowException) as err:
+        raise StudyStorageError(remote_error("cannot read", location, err)) from err
+
+
+class Written(NamedTuple):
+    """What :func:`write_study_file` wrote: the file's size in bytes and its sha256 (hex)."""
+
+    size: int
+    sha256: str
+
+
+def write_study_file(location: str, render: Callable[[Path], object]) -> Written:
+    """Writes a file of the study whole or not at all: ``render(path)`` writes it to a local path first.
+
+    A local file is moved into place once complete (:func:`xswinir.atomic.atomic_path`). A remote one is
+    uploaded under a temporary name beside it and then moved onto its name: a rename on a file system, a
+    server-side copy on an object store (S3's ``CopyObject`` writes the object whole). An upload cut short
+    (Ctrl-C, a lost connection) therefore leaves at most a hidden ``.*.tmp`` object, never half a file under
+    the name; a ``render`` that raises leaves the earlier file as it was.
+
+    Args:
+        location: the file, a local path or a URI (``s3://bucket/studies/s/study.md``).
+        render: writes the file's content to the local path it is given (its suffix is the target's).
+
+    Returns:
+        The size and sha256 of what was written.
+
+    Raises:
+        StudyStorageError: the upload failed; one line naming the bucket and key and what to check.
+    """
+    if not is_remote(location):
+        with atomic_path(location) as tmp:
+            render(tmp)
+            return _digest(tmp)
+    import pyarrow as pa
+
+    with tempfile.TemporaryDirectory(prefix="xswinir_study_") as folder:
+        local = Path(folder, location.rstrip("/").rsplit("/", 1)[-1])
+        render(local)
+        written, data = _digest(local), local.read_bytes()
+    try:
+        fs, path = filesystem_and_path(location)
+        parent, name = path.rsplit("/", 1)
+        tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
+        if fs.type_name == "local":  # a file:// URI; an object store has no folders to make
+            fs.create_dir(parent)
+        try:
+            with fs.open_output_stream(tmp) as stream:
+                stream.write(data)
+            fs.move(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError, pa.ArrowException):
+                fs.delete_file(tmp)
+            raise
+    except (OSError, pa.ArrowException) as err:
+        raise StudyStorageError(remote_error("cannot write", location, err)) from err
+    return written
+
+
+def _digest(path: Path) -> Written:
+    with path.open("rb") as f:
+        return Written(path.stat().st_size, sha256_stream(f))
+
+
 def study_trial(config: dict[str, Any], study_fields: dict[str, Any], classifier_cache: str) -> None:
     """Tune function trainable: trains one (arm, seed), then evaluates its final EMA weights on every set.
+
+    The baseline arm's trials also evaluate bicubic up-sampling of the same inputs: those rows do not depend
+    on the arm, so one arm's copy per seed is enough.
 
     Args:
         config: the trial's grid point, ``{"arm": name, "seed": int}`` (Ray's name for a trial's plain dict).
         study_fields: the study as a dict (``dataclasses.asdict``: plain values travel to every trial).
-        classifier_cache: the texture-classifier cache the trials share.
+        classifier_cache: the texture-classifier cache the trials share (a local folder).
     """
     from ray import tune  # here, not at the top: `xswinir study --report-only` runs without Ray
 
     study = StudyConfig(**study_fields)
     arm, seed = config["arm"], int(config["seed"])
     cfg = study.arm_config(arm, seed)
-    train_storage = study.experiment_path() / "train"
-    result = fit_trial(cfg, run_name(arm, seed), str(train_storage), classifier_cache)
+    result = fit_trial(cfg, run_name(arm, seed), f"{study.experiment_path()}/train", classifier_cache)
     if result.checkpoint is None:
         raise RuntimeError(f"{run_name(arm, seed)} finished without a checkpoint")
-    with result.checkpoint.as_directory() as directory:
+    with result.checkpoint.as_directory() as directory:  # a checkpoint in a bucket is downloaded
         model, _ = load_model(directory)
+    kinds = [("model", model)] + ([("bicubic", None)] if arm == study.baseline else [])
     rows = []
     for hr_source in study.eval_sets:
-        for kind, net in (("model", model), ("bicubic", None)):
+        for kind, net in kinds:
             for row in evaluate_model(net, hr_source, cfg.scale, degradation=study.eval_degradation,
                                      seed=study.eval_seed):
                 rows.append({"arm": arm, "seed": seed, "kind": kind, **row})
-    out = train_storage / run_name(arm, seed) / EVAL_FILE
-    out.write_text(json.dumps(rows, indent=1, default=_json_default))
+    text = json.dumps(rows, indent=1, default=_json_default)
+    write_study_file(f"{study.run_path(arm, seed)}/{EVAL_FILE}", lambda path: path.write_text(text))
     means = _mean_metrics([r for r in rows if r["kind"] == "model"])
     tune.report({**{f"test/{k}": v for k, v in means.items()}, "done": 1})
 
@@ -179,8 +292,26 @@ def _mean_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def run_study(study: StudyConfig, resume: bool = False) -> Path:
-    """Runs (or continues) every (arm, seed) trial and writes the report; returns ``study.md``'s path."""
+def _classifier_cache(study: StudyConfig) -> str:
+    """The trials' shared texture-classifier cache: beside the study, or a local temp folder for a bucket."""
+    if is_remote(study.storage):
+        # The classifier is trained and read by local processes: each node trains or reuses its own copy.
+        return str(Path(tempfile.gettempdir(), "xswinir_classifiers", study.name))
+    return f"{study.experiment_path()}/classifiers"
+
+
+def run_study(study: StudyConfig, resume: bool = False, callbacks: list | None = None) -> str:
+    """Runs (or continues) every (arm, seed) trial and writes the report.
+
+    Args:
+        resume: continue the study in ``<storage>/<name>`` (finished trials stay, the others run); its files
+            are checked against the signed manifest before Tune reads them.
+        callbacks: extra Tune callbacks (the tests use one to interrupt a study); Tune saves them with the
+            experiment, and a resumed study runs them again.
+
+    Returns:
+        The report, ``study.md``'s text (also after an interrupted run: the report of the finished trials).
+    """
     from ray import tune  # here, not at the top: `xswinir study --report-only` runs without Ray
 
     exp_path = check_experiment("study", study.name, study.storage, resume)
@@ -191,19 +322,39 @@ def run_study(study: StudyConfig, resume: bool = False) -> Path:
     space = {"seed": tune.grid_search(list(study.seeds)), "arm": tune.grid_search(list(study.arms))}
     tune_config = tune.TuneConfig(max_concurrent_trials=study.max_concurrent,
                                   trial_dirname_creator=lambda t: run_name(t.config["arm"], t.config["seed"]))
-    run_trials(study_trial, {"study_fields": dataclasses.asdict(study), "classifier_cache": f"{exp_path}/classifiers"},
-               exp_path, dataclasses.replace(base.run, address=study.address), resume, tune_config, space)
+    run_trials(study_trial, {"study_fields": dataclasses.asdict(study), "classifier_cache": _classifier_cache(study)},
+               exp_path, dataclasses.replace(base.run, address=study.address), resume, tune_config, space,
+               callbacks=callbacks)
     return write_report(study)
 
 
 def collect_rows(study: StudyConfig) -> list[dict[str, Any]]:
-    """Every evaluated row of the study's finished trials (``eval.json`` files)."""
+    """Every evaluated row of the study's finished trials (``eval.json`` files, local or in a bucket).
+
+    Raises:
+        StudyStorageError: an ``eval.json`` that cannot be read or is not JSON.
+    """
     rows = []
     for arm in study.arms:
         for seed in study.seeds:
-            file = study.experiment_path() / "train" / run_name(arm, seed) / EVAL_FILE
-            if file.is_file():
-                rows.extend(json.loads(file.read_text()))
+            rows.extend(_eval_rows(study, arm, seed) or [])
+    return rows
+
+
+def _eval_rows(study: StudyConfig, arm: str, seed: int) -> list[dict[str, Any]] | None:
+    """One trial's ``eval.json`` rows; None while the trial has not finished."""
+    location = f"{study.run_path(arm, seed)}/{EVAL_FILE}"
+    data = read_study_file(location)
+    if data is None:
+        return None
+    try:
+        rows = json.loads(data)
+    except ValueError as err:
+        raise StudyStorageError(f"{printable_path(location)} is not JSON ({err}); the trial's evaluation "
+                                "was not written by xswinir study") from err
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise StudyStorageError(f"{printable_path(location)} holds no list of rows; the trial's evaluation "
+                                "was not written by xswinir study")
     return rows
 
 
@@ -228,13 +379,18 @@ def paired_difference(arm_means: dict[int, float], base_means: dict[int, float])
 
 
 def summarise(study: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per arm and set: seed means of every metric; per non-baseline arm: paired differences."""
+    """Per arm and set: seed means of every metric; per non-baseline arm: paired differences.
+
+    The bicubic rows of a seed are the baseline arm's: today only its trials evaluate bicubic. In studies run
+    before that, every trial did, on the same inputs with the same numbers, and the baseline's copy is kept (or,
+    where its trial is missing, every copy: their mean is the same).
+    """
     per_seed: dict[tuple[str, str, int], dict[str, float]] = {}
     for key in {(r["arm"] if r["kind"] == "model" else "bicubic", r["set"], r["seed"]) for r in rows}:
         arm, hr_set, seed = key
         chosen = [r for r in rows if r["set"] == hr_set and r["seed"] == seed
                   and ((r["kind"] == "bicubic") if arm == "bicubic" else (r["kind"] == "model" and r["arm"] == arm))]
-        if arm == "bicubic":  # the same inputs whichever arm evaluated them: keep one arm's copy
+        if arm == "bicubic":  # a study run before bicubic was the baseline's alone: one arm's copy
             chosen = [r for r in chosen if r["arm"] == study.baseline] or chosen
         per_seed[key] = _mean_metrics(chosen)
     arms = [*study.arms, "bicubic"]
@@ -301,28 +457,32 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def write_report(study: StudyConfig) -> Path:
-    """``study.parquet``, ``study.md`` and ``study_psnr.png`` from the finished trials' ``eval.json`` files."""
+def write_report(study: StudyConfig) -> str:
+    """``study.parquet``, ``study.md``, ``study_summary.json`` and ``study_psnr.png`` from the finished trials'
+    ``eval.json`` files, each written whole or not at all (:func:`write_study_file`), locally or in the bucket.
+
+    Returns:
+        The report, ``study.md``'s text.
+
+    Raises:
+        UserError: no trial has finished; a file cannot be read or written.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = collect_rows(study)
-    if not rows:
-        raise UserError(f"study '{study.name}' has no finished trial to report on")
     out = study.experiment_path()
+    if not rows:
+        raise UserError(f"study '{study.name}' has no finished trial to report on in {printable_path(out)}")
     columns = sorted({k for r in rows for k in r})
     table = pa.table({c: [r.get(c) for r in rows] for c in columns})
-    # Each file appears complete or not at all: a reader never sees half a report from an interrupted write.
-    with atomic_path(out / STUDY_TABLE) as tmp:
-        pq.write_table(table, tmp)
     summary = summarise(study, rows)
-    report = out / STUDY_REPORT
-    with atomic_path(report) as tmp:
-        tmp.write_text(format_report(study, summary))
-    with atomic_path(out / STUDY_SUMMARY) as tmp:
-        tmp.write_text(json.dumps(summary, indent=1))
-    with atomic_path(out / STUDY_PLOT) as tmp:
-        plot_differences(study, summary, tmp)
+    report = format_report(study, summary)
+    # Each file appears complete or not at all: a reader never sees half a report from an interrupted write.
+    write_study_file(f"{out}/{STUDY_TABLE}", lambda path: pq.write_table(table, path))
+    write_study_file(f"{out}/{STUDY_REPORT}", lambda path: path.write_text(report))
+    write_study_file(f"{out}/{STUDY_SUMMARY}", lambda path: path.write_text(json.dumps(summary, indent=1)))
+    write_study_file(f"{out}/{STUDY_PLOT}", lambda path: plot_differences(study, summary, path))
     return report
 
 
@@ -353,3 +513,109 @@ def plot_differences(study: StudyConfig, summary: dict[str, Any], path: Path) ->
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
+
+
+class ExportedModel(NamedTuple):
+    """One model written by :func:`export_models`."""
+
+    arm: str
+    seed: int
+    location: str  # <out>/<arm>_s<seed>.safetensors
+    size: int  # bytes
+    sha256: str
+    psnr_y: dict[str, float]  # mean Y-PSNR (dB) per evaluation set, from the trial's eval.json
+
+
+def final_checkpoint(study: StudyConfig, arm: str, seed: int) -> str:
+    """The final checkpoint of a trial's run (the newest: the one its ``eval.json`` measured), checked.
+
+    Returns:
+        The checkpoint folder, a local path or a URI.
+
+    Raises:
+        StudyStorageError: the run has no checkpoint, the newest one is damaged, or the store cannot be read.
+    """
+    import pyarrow as pa
+
+    run = study.run_path(arm, seed)
+    try:
+        fs, path = filesystem_and_path(run)
+        checkpoints = list_checkpoints(path, fs)
+        # Names and sizes only for a bucket: load_model checks every sha256 once the folder is downloaded.
+        problem = checkpoint_problem(checkpoints[-1], fs, hashes=not is_remote(run)) if checkpoints else None
+    except (OSError, pa.ArrowException) as err:
+        raise StudyStorageError(remote_error("cannot list the checkpoints of", run, err)) from err
+    if not checkpoints:
+        raise StudyStorageError(f"{run_name(arm, seed)} has its {EVAL_FILE} but no checkpoint in {printable_path(run)}")
+    location = location_of(fs, checkpoints[-1])
+    if problem is not None:
+        raise StudyStorageError(f"the final checkpoint of {run_name(arm, seed)}, {printable_path(location)}, "
+                                f"cannot be exported: {problem}")
+    return location
+
+
+def export_models(study: StudyConfig, out: str) -> list[ExportedModel]:
+    """Writes each finished trial's final EMA weights as ``<out>/<arm>_s<seed>.safetensors``, and an index.
+
+    The files are the official SwinIR keys with our model config in the metadata
+    (:func:`xswinir.export.export_safetensors`): ``xswinir eval --checkpoint FILE`` loads them as they are.
+    ``<out>/README.md`` lists them (arm, seed, overrides, size, sha256, the mean Y-PSNR per evaluation set the
+    study measured) and says how to evaluate one again. A trial is finished once its ``eval.json`` exists;
+    the others are left out. ``out`` may be a local folder or a URI; every file appears whole or not at all.
+
+    Returns:
+        The models written, in the order of the arms, then the seeds.
+
+    Raises:
+        UserError: no trial has finished; a final checkpoint is missing or damaged; a file cannot be written.
+    """
+    from xswinir.export import export_safetensors  # here: torch's export machinery only when asked for
+
+    out = out.rstrip("/") or "/"
+    exported = []
+    for arm in study.arms:
+        for seed in study.seeds:
+            rows = _eval_rows(study, arm, seed)
+            if rows is None:
+                continue
+            model, model_cfg = load_model(final_checkpoint(study, arm, seed))  # the EMA weights
+            location = f"{out}/{run_name(arm, seed)}.safetensors"
+            written = write_study_file(location, functools.partial(export_safetensors, model, model_cfg))
+            model_rows = [r for r in rows if r["kind"] == "model"]
+            psnr = {s: _mean_metrics([r for r in model_rows if r["set"] == s]).get(PSNR_Y)
+                    for s in dict.fromkeys(r["set"] for r in model_rows)}
+            exported.append(ExportedModel(arm, seed, location, written.size, written.sha256,
+                                          {s: v for s, v in psnr.items() if v is not None}))
+    if not exported:
+        raise UserError(f"study '{study.name}' has no finished trial to export in "
+                        f"{printable_path(study.experiment_path())}")
+    index = format_models_index(study, exported, out)
+    write_study_file(f"{out}/{MODELS_INDEX}", lambda path: path.write_text(index))
+    return exported
+
+
+def format_models_index(study: StudyConfig, models: list[ExportedModel], out: str) -> str:
+    """The ``README.md`` beside the exported models: a table of them and how to evaluate one again."""
+    sets = list(dict.fromkeys(s for m in models for s in m.psnr_y))
+    lines = [f"# Models of the study `{study.name}`", "",
+             f"The final EMA weights of every finished trial of `{study.name}`, one safetensors file per arm and "
+             "seed: the official SwinIR keys with the model config in the metadata, so that `xswinir eval` and "
+             "`xswinir upscale` load a file as it is. `psnr_y` is the model's mean Y-PSNR (dB) on each evaluation "
+             f"set as the study measured it (`{study.eval_degradation}` inputs at seed {study.eval_seed}).", "",
+             "| arm | seed | overrides | file | size | sha256 | " + " | ".join(f"psnr_y {display_set(s)}" for s in sets)
+             + " |", "|---|---|---|---|---|---|" + "---|" * len(sets)]
+    for m in models:
+        overrides = ", ".join(f"`{o}`" for o in study.arms[m.arm]).replace("|", "\\|") or "the base config"
+        cells = [_fmt(m.psnr_y.get(s)) for s in sets]
+        lines.append(f"| {m.arm} | {m.seed} | {overrides} | `{m.location.rsplit('/', 1)[-1]}` | "
+                     f"{m.size / 1024:,.0f} KiB | `{m.sha256}` | " + " | ".join(cells) + " |")
+    first = models[0].location.rsplit("/", 1)[-1]
+    hr = " ".join(f"--hr {s}" for s in study.eval_sets)
+    lines += ["", "## Evaluate a model again", "",
+              "The study's numbers, image by image (`--out results.csv` keeps them):", "",
+              f"    xswinir eval --checkpoint {printable_path(out)}/{first} {hr} "
+              f"--degradation {study.eval_degradation} --seed {study.eval_seed}", "",
+              "On your own images: `--hr` a folder of them; without `--degradation` the inputs are made with MATLAB "
+              "bicubic, as in the papers' benchmarks. Each file's sha256 above tells whether it is the one the study "
+              "wrote (`sha256sum *.safetensors`)."]
+    return "\n".join(lines) + "\n"
