@@ -136,7 +136,8 @@ def run_trials(
         callbacks: extra Tune callbacks; Tune saves them with the experiment, and a resumed one runs them again.
 
     Returns:
-        Tune's results, also after an interrupted run (Tune records what finished).
+        Tune's results as its saved experiment state records them (:func:`saved_results`), also after an
+        interrupted run: a trial stopped by the Ctrl-C is not ``TERMINATED`` there.
     """
     from ray import tune  # here, not at the top: `xswinir study --report-only` runs without Ray
 
@@ -159,15 +160,34 @@ def run_trials(
                                       failure_config=tune.FailureConfig(max_failures=max_failures)),
         )
     try:
-        grid = tuner.fit()
+        tuner.fit()
     finally:
         # Tune has synced its final state (also after Ctrl-C or an error): sign what a --resume will unpickle.
         write_signature(experiment)
+    grid = saved_results(experiment)
     for result in grid:
         if result.error is not None:
             log.error("trial %s failed: %s (full log: %s/error.txt)", Path(result.path).name,
                       trial_error(result.error), result.path)
     return grid
+
+
+def saved_results(experiment: str) -> ray.tune.ResultGrid:
+    """The experiment's trials as Tune's newest saved experiment state records them: what a ``--resume`` reads.
+
+    Not the grid that ``Tuner.fit`` returns, which is wrong after a Ctrl-C. On SIGINT, Tune (Ray 2.60,
+    ``tune.py`` ``run``) leaves its loop, saves its state (``checkpoint(force=True, wait=True)``: finished trials
+    ``TERMINATED``, interrupted ones still ``RUNNING`` or ``PENDING``), and only then stops the live trials in
+    ``cleanup()``, which marks them ``TERMINATED`` in memory; ``fit`` returns those in-memory trials. A trial the
+    Ctrl-C cut short would then read as finished (or as stopped early by the scheduler), though the resume runs
+    it again.
+
+    Args:
+        experiment: the experiment's folder or URI, ``<storage>/<name>``.
+    """
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    return ResultGrid(ExperimentAnalysis(experiment))
 
 
 def trial_error(error: BaseException) -> str:

@@ -37,12 +37,11 @@ class TrialRow:
 def collect_trials(grid, sweep: SweepConfig, base: Config) -> list[TrialRow]:
     """Rows from a Tune ``ResultGrid``, in the order the trials were created (the baseline first)."""
     rows = []
-    # Tune's own trial states tell an unfinished trial (an interrupted sweep) from one ASHA stopped.
+    # Tune's own trial states tell an unfinished trial (an interrupted sweep) from one ASHA stopped: the grid
+    # is the saved experiment state (xswinir.tune.launch.saved_results), where a trial the Ctrl-C cut short
+    # is not TERMINATED.
     analysis = getattr(grid, "_experiment_analysis", None)
     states = {t.trial_id: t.status for t in getattr(analysis, "trials", None) or []}
-    # Tune marks the trials it stops at a Ctrl-C as terminated, like those ASHA stops; fewer trials than
-    # asked for tells an interrupted sweep apart.
-    interrupted = len(grid) < sweep.num_samples
     for result in grid:
         trial_id = Path(result.path).name
         df = result.metrics_dataframe
@@ -59,8 +58,7 @@ def collect_trials(grid, sweep: SweepConfig, base: Config) -> list[TrialRow]:
         steps = steps_hist[-1] if steps_hist else 0
         if result.error is not None:
             status = "error"
-        elif states.get(trial_id, "TERMINATED") != "TERMINATED" or not steps_hist or (
-                interrupted and steps < base.train.total_steps):
+        elif states.get(trial_id, "TERMINATED") != "TERMINATED" or not steps_hist:
             status = "unfinished"
         elif steps < base.train.total_steps:
             status = "stopped early"

@@ -10,9 +10,7 @@ without them). The uninterrupted run it is compared with trains on the shared Ra
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ import yaml
 
 from tests.s3.endpoint import S3Endpoint, list_keys, moto_server, point_at
 from xswinir.cli import main
-from xswinir.config import load_config
+from xswinir.config import RunConfig, load_config
 from xswinir.images import read_image, write_image
 from xswinir.sources import resolve_image_files
 from xswinir.training_log import METRICS_FILE, read_metrics
@@ -96,18 +94,24 @@ def test_train_from_a_bucket_survives_a_killed_worker_bit_for_bit(ray_local, end
 
 
 @pytest.fixture
-def ray_with_aws(endpoint, monkeypatch):
+def ray_with_aws(endpoint, monkeypatch, ray_start_retrying):
     """A fresh local Ray started from this process with the AWS variables set, stopped after the test.
 
     Tune runs in this process, so its Ray must see the bucket: the shared ``ray_local`` was started without the
-    variables, and is shut down here as ``test_sweep_ray.own_ray`` does.
+    variables, and is shut down here as ``test_sweep_ray.own_ray`` does. Started as a sweep starts it
+    (``init_ray``), with one more try if Ray times out starting on the busy machine.
     """
     import ray
+
+    from xswinir.trainer import init_ray
 
     ray.shutdown()
     point_at(endpoint, monkeypatch)
     monkeypatch.setenv("RAY_ADDRESS", "local")
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # What run_trials sets before it starts a local Ray, which inherits it; here Ray starts before run_trials.
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
+    ray_start_retrying(lambda: init_ray(RunConfig()))
     yield
     ray.shutdown()
 
@@ -115,8 +119,7 @@ def ray_with_aws(endpoint, monkeypatch):
 # 1-4 minutes on 2 cores: three tiny trials one after the other (a classifier trained on the fly), over two Tune runs.
 @pytest.mark.slow
 def test_sweep_in_a_bucket_interrupted_then_resumed(ray_with_aws, endpoint, tmp_path, monkeypatch):
-    from ray.tune import Callback
-
+    from tests.integration.interrupt import CtrlCAtFirstFinishedTrial
     from xswinir.errors import UserError
     from xswinir.tune.manifest import SIGNATURE_FILE, ResumeRefused, verify_signature
     from xswinir.tune.results import TRIALS_FILE
@@ -142,16 +145,10 @@ def test_sweep_in_a_bucket_interrupted_then_resumed(ray_with_aws, endpoint, tmp_
     sweep = load_sweep_config(config)
     marker = tmp_path / "interrupted"
 
-    class InterruptAfterFirstTrial(Callback):
-        """Ctrl-C once, when the first trial has finished (Tune restores callbacks: hence the marker file)."""
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            if not marker.exists():
-                marker.touch()
-                os.kill(os.getpid(), signal.SIGINT)
-
-    first = run_sweep(sweep, callbacks=[InterruptAfterFirstTrial()])
-    assert not first.finished and any(r.status == "completed" for r in first.rows), [r.status for r in first.rows]
+    first = run_sweep(sweep, callbacks=[CtrlCAtFirstFinishedTrial(marker)])
+    # One trial at a time and no early stopping: the trial whose end set off the Ctrl-C is the one completed.
+    done = {r.trial_id: r.status for r in first.rows if r.status != "unfinished"}
+    assert not first.finished and done == {marker.read_text(): "completed"}, [r.status for r in first.rows]
     with pytest.raises(UserError, match="already exists"):
         run_sweep(sweep)
     exp = f"s3://{bucket}/sweeps/tiny"
