@@ -1,4 +1,4 @@
-"""Data pipeline throughput, side by side in one process.
+"""Data pipeline throughput, side by side in one run.
 
 (a) The batched :class:`~xswinir.degradations.Degrader` against the same operations applied image by image
     in a Python loop (the Degrader called with batches of one), for the ``blur-noise`` and ``realistic``
@@ -15,22 +15,39 @@
     DIV2K-like synthetic set (shards of random-textured 480 px PNG sub-images, 64 MiB at 1x; the 30x set,
     ~2 GB, lives under the temporary folder and is deleted after), today's in-memory path
     (:class:`~xswinir.shards.ShardImages`) against the rank-partitioned stream (:mod:`xswinir.stream`), each
-    measured in a fresh process (its peak RSS, ``VmHWM``) with the real dataset, sampler and collate and one
-    torch thread, each twice, alternated (the best rate, the highest peak); ``--ray-data`` adds Ray Data's
-    ``streaming_split`` on the 1x set (its reads run in Ray's processes, which neither figure counts).
+    cell in a fresh process with the real dataset, sampler and collate, one torch thread and the decoded-image
+    cache off, in two set-ups (``--loader-workers``, default both):
+
+    * 0 loader processes: the keys decoded, cut and collated in the measuring process;
+    * 2 loader processes (training's default ``data.loader_workers``): the DataLoader training builds
+      (:func:`xswinir.data.loader_batches`), its processes decoding while the measuring process samples (the
+      stream: reads the row groups, holds the buffer, hands the encoded rows over).
+
+    The rate is patches per CPU-second of *all* the processes (the measuring one and its loader processes,
+    from ``/proc``), so it holds on a busy machine and charges each path for the work it moves between
+    processes; ``main_cpu_share`` is the measuring process's part. Peak RSS (``VmHWM``) is the measuring
+    process's (the training worker's) and the largest of its loader processes'. Each cell runs ``--repeat``
+    times, the two paths alternated so that the machine's load hits both alike: the median rate (and the
+    lowest / highest as ``rate_spread``), the highest peaks. ``--ray-data`` adds Ray Data's
+    ``streaming_split`` on the 1x set, decoding in its driver (its reads run in Ray's processes, which neither
+    figure counts).
 
     python -m bench.bench_data [--quick] [--device cuda] [--growth-only] [--ray-data]
+                               [--loader-workers N ...] [--steps N] [--repeat N]
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import multiprocessing
+import os
 import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from queue import Empty
 
@@ -40,7 +57,7 @@ from PIL import Image
 
 from bench.common import measure, parse_args, print_table, write_json
 from xswinir.config import DEGRADATION_PRESETS
-from xswinir.data import PatchCutter, PatchDataset, StepBatchSampler, collate, open_images
+from xswinir.data import PatchCutter, PatchDataset, StepBatchSampler, collate, loader_batches, open_images
 from xswinir.degradations import build_degrader
 from xswinir.seeds import make_generator
 from xswinir.shards import ROW_GROUP_ROWS, SCHEMA, ShardImages, pack_images
@@ -157,6 +174,8 @@ def bench_shards(count: int, batch: int, steps: int, repeat: int, gt_size: int =
 
 GROWTH_MB = 64  # the 1x set; DIV2K's 480 px sub-images are ~3.4 GiB, so 1x is DIV2K / 54 to keep 30x on disk
 GROWTH = (1, 10, 30)
+# 0: decoding in the measuring process; 2: training's default data.loader_workers, decoding in loader processes
+LOADER_WORKERS = (0, 2)
 
 
 def _textured_pngs(count: int, size: int = 480) -> list[bytes]:
@@ -197,59 +216,108 @@ def _synthetic_shards(folder: Path, megabytes: float, pool: list[bytes], shard_m
     return written
 
 
-def _growth_child(path: str, folder: str, batch: int, steps: int, crops: int, queue) -> None:
-    """One measurement in a fresh process: patches per CPU-second and this process's peak RSS."""
-    torch.set_num_threads(1)
+def _growth_steps(path: str, folder: str, batch: int, crops: int, workers: int
+                  ) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """The step of one growth cell (step ``t``'s batch, collated) and what closes it.
+
+    ``workers`` 0: the sampler's keys decoded, cut and collated in this process, as the DataLoader does without
+    workers; otherwise the DataLoader training builds (:func:`xswinir.data.loader_batches`) with ``workers``
+    processes that decode. Ray Data: ``streaming_split(1)``, its rows decoded and cut here as the stream's are.
+    """
     cutter = PatchCutter(gt_size=128)
-    if path == "in-memory":
-        dataset = PatchDataset(ShardImages(folder), cutter, cache_mb=0)
-        sampler = StepBatchSampler(len(dataset), batch, seed=0, rank=0, crops_per_image=crops)
-
-        def step(t: int) -> None:
-            collate([dataset[key] for key in sampler.batch(t)])
-    elif path == "stream":
-        stream = ShardStream(ShardIndex(folder), batch, seed=0, rank=0, world_size=1, crops_per_image=crops)
-        decoder = StreamDataset(cutter, paired=False)
-
-        def step(t: int) -> None:
-            collate(decoder.__getitems__(stream.batch()))
-    else:  # Ray Data: streaming_split(1), rows decoded and cut here as the stream's are
+    if path == "ray-data":
         import ray
 
         ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-        split = ray.data.read_parquet(folder).streaming_split(1)[0]
-        rows = iter(split.iter_rows())
+        rows = iter(ray.data.read_parquet(folder).streaming_split(1)[0].iter_rows())
         images = -(-batch // crops)
+
+        def close() -> None:  # the iterator first: closed after the shutdown, it would start Ray again
+            rows.close()
+            ray.shutdown()
 
         def step(t: int) -> None:
             keys = [({**next(rows), "shard": folder, "index": 0}, t * images + i, crops) for i in range(images)]
             collate(StreamDataset(cutter, paired=False).__getitems__(keys))
-    step(0)  # warm-up: first reads, first decodes
-    start, wall = time.process_time(), time.perf_counter()
-    for t in range(1, steps + 1):
+        return step, close
+    if path == "in-memory":
+        dataset = PatchDataset(ShardImages(folder), cutter, cache_mb=0)
+        sampler = StepBatchSampler(len(dataset), batch, seed=0, rank=0, crops_per_image=crops)
+    else:
+        sampler = ShardStream(ShardIndex(folder), batch, seed=0, rank=0, world_size=1, crops_per_image=crops)
+        dataset = StreamDataset(cutter, paired=False)
+    if workers == 0:
+        keys = iter(sampler)
+
+        def step(t: int) -> None:
+            collate([dataset[key] for key in next(keys)] if path == "in-memory" else dataset.__getitems__(next(keys)))
+        return step, lambda: None
+    loader = [loader_batches(dataset, sampler, workers, seed=0, rank=0)]
+
+    def close() -> None:  # the iterator's last reference: its processes are shut down now, not at exit
+        loader.clear()
+        gc.collect()
+    return lambda t: next(loader[0]), close
+
+
+def _growth_child(path: str, folder: str, batch: int, steps: int, crops: int, workers: int, queue) -> None:
+    """One measurement in a fresh process: patches per CPU-second of this process and its loader processes
+    (Ray Data: of this process only), and the peak RSS of each."""
+    # The loader processes fork, as in a training worker (Linux's default); a spawned process would spawn them,
+    # and the in-memory path's dataset would be pickled into each of them.
+    multiprocessing.set_start_method("fork", force=True)
+    torch.set_num_threads(1)
+    step, close = _growth_steps(path, folder, batch, crops, workers)
+    for t in range(2):  # warm-up: first reads, first decodes, the loader processes started and ahead
         step(t)
-    seconds, wall = time.process_time() - start, time.perf_counter() - wall
-    if path == "ray-data":  # the iterator first: closed after the shutdown, it would start Ray again
-        import ray
+    loaders = _children() if workers and path != "ray-data" else []
+    main, loader, wall = time.process_time(), _cpu_seconds_of(loaders), time.perf_counter()
+    for t in range(2, steps + 2):
+        step(t)
+    main, loader = time.process_time() - main, _cpu_seconds_of(loaders) - loader
+    wall = time.perf_counter() - wall
+    loader_rss = max((_peak_rss_mib(pid) for pid in loaders), default=None)
+    close()
+    queue.put({"patches_per_core_s": batch * steps / (main + loader), "patches_per_s_wall": batch * steps / wall,
+               "main_cpu_share": main / (main + loader), "peak_rss_mib": _peak_rss_mib(),
+               "loader_rss_mib": loader_rss})
 
-        rows.close()
-        ray.shutdown()
-    queue.put({"patches_per_core_s": batch * steps / seconds, "patches_per_s_wall": batch * steps / wall,
-               "peak_rss_mib": _peak_rss_mib()})
+
+def _children() -> list[int]:
+    """The process ids of this process's children (the DataLoader's workers), from ``/proc``."""
+    me, out = os.getpid(), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)", which may hold spaces
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == me:
+            out.append(int(stat.parent.name))
+    return out
 
 
-def _peak_rss_mib() -> float:
-    """This process's peak RSS: VmHWM, which starts afresh at exec (``ru_maxrss`` keeps the forking parent's)."""
-    status = Path("/proc/self/status")
+def _cpu_seconds_of(pids: list[int]) -> float:
+    """User + system CPU seconds the processes ``pids`` have used so far (``/proc/PID/stat``)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
+    return total / ticks
+
+
+def _peak_rss_mib(pid: int | str = "self") -> float:
+    """A process's peak RSS: VmHWM, which starts afresh at exec (``ru_maxrss`` keeps the forking parent's)."""
+    status = Path(f"/proc/{pid}/status")
     if status.exists():
         return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM")) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _measure_child(path: str, folder: Path, batch: int, steps: int, crops: int) -> dict:
+def _measure_child(path: str, folder: Path, batch: int, steps: int, crops: int, workers: int) -> dict:
     context = multiprocessing.get_context("spawn")  # a fresh process: its peak RSS is this path's alone
     queue = context.Queue()
-    child = context.Process(target=_growth_child, args=(path, str(folder), batch, steps, crops, queue))
+    child = context.Process(target=_growth_child, args=(path, str(folder), batch, steps, crops, workers, queue))
     child.start()
     while True:  # a child that died (an error, out of memory) says nothing: look after it every few seconds
         try:
@@ -262,8 +330,8 @@ def _measure_child(path: str, folder: Path, batch: int, steps: int, crops: int) 
     return result
 
 
-def bench_growth(base_mb: float, batch: int, steps: int, crops: int = 4, repeat: int = 2,
-                 ray_data: bool = False) -> list[dict]:
+def bench_growth(base_mb: float, batch: int, steps: int, crops: int = 4, repeat: int = 3,
+                 loader_workers: tuple[int, ...] = LOADER_WORKERS, ray_data: bool = False) -> list[dict]:
     root = Path(tempfile.mkdtemp(prefix="bench_growth_"))
     try:
         pool = _textured_pngs(32)
@@ -272,38 +340,54 @@ def bench_growth(base_mb: float, batch: int, steps: int, crops: int = 4, repeat:
             folder = root / f"x{times}"
             count = _synthetic_shards(folder, base_mb * times, pool)
             mib = sum(p.stat().st_size for p in folder.glob("*.parquet")) / 2**20
-            runs: dict[str, list[dict]] = {"in-memory": [], "stream": []}
+            label = f"{times}x ({count} rows, {mib:.0f} MiB)"
+            runs = {(workers, path): [] for workers in loader_workers for path in ("in-memory", "stream")}
             for _ in range(repeat):  # alternated, so that the load of the machine hits both paths alike
-                for path, results in runs.items():
-                    results.append(_measure_child(path, folder, batch, steps, crops))
-            for path, results in runs.items():  # the best rate (the least disturbed run), the highest peak
-                rows.append({"set": f"{times}x ({count} rows, {mib:.0f} MiB)", "path": path,
-                             **max(results, key=lambda r: r["patches_per_core_s"]),
-                             "peak_rss_mib": max(r["peak_rss_mib"] for r in results)})
+                for (workers, path), results in runs.items():
+                    results.append(_measure_child(path, folder, batch, steps, crops, workers))
+                    print(f"  {label}, {path}, {workers} loader processes: "
+                          f"{results[-1]['patches_per_core_s']:.0f} patches / CPU-s", flush=True)
+            for (workers, path), results in runs.items():
+                rows.append(_growth_row(label, path, workers, results))
             if times == GROWTH[0] and ray_data:
-                result = _measure_child("ray-data", folder, batch, max(2, steps // 4), crops)
-                rows.append({"set": f"{times}x ({count} rows, {mib:.0f} MiB)", "path": "Ray Data streaming_split",
-                             **result})
+                result = _measure_child("ray-data", folder, batch, max(2, steps // 4), crops, 0)
+                rows.append(_growth_row(label, "Ray Data streaming_split", 0, [result]))
             if times != GROWTH[0]:
                 shutil.rmtree(folder)  # the larger sets only while they are measured
-        base = {row["path"]: row for row in rows[:2]}
         for row in rows:
-            ref = base.get(row["path"], base["stream"])
-            row["rss_vs_1x"] = row["peak_rss_mib"] / ref["peak_rss_mib"]
+            same = [r for r in rows if r["loaders"] == row["loaders"]]
+            path = row["path"] if row["path"] in ("in-memory", "stream") else "stream"  # Ray Data: vs the stream
+            base = next(r for r in same if r["path"] == path)  # the 1x row: the sets come in order
+            row["rss_vs_1x"] = row["peak_rss_mib"] / base["peak_rss_mib"]
             row["rate_vs_in_memory"] = row["patches_per_core_s"] / next(
-                r["patches_per_core_s"] for r in rows if r["set"] == row["set"] and r["path"] == "in-memory")
+                r["patches_per_core_s"] for r in same if r["set"] == row["set"] and r["path"] == "in-memory")
         return rows
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _growth_row(label: str, path: str, workers: int, results: list[dict]) -> dict:
+    """One row of the growth table from the repeats of one cell: the median rate, the highest peaks; the rates'
+    spread (lowest / highest) says how much the machine's load moved them."""
+    rates = sorted(r["patches_per_core_s"] for r in results)
+    loader = [r["loader_rss_mib"] for r in results if r["loader_rss_mib"] is not None]
+    return {"set": label, "path": path, "loaders": workers, "patches_per_core_s": float(np.median(rates)),
+            "rate_spread": rates[0] / rates[-1],
+            "patches_per_s_wall": float(np.median([r["patches_per_s_wall"] for r in results])),
+            "main_cpu_share": float(np.median([r["main_cpu_share"] for r in results])),
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in results), "loader_rss_mib": max(loader, default=None),
+            "runs": results}
+
+
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], "bench/results/bench_data.json", _growth_options)
     torch.manual_seed(0)
-    growth_rows = bench_growth(GROWTH_MB / 8 if args.quick else GROWTH_MB, batch=64, steps=4 if args.quick else 20,
-                               repeat=1 if args.quick else 2, ray_data=args.ray_data)
-    print_table(growth_rows, "growth: 128 px patches per CPU-second and peak RSS of one worker (shared machine: "
-                             "compare ratios, not absolute figures)")
+    growth_rows = bench_growth(GROWTH_MB / 8 if args.quick else GROWTH_MB, batch=64,
+                               steps=4 if args.quick else args.steps, repeat=1 if args.quick else args.repeat,
+                               loader_workers=tuple(args.loader_workers), ray_data=args.ray_data)
+    print_table([{k: v for k, v in row.items() if k != "runs"} for row in growth_rows],
+                "growth: 128 px patches per CPU-second (of the training process and its loader processes) and peak "
+                "RSS of each (shared machine: compare ratios, not absolute figures)")
     if args.growth_only:
         write_json(args.json, "bench_data", growth_rows, quick=args.quick, device=args.device)
         return
@@ -319,6 +403,12 @@ def main() -> None:
 def _growth_options(parser) -> None:
     parser.add_argument("--growth-only", action="store_true", help="only the growth table (c)")
     parser.add_argument("--ray-data", action="store_true", help="add Ray Data's streaming_split to the growth table")
+    parser.add_argument("--loader-workers", type=int, nargs="+", default=list(LOADER_WORKERS),
+                        help="the growth table's loader processes, one set of cells for each (default: %(default)s; "
+                             "0 decodes in the training process)")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per growth cell (default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each growth cell, alternated between the paths (default: %(default)s)")
 
 
 if __name__ == "__main__":

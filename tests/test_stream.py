@@ -116,11 +116,11 @@ def test_each_row_group_is_read_about_once_per_epoch(tmp_path, monkeypatch):
     stream = ShardStream(index, batch_size=4, seed=0, rank=0, world_size=1, crops_per_image=2, capacity=capacity)
     while stream.position.epoch < 3:  # epochs 0 and 1 drawn, 2 begun
         stream.batch()
-    # A group is read when its first row is drawn, and its other rows are kept until drawn; only around an
-    # epoch's turn is a group read again (its last copies still buffered while the next epoch's wait further on).
-    # Reading a group per row drawn would be 8 times as many reads.
+    # A group is read when its first row is drawn, and its other rows are kept until drawn (those drawn in the
+    # same step too); only around an epoch's turn may a group be read again (its last copies still buffered
+    # while the next epoch's wait further on). Reading a group per row drawn would be 8 times as many reads.
     assert set(reads) == {g.first for g in index.groups}
-    assert sum(reads.values()) <= 3 * len(index.groups) + 3 * (capacity + GROUP_ROWS), sorted(reads.values())
+    assert sum(reads.values()) <= 3 * len(index.groups) + 3 * capacity, sorted(reads.values())
 
 
 def test_position_is_replayed_or_restored_exactly(shards):

@@ -273,18 +273,20 @@ class ShardStream:
     def _group(self, row: int) -> RowGroup:
         return self._group_of[self._firsts[bisect.bisect_right(self._firsts, row) - 1]]
 
-    def _row(self, entry: tuple[int, int]) -> dict[str, Any]:
-        """The bytes of a buffered entry; reads its row group first when they are not held."""
+    def _row(self, entry: tuple[int, int], drawn: list[tuple[int, int]]) -> dict[str, Any]:
+        """The bytes of entry ``entry`` of this step's ``drawn`` ones; reads its row group first when not held."""
         if entry not in self.held:
             group = self._group(entry[1])
             rows = self.index.read(group)
+
             def in_group(e: tuple[int, int]) -> bool:
                 return group.first <= e[1] < group.first + group.rows
 
-            # The rows of the group still to be drawn: those in the buffer and those about to enter it, at the
-            # head of `pending` (a rank reads a group's rows one after another). Only these: looking through all
-            # of `pending` would cost a step time that grows with the dataset.
-            waiting = {entry, *filter(in_group, self.position.buffer),
+            # The rows of the group still to be handed out: this step's (taken out of the buffer already), those in
+            # the buffer and those about to enter it, at the head of `pending` (a rank reads a group's rows one
+            # after another). Only these: looking through all of `pending` would cost a step time that grows
+            # with the dataset.
+            waiting = {*filter(in_group, drawn), *filter(in_group, self.position.buffer),
                        *itertools.takewhile(in_group, self.position.pending)}
             for e in waiting:
                 self.held[e] = rows[e[1] - group.first] | {"index": e[1]}
@@ -296,8 +298,9 @@ class ShardStream:
         taken, spares, seeds = self.position.take(self.position.step, self.images)
         k = self.crops_per_image
         counts = [k] * (len(taken) - 1) + [self.batch_size - k * (len(taken) - 1)]
-        keys = [(self._row(entry), seed, count) for entry, seed, count in zip(taken, seeds, counts, strict=True)]
-        keys += [(self._row(entry), 0, 0) for entry in spares]
+        drawn = [*taken, *spares]
+        keys = [(self._row(entry, drawn), seed, count) for entry, seed, count in zip(taken, seeds, counts, strict=True)]
+        keys += [(self._row(entry, drawn), 0, 0) for entry in spares]
         for entry in taken:
             self.held.pop(entry, None)
         return keys
