@@ -243,7 +243,7 @@ def test_the_stream_position_is_kept_and_guarded_by_the_manifest(tmp_path):
     cfg = load_config("demo", TINY)
     model, ema = build_swinir(cfg.model), build_swinir(cfg.model)
     optimizer = torch.optim.Adam(model.parameters())
-    # As xswinir.trainer.StreamRecorder.for_checkpoint gives it: JSON turns the (epoch, row) pairs into lists.
+    # As xswinir.stream.StreamRecorder.for_checkpoint gives it: JSON turns the (epoch, row) pairs into lists.
     position = {"world_size": 1, "seed": 3, "rows": 30,
                 "positions": [{"step": 4, "epoch": 0, "pending": [[0, 7], [0, 2]], "buffer": [[0, 5]]}]}
     save_checkpoint(tmp_path / "streamed", cfg, model, ema, optimizer, 4, None, stream_position=position)

@@ -48,6 +48,7 @@ from xswinir.stream import (
     ShardIndex,
     ShardStream,
     StreamDataset,
+    StreamRecorder,
     stream_choice,
 )
 
@@ -597,13 +598,36 @@ def build_train_batches(cfg: Config, rank: int, world_size: int, start_step: int
     Raises:
         DataError: the source names nothing or no image is usable.
     """
+    return build_train_batches_keeping_position(cfg, rank, world_size, start_step, batch_fn)[0]
+
+
+def build_train_batches_keeping_position(
+    cfg: Config, rank: int, world_size: int, start_step: int = 0,
+    batch_fn: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+    resume_position: Callable[[ShardIndex], dict | None] | None = None,
+    checkpoint_after: Callable[[int], bool] | None = None,
+) -> tuple[Iterator[dict[str, Tensor]], StreamRecorder | None]:
+    """:func:`build_train_batches`, and for streamed shards what a checkpoint needs to continue the stream.
+
+    Args:
+        resume_position: for streamed shards, ``index -> this rank's saved position`` (a
+            :meth:`~xswinir.stream.StreamPosition.state_dict`) to continue from instead of replaying the index
+            bookkeeping to ``start_step``, or None where no saved position applies; unused otherwise.
+        checkpoint_after: for streamed shards, whether a checkpoint is written after a number of steps: the
+            returned recorder keeps the stream's position at those steps. None: no recorder.
+
+    Returns:
+        The batches, and the :class:`~xswinir.stream.StreamRecorder` when the shards stream and
+        ``checkpoint_after`` is given (None otherwise).
+    """
     if cfg.train.batch_size % world_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over {world_size} workers")
     if is_shard_source(cfg.data.train) and cfg.data.train_lq is None:
         stream, why = stream_choice(cfg)
         log.info("training data %s: %s", printable_path(cfg.data.train), why)
         if stream:
-            return _stream_batches(cfg, rank, world_size, start_step, batch_fn)
+            return _stream_batches(cfg, rank, world_size, start_step, batch_fn, resume_position=resume_position,
+                                   checkpoint_after=checkpoint_after)
     cutter = PatchCutter.from_config(cfg)
     images = open_images(cfg.data.train, cfg.model.in_chans, cfg.data.train_lq, cfg.scale,
                          cfg.data.verify_checksums)
@@ -613,7 +637,7 @@ def build_train_batches(cfg: Config, rank: int, world_size: int, start_step: int
     dataset = PatchDataset(images, cutter, source=cfg.data.train)
     sampler = StepBatchSampler(len(dataset), cfg.train.batch_size // world_size, cfg.train.seed, rank, start_step,
                                cfg.data.crops_per_image)
-    return loader_batches(dataset, sampler, cfg.data.loader_workers, cfg.train.seed, rank, batch_fn)
+    return loader_batches(dataset, sampler, cfg.data.loader_workers, cfg.train.seed, rank, batch_fn), None
 
 
 def load_val_images(cfg: Config) -> list[tuple[str, Tensor]]:
@@ -652,19 +676,28 @@ def load_val_images(cfg: Config) -> list[tuple[str, Tensor]]:
 
 def _stream_batches(cfg: Config, rank: int, world_size: int, start_step: int = 0,
                     batch_fn: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
-                    capacity: int = SHUFFLE_ROWS) -> Iterator[dict[str, Tensor]]:
+                    capacity: int = SHUFFLE_ROWS, *,
+                    resume_position: Callable[[ShardIndex], dict | None] | None = None,
+                    checkpoint_after: Callable[[int], bool] | None = None,
+                    ) -> tuple[Iterator[dict[str, Tensor]], StreamRecorder | None]:
     """This worker's training batches streamed from ``data.train``'s shards, forever, from ``start_step``.
 
-    As :func:`build_train_batches` (same arguments, same batches' layout); the images differ, since they are
-    drawn from this rank's share through the shuffle buffer (:mod:`xswinir.stream`).
+    As :func:`build_train_batches_keeping_position` (same arguments, same batches' layout); the images differ,
+    since they are drawn from this rank's share through the shuffle buffer (:mod:`xswinir.stream`).
     """
     index = ShardIndex(cfg.data.train)
     if index.paired:
         log.info("paired data: LQ crops come from %s; no degradations in training", printable_path(cfg.data.train))
-    stream = ShardStream(index, cfg.train.batch_size // world_size, cfg.train.seed, rank, world_size, start_step,
-                         cfg.data.crops_per_image, capacity)
+    position = resume_position(index) if resume_position is not None else None
+    stream = ShardStream(index, cfg.train.batch_size // world_size, cfg.train.seed, rank, world_size,
+                         0 if position is not None else start_step, cfg.data.crops_per_image, capacity)
+    if position is not None:
+        stream.position.load_state_dict(position)
+    # The recorder sits between the stream and the DataLoader, which draws steps ahead of the training loop.
+    recorder = StreamRecorder(stream, checkpoint_after) if checkpoint_after is not None else None
     dataset = StreamDataset(PatchCutter.from_config(cfg), index.paired, cfg.data.verify_checksums)
-    return loader_batches(dataset, stream, cfg.data.loader_workers, cfg.train.seed, rank, batch_fn)
+    sampler = recorder if recorder is not None else stream
+    return loader_batches(dataset, sampler, cfg.data.loader_workers, cfg.train.seed, rank, batch_fn), recorder
 
 
 def loader_batches(dataset: Dataset, sampler: Iterable[list], workers: int, seed: int, rank: int,

@@ -33,7 +33,7 @@ import itertools
 import logging
 import random
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -393,3 +393,45 @@ def stream_choice(cfg: Config) -> tuple[bool, str]:
     if size > limit:
         return True, f"{size:.0f} MiB of shards > data.stream_above_mb={limit:g}: streamed, {SHUFFLE_ROWS}-row buffer"
     return False, f"{size:.0f} MiB of shards <= data.stream_above_mb={limit:g}: held in memory"
+
+
+class StreamRecorder:
+    """The batch sampler of streamed training data: a :class:`~xswinir.stream.ShardStream` that keeps its position
+    for the checkpoints.
+
+    The DataLoader draws each step's keys ahead of the training loop (``prefetch_factor`` steps per loader
+    process), so when the checkpoint after ``t`` steps is written the stream is already further on. This keeps a
+    copy of the position (:meth:`~xswinir.stream.StreamPosition.state_dict`) as it stood before each step that
+    follows a checkpoint.
+
+    Args:
+        stream: the stream the DataLoader draws from, through this.
+        checkpoint_after: whether a checkpoint is written after this many steps.
+    """
+
+    def __init__(self, stream: ShardStream, checkpoint_after: Callable[[int], bool]) -> None:
+        self.stream = stream
+        self.checkpoint_after = checkpoint_after
+        self._kept: dict[int, dict[str, Any]] = {}
+
+    def __iter__(self) -> Iterator[list[tuple[dict[str, Any], int, int]]]:
+        while True:
+            position = self.stream.position
+            if self.checkpoint_after(position.step):
+                self._kept[position.step] = position.state_dict()
+            yield self.stream.batch()
+
+    def position(self, step: int) -> dict[str, Any]:
+        """The stream's position after ``step`` steps (the next one to draw is step ``step``)."""
+        for older in [s for s in self._kept if s < step]:
+            del self._kept[older]
+        if step in self._kept:
+            return self._kept.pop(step)
+        if self.stream.position.step != step:  # the loop asked for a step that is not a checkpoint's
+            raise ValueError(f"no stream position kept for step {step} (the stream is at {self.stream.position.step})")
+        return self.stream.position.state_dict()  # nothing drawn ahead (no loader processes): it stands there
+
+    def for_checkpoint(self, positions: list[dict[str, Any]]) -> dict[str, Any]:
+        """What a checkpoint keeps: every rank's position (indexed by rank) and what they are positions in."""
+        return {"world_size": len(positions), "seed": self.stream.position.seed, "rows": self.stream.index.rows,
+                "positions": positions}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import functools
 import logging
 import logging.handlers
 import math
@@ -42,19 +43,18 @@ from timm.utils import ModelEmaV3
 
 from xswinir.checkpoint import load_checkpoint, load_pretrained, load_stream_position, rng_state, save_checkpoint
 from xswinir.config import Config, RunConfig, TrainConfig, apply_overrides
-from xswinir.data import PatchCutter, build_train_batches, check_train_source, loader_batches
+from xswinir.data import build_train_batches_keeping_position, check_train_source
 from xswinir.degradations import build_degrader
 from xswinir.errors import UserError
 from xswinir.evaluation import build_validation_set, validate
 from xswinir.losses import CombinedLoss, build_loss
 from xswinir.metrics import VAL_PSNR_Y
 from xswinir.model import build_swinir
-from xswinir.paths import filesystem_and_path, is_remote, log_dir, printable_path, storage_path
+from xswinir.paths import filesystem_and_path, is_remote, log_dir, storage_path
 from xswinir.runs import prepare_run, verified_checkpoint
 from xswinir.seeds import MODEL_STREAM, step_seed
-from xswinir.shards import is_shard_source
 from xswinir.storage import check_writable
-from xswinir.stream import ShardIndex, ShardStream, StreamDataset, stream_choice
+from xswinir.stream import ShardIndex, StreamRecorder
 from xswinir.texture.payload import classifier_from_payload, classifier_payload
 from xswinir.texture.search import TextureSearch
 from xswinir.training_log import CURVES_FILE, METRICS_FILE, MetricsSink, ProgressFollower, plot_training_curves
@@ -217,7 +217,8 @@ def resume_training(parts: TrainingParts, checkpoint: str, filesystem: pafs.File
 
     Returns:
         The number of completed steps of the checkpoint loaded, and where its streamed training data stood
-        (:meth:`StreamRecorder.for_checkpoint`; None when the data was not streamed, or for an older checkpoint).
+        (:meth:`~xswinir.stream.StreamRecorder.for_checkpoint`; None when the data was not streamed, or for an
+        older checkpoint).
 
     Raises:
         CheckpointError: neither ``checkpoint`` nor any older checkpoint of its run folder passes.
@@ -227,53 +228,9 @@ def resume_training(parts: TrainingParts, checkpoint: str, filesystem: pafs.File
         return step, load_stream_position(directory)
 
 
-class StreamRecorder:
-    """The batch sampler of streamed training data: a :class:`~xswinir.stream.ShardStream` that keeps its position
-    for the checkpoints.
-
-    The DataLoader draws each step's keys ahead of the training loop (``prefetch_factor`` steps per loader
-    process), so when the checkpoint after ``t`` steps is written the stream is already further on. This keeps a
-    copy of the position (:meth:`~xswinir.stream.StreamPosition.state_dict`) as it stood before each step that
-    follows a checkpoint.
-
-    Args:
-        stream: the stream the DataLoader draws from, through this.
-        checkpoint_after: whether a checkpoint is written after this many steps.
-    """
-
-    def __init__(self, stream: ShardStream, checkpoint_after: Callable[[int], bool]) -> None:
-        self.stream = stream
-        self.checkpoint_after = checkpoint_after
-        self._kept: dict[int, dict[str, Any]] = {}
-
-    def __iter__(self) -> Iterator[list[tuple[dict[str, Any], int, int]]]:
-        while True:
-            position = self.stream.position
-            if self.checkpoint_after(position.step):
-                self._kept[position.step] = position.state_dict()
-            yield self.stream.batch()
-
-    def position(self, step: int) -> dict[str, Any]:
-        """The stream's position after ``step`` steps (the next one to draw is step ``step``)."""
-        for older in [s for s in self._kept if s < step]:
-            del self._kept[older]
-        if step in self._kept:
-            return self._kept.pop(step)
-        if self.stream.position.step != step:  # the loop asked for a step that is not a checkpoint's
-            raise ValueError(f"no stream position kept for step {step} (the stream is at {self.stream.position.step})")
-        return self.stream.position.state_dict()  # nothing drawn ahead (no loader processes): it stands there
-
-    def for_checkpoint(self, positions: list[dict[str, Any]]) -> dict[str, Any]:
-        """What a checkpoint keeps: every rank's position (indexed by rank) and what they are positions in."""
-        return {"world_size": len(positions), "seed": self.stream.position.seed, "rows": self.stream.index.rows,
-                "positions": positions}
-
-
-def _saved_position(saved: dict[str, Any] | None, index: ShardIndex, seed: int, rank: int, world_size: int,
-                    start_step: int) -> dict[str, Any] | None:
+def _saved_position(saved: dict[str, Any], seed: int, rank: int, world_size: int, start_step: int,
+                    index: ShardIndex) -> dict[str, Any] | None:
     """This rank's position in a checkpoint's ``saved`` stream positions, or None where it does not apply."""
-    if saved is None:
-        return None
     fits = {"world_size": world_size, "seed": seed, "rows": index.rows}
     changed = [f"{key} {saved.get(key)} -> {value}" for key, value in fits.items() if saved.get(key) != value]
     position = saved["positions"][rank] if not changed else None
@@ -290,8 +247,8 @@ def train_batches(cfg: Config, rank: int, world_size: int, start_step: int = 0,
                   batch_fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
                   saved: dict[str, Any] | None = None
                   ) -> tuple[Iterator[dict[str, torch.Tensor]], StreamRecorder | None]:
-    """This worker's training batches from ``start_step`` (:func:`xswinir.data.build_train_batches`); streamed
-    shards also keep their position for the checkpoints, and continue from a checkpoint's position.
+    """This worker's training batches from ``start_step``, keeping the positions of streamed data for the
+    checkpoints (:func:`xswinir.data.build_train_batches_keeping_position`).
 
     Args:
         saved: the stream positions of the checkpoint resumed from (:func:`resume_training`): the stream
@@ -299,28 +256,15 @@ def train_batches(cfg: Config, rank: int, world_size: int, start_step: int = 0,
             checkpoint without them, or another world size): replayed, which is exact too.
 
     Returns:
-        The batches, and for streamed data the :class:`StreamRecorder` whose positions go into the checkpoints
-        (None otherwise).
+        The batches, and for streamed data the :class:`~xswinir.stream.StreamRecorder` whose positions go into
+        the checkpoints (None otherwise).
     """
-    # build_train_batches's choice, made here too: only the streamed path needs the recorder.
-    choice = stream_choice(cfg) if is_shard_source(cfg.data.train) and cfg.data.train_lq is None else None
-    if choice is None or not choice[0]:
-        return build_train_batches(cfg, rank, world_size, start_step, batch_fn), None
-    # As xswinir.data builds streamed batches, with the recorder between the stream and the DataLoader.
-    log.info("training data %s: %s", printable_path(cfg.data.train), choice[1])
-    index = ShardIndex(cfg.data.train)
-    if index.paired:
-        log.info("paired data: LQ crops come from %s; no degradations in training", printable_path(cfg.data.train))
-    position = _saved_position(saved, index, cfg.train.seed, rank, world_size, start_step)
-    stream = ShardStream(index, cfg.train.batch_size // world_size, cfg.train.seed, rank, world_size,
-                         start_step=0 if position is not None else start_step,
-                         crops_per_image=cfg.data.crops_per_image)
-    if position is not None:
-        stream.position.load_state_dict(position)
     every, total = cfg.train.val_every, cfg.train.total_steps
-    recorder = StreamRecorder(stream, lambda step: step > 0 and (step % every == 0 or step == total))
-    dataset = StreamDataset(PatchCutter.from_config(cfg), index.paired, cfg.data.verify_checksums)
-    return loader_batches(dataset, recorder, cfg.data.loader_workers, cfg.train.seed, rank, batch_fn), recorder
+    resume_position = None if saved is None else functools.partial(_saved_position, saved, cfg.train.seed, rank,
+                                                                    world_size, start_step)
+    return build_train_batches_keeping_position(
+        cfg, rank, world_size, start_step, batch_fn, resume_position,
+        checkpoint_after=lambda step: step > 0 and (step % every == 0 or step == total))
 
 
 class MetricsSender:
