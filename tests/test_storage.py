@@ -1,13 +1,15 @@
-"""Storage: the write check that runs before Ray starts (local vs remote is tests/test_paths.py)."""
+"""Storage: the write check that runs before Ray starts, and one file written whole (local vs remote is
+tests/test_paths.py; in a bucket, tests/s3/test_s3_storage.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
 
 from xswinir.config import load_config
-from xswinir.storage import StorageError, check_writable
+from xswinir.storage import StorageError, check_writable, read_file, write_file
 
 
 def test_a_writable_folder_passes_and_a_missing_one_is_not_created(tmp_path):
@@ -46,3 +48,15 @@ def test_fit_checks_the_storage_before_anything_else(tmp_path, monkeypatch):
     blocker.write_text("")
     with pytest.raises(StorageError, match=f"cannot write to {blocker}/runs .*is not a folder"):
         xswinir.trainer.fit(load_config("demo", [f"run.storage={blocker / 'runs'}"]))
+
+
+def test_local_files_are_moved_into_place(tmp_path):
+    target = tmp_path / "a" / "study.md"
+    written = write_file(str(target), lambda path: path.write_bytes(b"report"))
+    assert target.read_bytes() == b"report" and written.size == 6
+    assert written.sha256 == hashlib.sha256(b"report").hexdigest()
+    assert read_file(str(tmp_path / "a" / "none.json")) is None
+    assert [p.name for p in target.parent.iterdir()] == ["study.md"]
+    uri = f"file://{tmp_path / 'b' / 'study.md'}"  # a store that renames: a temporary sibling, then a move
+    assert write_file(uri, lambda path: path.write_bytes(b"again")).size == 5
+    assert read_file(uri) == b"again" and [p.name for p in (tmp_path / "b").iterdir()] == ["study.md"]

@@ -14,19 +14,18 @@ import pytest
 import yaml
 
 from xswinir.config import PACKAGED_CONFIGS, ConfigError
+from xswinir.storage import read_file, write_file
 from xswinir.tune.study import (
     EVAL_FILE,
     StudyConfig,
     StudyStorageError,
     load_study_config,
     paired_difference,
-    read_study_file,
     run_name,
     study_trial,
     summarise,
     with_absolute_paths,
     write_report,
-    write_study_file,
 )
 
 
@@ -241,48 +240,11 @@ def _keys(s3_server, bucket: str, prefix: str = "") -> list[str]:
     return list_keys(s3_server.filesystem(), f"{bucket}/{prefix}".rstrip("/"))
 
 
-def test_study_files_in_a_bucket_are_written_whole_and_read_back(s3_server, bucket):
-    uri = f"s3://{bucket}/studies/s/study.md"
-    assert read_study_file(uri) is None  # not there yet: no error, no file
-    written = write_study_file(uri, lambda path: path.write_text("# first\n"))
-    assert written == (8, hashlib.sha256(b"# first\n").hexdigest())
-    assert read_study_file(uri) == b"# first\n"
-
-    def half_then_fail(path):
-        path.write_text("# sec")
-        raise RuntimeError("the plot failed")
-
-    with pytest.raises(RuntimeError, match="the plot failed"):
-        write_study_file(uri, half_then_fail)
-    assert read_study_file(uri) == b"# first\n"  # the earlier file as it was
-    assert _keys(s3_server, bucket) == ["studies/s/study.md"]  # no temporary object left behind
-
-
-def test_a_missing_bucket_is_one_line_naming_bucket_and_key(s3_server, bucket):
-    with pytest.raises(StudyStorageError) as err:
-        write_study_file("s3://no-such-bucket/studies/s/study.md", lambda path: path.write_text("x"))
-    message = str(err.value)
-    assert "\n" not in message and "bucket 'no-such-bucket', key 'studies/s/study.md'" in message
-    assert "NO_SUCH_BUCKET" in message and "AWS_ENDPOINT_URL=" in message
-
-
-def test_local_study_files_are_moved_into_place(tmp_path):
-    target = tmp_path / "a" / "study.md"
-    written = write_study_file(str(target), lambda path: path.write_bytes(b"report"))
-    assert target.read_bytes() == b"report" and written.size == 6
-    assert written.sha256 == hashlib.sha256(b"report").hexdigest()
-    assert read_study_file(str(tmp_path / "a" / "none.json")) is None
-    assert [p.name for p in target.parent.iterdir()] == ["study.md"]
-    uri = f"file://{tmp_path / 'b' / 'study.md'}"  # a store that renames: a temporary sibling, then a move
-    assert write_study_file(uri, lambda path: path.write_bytes(b"again")).size == 5
-    assert read_study_file(uri) == b"again" and [p.name for p in (tmp_path / "b").iterdir()] == ["study.md"]
-
-
 def _write_eval_files(study: StudyConfig, rows: list[dict]) -> None:
     for arm in study.arms:
         for seed in study.seeds:
             mine = [r for r in rows if r["arm"] == arm and r["seed"] == seed]
-            write_study_file(f"{study.run_path(arm, seed)}/{EVAL_FILE}", lambda path, m=mine: path.write_text(
+            write_file(f"{study.run_path(arm, seed)}/{EVAL_FILE}", lambda path, m=mine: path.write_text(
                 json.dumps(m)))
 
 
@@ -303,10 +265,10 @@ def test_the_report_in_a_bucket_is_the_local_report(tmp_path, s3_server, bucket)
     assert {STUDY_TABLE, STUDY_REPORT, STUDY_SUMMARY, STUDY_PLOT} <= set(keys)
     assert not [k for k in keys if k.endswith(".tmp")]
     for name in (STUDY_REPORT, STUDY_SUMMARY):
-        assert read_study_file(f"{remote.experiment_path()}/{name}") == (tmp_path / "s" / name).read_bytes()
-    table = pq.read_table(pa.BufferReader(read_study_file(f"{remote.experiment_path()}/{STUDY_TABLE}")))
+        assert read_file(f"{remote.experiment_path()}/{name}") == (tmp_path / "s" / name).read_bytes()
+    table = pq.read_table(pa.BufferReader(read_file(f"{remote.experiment_path()}/{STUDY_TABLE}")))
     assert table.equals(pq.read_table(tmp_path / "s" / STUDY_TABLE))
-    assert read_study_file(f"{remote.experiment_path()}/{STUDY_PLOT}")[:4] == b"\x89PNG"
+    assert read_file(f"{remote.experiment_path()}/{STUDY_PLOT}")[:4] == b"\x89PNG"
 
 
 def test_report_only_on_an_empty_bucket_study_names_where_it_looked(bucket):
@@ -386,8 +348,8 @@ def test_a_trial_in_a_bucket_writes_its_eval_json_there_bicubic_in_the_baseline_
     study = StudyConfig(**tiny_study, storage=f"s3://{bucket}/studies")
     reports = _finished_study(study, [("lambda0", 0), ("x", 0)], tmp_path / "staging", monkeypatch)
     assert [r["done"] for r in reports] == [1, 1] and all(math.isfinite(r["test/psnr_y"]) for r in reports)
-    baseline = json.loads(read_study_file(f"{study.run_path('lambda0', 0)}/{EVAL_FILE}"))
-    other = json.loads(read_study_file(f"{study.run_path('x', 0)}/{EVAL_FILE}"))
+    baseline = json.loads(read_file(f"{study.run_path('lambda0', 0)}/{EVAL_FILE}"))
+    other = json.loads(read_file(f"{study.run_path('x', 0)}/{EVAL_FILE}"))
     assert [r["kind"] for r in baseline] == ["model", "bicubic"] and [r["kind"] for r in other] == ["model"]
     assert baseline[0]["set"] == str(tmp_path / "hr") and baseline[0]["psnr_y"] != other[0]["psnr_y"]
     assert write_report(study).count("| bicubic | 1 |") == 1  # one seed of bicubic rows, from lambda0_s0
@@ -462,7 +424,7 @@ def test_export_from_a_bucket_into_a_bucket(tmp_path, s3_server, bucket, monkeyp
     assert _keys(s3_server, bucket, "models") == ["README.md", "x_s1.safetensors"]
     model, _ = load_model(models[0].location)  # downloaded from the bucket
     assert model.upscale == 2
-    assert models[0].sha256 in read_study_file(f"s3://{bucket}/models/README.md").decode()
+    assert models[0].sha256 in read_file(f"s3://{bucket}/models/README.md").decode()
 
 
 class _Touch:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from xswinir.atomic import sha256_stream
 from xswinir.errors import UserError
 from xswinir.paths import filesystem_and_path
+from xswinir.storage import write_file
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -103,11 +104,7 @@ def write_signature(exp_path: str) -> None:
     if not files:
         return
     text = json.dumps({"files": files, "hmac_sha256": _signature(files, _key(create=True))}, indent=1)
-    fs, root = filesystem_and_path(exp_path)
-    tmp, final = f"{root}/.{SIGNATURE_FILE}.tmp", f"{root}/{SIGNATURE_FILE}"
-    with fs.open_output_stream(tmp) as out:
-        out.write(text.encode())
-    fs.move(tmp, final)
+    write_file(f"{exp_path.rstrip('/')}/{SIGNATURE_FILE}", lambda path: path.write_text(text))
 
 
 def verify_signature(exp_path: str) -> None:

@@ -11,8 +11,9 @@ per-image rows are written beside the run (``eval.json``), so nothing depends on
 bicubic rows (the same inputs whatever the arm) are evaluated by the baseline arm's trials only.
 
 The storage is a local folder or a URI (``s3://bucket/studies``): the trials, the report and ``--resume`` read
-and write it through pyarrow (:func:`read_study_file`, :func:`write_study_file`), and every file appears whole
-or not at all (a local file is moved into place, an object is copied onto its name once uploaded).
+and write it through pyarrow (:func:`xswinir.storage.read_file`, :func:`xswinir.storage.write_file`), and every
+file appears whole or not at all (a local file is moved into place, an object is copied onto its name once
+uploaded).
 
 Outputs, in ``<storage>/<name>/``: ``train/<arm>_s<seed>/`` (each run with its checkpoints, kept for
 re-evaluation), ``study.parquet`` (one row per arm, seed, set and image, bicubic included), ``study.md``
@@ -24,19 +25,15 @@ seed), and ``xswinir_manifest.json`` (what ``--resume`` may unpickle: :mod:`xswi
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import math
 import tempfile
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from xswinir.atomic import atomic_path, sha256_stream
 from xswinir.checkpoint import checkpoint_problem, load_model
 from xswinir.config import (
     DEFAULT_DEGRADATION,
@@ -64,6 +61,7 @@ from xswinir.paths import (
 )
 from xswinir.runs import list_checkpoints
 from xswinir.sources import absolute_source
+from xswinir.storage import StorageError, read_file, write_file
 from xswinir.tune.launch import absolute_path_overrides, check_experiment, check_inputs, fit_trial, run_trials
 
 EVAL_FILE = "eval.json"
@@ -159,90 +157,8 @@ def run_name(arm: str, seed: int) -> str:
     return f"{arm}_s{seed}"
 
 
-class StudyStorageError(UserError):
-    """A file of the study that cannot be read or written (remote storage: the bucket and key, what to check)."""
-
-
-def read_study_file(location: str) -> bytes | None:
-    """The bytes of a file of the study, a local path or a URI; None when there is no such file.
-
-    Raises:
-        StudyStorageError: the file exists but cannot be read, or the store cannot be reached; one line naming
-            the bucket and key and what to check.
-    """
-    if not is_remote(location):
-        path = Path(location)
-        return path.read_bytes() if path.is_file() else None
-    import pyarrow as pa
-
-    try:
-        fs, path = filesystem_and_path(location)
-        with fs.open_input_stream(path) as stream:
-            return stream.read()
-    except FileNotFoundError:
-        return None
-    except (OSError, pa.ArrowException) as err:
-        raise StudyStorageError(remote_error("cannot read", location, err)) from err
-
-
-class Written(NamedTuple):
-    """What :func:`write_study_file` wrote: the file's size in bytes and its sha256 (hex)."""
-
-    size: int
-    sha256: str
-
-
-def write_study_file(location: str, render: Callable[[Path], object]) -> Written:
-    """Writes a file of the study whole or not at all: ``render(path)`` writes it to a local path first.
-
-    A local file is moved into place once complete (:func:`xswinir.atomic.atomic_path`). A remote one is
-    uploaded under a temporary name beside it and then moved onto its name: a rename on a file system, a
-    server-side copy on an object store (S3's ``CopyObject`` writes the object whole). An upload cut short
-    (Ctrl-C, a lost connection) therefore leaves at most a hidden ``.*.tmp`` object, never half a file under
-    the name; a ``render`` that raises leaves the earlier file as it was.
-
-    Args:
-        location: the file, a local path or a URI (``s3://bucket/studies/s/study.md``).
-        render: writes the file's content to the local path it is given (its suffix is the target's).
-
-    Returns:
-        The size and sha256 of what was written.
-
-    Raises:
-        StudyStorageError: the upload failed; one line naming the bucket and key and what to check.
-    """
-    if not is_remote(location):
-        with atomic_path(location) as tmp:
-            render(tmp)
-            return _digest(tmp)
-    import pyarrow as pa
-
-    with tempfile.TemporaryDirectory(prefix="xswinir_study_") as folder:
-        local = Path(folder, location.rstrip("/").rsplit("/", 1)[-1])
-        render(local)
-        written, data = _digest(local), local.read_bytes()
-    try:
-        fs, path = filesystem_and_path(location)
-        parent, name = path.rsplit("/", 1)
-        tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
-        if fs.type_name == "local":  # a file:// URI; an object store has no folders to make
-            fs.create_dir(parent)
-        try:
-            with fs.open_output_stream(tmp) as stream:
-                stream.write(data)
-            fs.move(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError, pa.ArrowException):
-                fs.delete_file(tmp)
-            raise
-    except (OSError, pa.ArrowException) as err:
-        raise StudyStorageError(remote_error("cannot write", location, err)) from err
-    return written
-
-
-def _digest(path: Path) -> Written:
-    with path.open("rb") as f:
-        return Written(path.stat().st_size, sha256_stream(f))
+class StudyStorageError(StorageError):
+    """A file of the study that is not what ``xswinir study`` wrote, or a final checkpoint that cannot be read."""
 
 
 def study_trial(config: dict[str, Any], study_fields: dict[str, Any], classifier_cache: str) -> None:
@@ -274,7 +190,7 @@ def study_trial(config: dict[str, Any], study_fields: dict[str, Any], classifier
                                      seed=study.eval_seed):
                 rows.append({"arm": arm, "seed": seed, "kind": kind, **row})
     text = json.dumps(rows, indent=1, default=_json_default)
-    write_study_file(f"{study.run_path(arm, seed)}/{EVAL_FILE}", lambda path: path.write_text(text))
+    write_file(f"{study.run_path(arm, seed)}/{EVAL_FILE}", lambda path: path.write_text(text))
     means = _mean_metrics([r for r in rows if r["kind"] == "model"])
     tune.report({**{f"test/{k}": v for k, v in means.items()}, "done": 1})
 
@@ -344,7 +260,7 @@ def collect_rows(study: StudyConfig) -> list[dict[str, Any]]:
 def _eval_rows(study: StudyConfig, arm: str, seed: int) -> list[dict[str, Any]] | None:
     """One trial's ``eval.json`` rows; None while the trial has not finished."""
     location = f"{study.run_path(arm, seed)}/{EVAL_FILE}"
-    data = read_study_file(location)
+    data = read_file(location)
     if data is None:
         return None
     try:
@@ -459,7 +375,8 @@ def _fmt(value: Any) -> str:
 
 def write_report(study: StudyConfig) -> str:
     """``study.parquet``, ``study.md``, ``study_summary.json`` and ``study_psnr.png`` from the finished trials'
-    ``eval.json`` files, each written whole or not at all (:func:`write_study_file`), locally or in the bucket.
+    ``eval.json`` files, each written whole or not at all (:func:`xswinir.storage.write_file`), locally or in
+    the bucket.
 
     Returns:
         The report, ``study.md``'s text.
@@ -479,10 +396,10 @@ def write_report(study: StudyConfig) -> str:
     summary = summarise(study, rows)
     report = format_report(study, summary)
     # Each file appears complete or not at all: a reader never sees half a report from an interrupted write.
-    write_study_file(f"{out}/{STUDY_TABLE}", lambda path: pq.write_table(table, path))
-    write_study_file(f"{out}/{STUDY_REPORT}", lambda path: path.write_text(report))
-    write_study_file(f"{out}/{STUDY_SUMMARY}", lambda path: path.write_text(json.dumps(summary, indent=1)))
-    write_study_file(f"{out}/{STUDY_PLOT}", lambda path: plot_differences(study, summary, path))
+    write_file(f"{out}/{STUDY_TABLE}", lambda path: pq.write_table(table, path))
+    write_file(f"{out}/{STUDY_REPORT}", lambda path: path.write_text(report))
+    write_file(f"{out}/{STUDY_SUMMARY}", lambda path: path.write_text(json.dumps(summary, indent=1)))
+    write_file(f"{out}/{STUDY_PLOT}", lambda path: plot_differences(study, summary, path))
     return report
 
 
@@ -580,7 +497,7 @@ def export_models(study: StudyConfig, out: str) -> list[ExportedModel]:
                 continue
             model, model_cfg = load_model(final_checkpoint(study, arm, seed))  # the EMA weights
             location = f"{out}/{run_name(arm, seed)}.safetensors"
-            written = write_study_file(location, functools.partial(export_safetensors, model, model_cfg))
+            written = write_file(location, functools.partial(export_safetensors, model, model_cfg))
             model_rows = [r for r in rows if r["kind"] == "model"]
             psnr = {s: _mean_metrics([r for r in model_rows if r["set"] == s]).get(PSNR_Y)
                     for s in dict.fromkeys(r["set"] for r in model_rows)}
@@ -590,7 +507,7 @@ def export_models(study: StudyConfig, out: str) -> list[ExportedModel]:
         raise UserError(f"study '{study.name}' has no finished trial to export in "
                         f"{printable_path(study.experiment_path())}")
     index = format_models_index(study, exported, out)
-    write_study_file(f"{out}/{MODELS_INDEX}", lambda path: path.write_text(index))
+    write_file(f"{out}/{MODELS_INDEX}", lambda path: path.write_text(index))
     return exported
 
 

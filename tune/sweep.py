@@ -33,7 +33,8 @@ from ray import tune
 from ray.tune.search import Searcher
 
 from xswinir.config import Config, apply_overrides
-from xswinir.paths import filesystem_and_path, is_remote
+from xswinir.paths import is_remote
+from xswinir.storage import write_file
 from xswinir.tune.launch import absolute_path_overrides, check_experiment, check_inputs, fit_trial, run_trials
 from xswinir.tune.results import SweepSummary, export_results
 from xswinir.tune.search_space import to_tune
@@ -168,8 +169,7 @@ def build_scheduler(sweep: SweepConfig, base: Config):
 
 def _upload(folder: Path, uri: str) -> None:
     """Copies the exported result files next to the experiment on remote storage."""
-    fs, root = filesystem_and_path(uri)
     for file in folder.iterdir():
-        if file.is_file():
-            with fs.open_output_stream(f"{root}/{file.name}") as out:
-                out.write(file.read_bytes())
+        if file.is_file():  # each appears whole or not at all
+            data = file.read_bytes()
+            write_file(f"{uri.rstrip('/')}/{file.name}", lambda path, data=data: path.write_bytes(data))

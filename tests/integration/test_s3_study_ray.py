@@ -75,6 +75,7 @@ def test_study_in_a_bucket_interrupted_then_resumed(ray_with_aws, endpoint, tmp_
     from xswinir.errors import UserError
     from xswinir.images import read_image, write_image
     from xswinir.sources import resolve_image_files
+    from xswinir.storage import read_file
     from xswinir.tune.manifest import SIGNATURE_FILE, ResumeRefused, verify_signature
     from xswinir.tune.study import (
         MODELS_INDEX,
@@ -83,7 +84,6 @@ def test_study_in_a_bucket_interrupted_then_resumed(ray_with_aws, endpoint, tmp_
         STUDY_SUMMARY,
         STUDY_TABLE,
         load_study_config,
-        read_study_file,
         run_study,
     )
 
@@ -113,7 +113,7 @@ def test_study_in_a_bucket_interrupted_then_resumed(ray_with_aws, endpoint, tmp_
     finished = finished_in_storage(exp)
     assert list(finished.values()) == [marker.read_text()], finished  # the trial whose end set off the Ctrl-C
     # The report of the finished trials, and their evaluations, are in the bucket.
-    assert read_study_file(f"{exp}/{STUDY_REPORT}").decode() == first_report
+    assert read_file(f"{exp}/{STUDY_REPORT}").decode() == first_report
     evaluated = {name: fs.get_file_info(f"{bucket}/studies/tiny_s3/train/{name}/{EVAL_FILE}") for name in finished}
     assert all(info.size > 0 for info in evaluated.values())
     verify_signature(exp)  # signed in the bucket by the interrupted driver
@@ -140,13 +140,13 @@ def test_study_in_a_bucket_interrupted_then_resumed(ray_with_aws, endpoint, tmp_
     keys = list_keys(fs, f"{bucket}/studies/tiny_s3")
     assert {STUDY_TABLE, STUDY_REPORT, STUDY_SUMMARY, STUDY_PLOT, SIGNATURE_FILE} <= set(keys)
     assert not [k for k in keys if k.endswith(".tmp")]
-    report = read_study_file(f"{exp}/{STUDY_REPORT}").decode()
+    report = read_file(f"{exp}/{STUDY_REPORT}").decode()
     assert report in printed and "| projection | psnr_y |" in report and "| bicubic | 2 |" in report
     # The trials finished before the interruption were neither trained nor evaluated again.
     for name, info in evaluated.items():
         assert fs.get_file_info(f"{bucket}/studies/tiny_s3/train/{name}/{EVAL_FILE}").mtime == info.mtime, name
     for name in all_trials:
-        rows = json.loads(read_study_file(f"{exp}/train/{name}/{EVAL_FILE}"))
+        rows = json.loads(read_file(f"{exp}/train/{name}/{EVAL_FILE}"))
         assert {r["kind"] for r in rows} == ({"model", "bicubic"} if name.startswith("lambda0") else {"model"})
 
     assert list_keys(fs, f"{bucket}/models") == sorted([MODELS_INDEX, *(f"{n}.safetensors" for n in all_trials)])
@@ -155,4 +155,4 @@ def test_study_in_a_bucket_interrupted_then_resumed(ray_with_aws, endpoint, tmp_
 
     # --report-only reads the bucket and writes the same report.
     assert main(["study", "--config", str(config), "--report-only"]) == 0
-    assert read_study_file(f"{exp}/{STUDY_REPORT}").decode() == report
+    assert read_file(f"{exp}/{STUDY_REPORT}").decode() == report
