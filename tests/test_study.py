@@ -66,6 +66,7 @@ def test_arms_differ_only_in_their_overrides():
     ("arms: {lambda0: []}\nname: 5\n", "name must be a string, got 5"),
     ("arms: {lambda0: []}\nseeds: [0, a]\n", r"seeds\[1\] must be an integer"),
     ("arms: {lambda0: [], ../x: []}\n", "an arm's name must be"),
+    ("overrides: ['']\narms: {lambda0: [loss.texture_weight=0]}\n", "overrides: override '' is not of the form"),
 ])
 def test_bad_study_files_are_refused_before_anything_runs(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):

@@ -61,7 +61,14 @@ def test_sweep_yaml_errors(tmp_path):
         load_sweep_config(path)
     path.write_text(yaml.safe_dump({"base": "demo", "baseline": False, "overrides": ["train.nope=1"],
                                     "search": {"train.lr": {"type": "uniform", "low": 1e-4, "high": 1e-3}}}))
-    with pytest.raises(ConfigError, match="nope"):
+    with pytest.raises(ConfigError, match="s.yaml: overrides: .*nope"):
+        load_sweep_config(path)
+    # An empty override names the field it sits in (the slow tier's generated sweep files found it unnamed).
+    path.write_text(yaml.safe_dump({"base": "demo", "overrides": [""], "search": LAMBDA_SEARCH}))
+    with pytest.raises(ConfigError, match="s.yaml: overrides: override '' is not of the form section.key=value"):
+        load_sweep_config(path)
+    path.write_text(yaml.safe_dump({"base": "no-such-base", "search": LAMBDA_SEARCH}))
+    with pytest.raises(ConfigError, match="s.yaml: base: .*no-such-base"):
         load_sweep_config(path)
 
 

@@ -42,7 +42,7 @@ from xswinir.config import (
     apply_overrides,
     build_section,
     check_name,
-    load_config,
+    load_experiment_base,
     read_experiment_file,
     resolve_config_path,
     show,
@@ -105,7 +105,7 @@ class StudyConfig:
 
     def arm_config(self, arm: str, seed: int) -> Config:
         """The training config of one trial, validated."""
-        base = load_config(self.base, list(self.overrides))
+        base = load_experiment_base(self.base, list(self.overrides))
         return apply_overrides(base, [*self.arms[arm], f"train.seed={seed}"])
 
     def experiment_path(self) -> str:

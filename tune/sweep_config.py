@@ -21,9 +21,8 @@ from xswinir.config import (
     apply_overrides,
     build_section,
     check_name,
-    load_config,
+    load_experiment_base,
     read_experiment_file,
-    resolve_config_path,
     show,
     unknown_key_error,
 )
@@ -93,11 +92,7 @@ class SweepConfig:
 
     def base_config(self) -> Config:
         """The training config every trial starts from: ``base`` + ``overrides``, validated."""
-        try:
-            resolve_config_path(self.base)
-        except ConfigError as err:  # say which field: `base: config 'x' is neither a file nor ...`
-            raise ConfigError(f"base: {err}") from err
-        return load_config(self.base, list(self.overrides))
+        return load_experiment_base(self.base, list(self.overrides))
 
     def experiment_path(self) -> str:
         return experiment_path(self.storage, self.name)

@@ -746,6 +746,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return apply_overrides(cfg, overrides or [])
 
 
+def load_experiment_base(base: str | Path, overrides: list[str]) -> Config:
+    """A sweep's or study's training config: its ``base`` file, then its ``overrides``, each error naming which.
+
+    Raises:
+        ConfigError: ``base: ...`` when the base file is missing or invalid, ``overrides: ...`` when an override
+            is malformed, names an unknown key or makes the config invalid.
+    """
+    try:
+        cfg = load_config(base)
+    except ConfigError as err:  # `base: config 'x' is neither a file nor ...`
+        raise ConfigError(f"base: {err}") from err
+    try:
+        return apply_overrides(cfg, overrides)
+    except ConfigError as err:  # `overrides: override '' is not of the form section.key=value`
+        raise ConfigError(f"overrides: {err}") from err
+
+
 def config_fields(cls: type = Config, prefix: str = "") -> list[str]:
     """Every dotted key of the config, for help texts and for checking search spaces."""
     keys = []
