@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -21,7 +22,7 @@ from xswinir.config import Config, load_config
 from xswinir.data import build_train_batches
 from xswinir.errors import ConfigError
 from xswinir.shards import SCHEMA
-from xswinir.stream import ShardIndex, ShardStream, StreamPosition, rank_rows, stream_choice
+from xswinir.stream import SPARES, ShardIndex, ShardStream, StreamError, StreamPosition, rank_rows, stream_choice
 from xswinir.trainer import build_training_parts, run_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -135,6 +136,37 @@ def test_position_is_replayed_or_restored_exactly(shards):
     assert [restored.take(step, 2) for step in range(10, 25)] == draws[10:]
     replayed = ShardStream(index, batch_size=2, seed=3, rank=1, world_size=2, start_step=10, capacity=6)
     assert replayed.position.state_dict() == saved.state_dict() and replayed.held_rows == 0
+
+
+def test_saved_position_is_as_small_as_the_buffer_at_every_step_across_epochs(shards):
+    """The rows still to come are saved as a count, not listed: restored at any step, even at an epoch's turn, the
+    draws go on as in a straight run; an older checkpoint's listed form still loads; a count the source cannot
+    hold is refused."""
+    index = ShardIndex(shards)
+    rows_per_epoch = len(rank_rows(index.groups, 3, 0, 1, 2))
+    straight = StreamPosition(index.groups, seed=3, rank=1, world_size=2, capacity=4)
+    steps = 3 * rows_per_epoch // 2 + 2  # two images a step: past the third epoch's turn
+    states, draws = [], []
+    for step in range(steps):
+        states.append(straight.state_dict())
+        draws.append(straight.take(step, 2))
+    assert straight.epoch >= 2
+    for step in range(steps):
+        state = states[step]
+        assert set(state) == {"step", "epoch", "epoch_rows_read", "buffer"} and len(state["buffer"]) <= 4 + SPARES
+        restored = StreamPosition(index.groups, seed=3, rank=1, world_size=2, capacity=4)
+        restored.load_state_dict(json.loads(json.dumps(state)))  # as a checkpoint stores it
+        assert [restored.take(s, 2) for s in range(step, min(step + 4, steps))] == draws[step:step + 4]
+
+    middle = states[steps // 2]
+    epoch_rows = rank_rows(index.groups, 3, middle["epoch"], 1, 2)
+    listed = {key: value for key, value in middle.items() if key != "epoch_rows_read"}
+    listed["pending"] = [[middle["epoch"], row] for row in epoch_rows[middle["epoch_rows_read"]:]]
+    older = StreamPosition(index.groups, seed=3, rank=1, world_size=2, capacity=4)
+    older.load_state_dict(listed)
+    assert older.state_dict() == middle
+    with pytest.raises(StreamError, match="belongs to another source"):
+        older.load_state_dict({**middle, "epoch_rows_read": len(epoch_rows) + 1})
 
 
 def test_resumed_streamed_run_equals_the_straight_run(shards, tmp_path):

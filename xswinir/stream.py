@@ -169,6 +169,7 @@ class StreamPosition:
         self.capacity = capacity
         self.epoch = -1
         self.pending: deque[tuple[int, int]] = deque()  # rows of the current epoch not yet in the buffer
+        self.epoch_rows = 0  # rows of the current epoch: `pending` is always the last len(pending) of them
         self.buffer: list[tuple[int, int]] = []
         self.step = 0
         if not rank_rows(groups, seed, 0, rank, world_size):
@@ -181,6 +182,7 @@ class StreamPosition:
                 self.epoch += 1
                 self.pending.extend((self.epoch, row) for row in rank_rows(self.groups, self.seed, self.epoch,
                                                                              self.rank, self.world_size))
+                self.epoch_rows = len(self.pending)
             self.buffer.append(self.pending.popleft())
 
     def take(self, step: int, images: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[int]]:
@@ -225,13 +227,27 @@ class StreamPosition:
         return rng, taken
 
     def state_dict(self) -> dict[str, Any]:
-        """The position as plain data (a few kB): enough to continue exactly, without replaying."""
-        return {"step": self.step, "epoch": self.epoch, "pending": list(self.pending), "buffer": list(self.buffer)}
+        """The position as plain data: enough to continue exactly, without replaying.
+
+        Its size is the buffer's (``capacity`` entries, a few kB), not the source's: the rows still to come in the
+        epoch are a suffix of :func:`rank_rows`, so how many of the epoch's rows were read says which.
+        """
+        return {"step": self.step, "epoch": self.epoch, "epoch_rows_read": self.epoch_rows - len(self.pending),
+                "buffer": list(self.buffer)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continues from :meth:`state_dict`'s dict (or an older one that lists the rows still to come)."""
         self.step, self.epoch = state["step"], state["epoch"]
-        self.pending = deque(tuple(entry) for entry in state["pending"])
         self.buffer = [tuple(entry) for entry in state["buffer"]]
+        rows = rank_rows(self.groups, self.seed, self.epoch, self.rank, self.world_size) if self.epoch >= 0 else []
+        if "pending" in state:  # written before epoch_rows_read existed: the rows still to come, listed
+            state = {**state, "epoch_rows_read": len(rows) - len(state["pending"])}
+        read = state["epoch_rows_read"]
+        if not 0 <= read <= len(rows):
+            raise StreamError(f"the saved stream position read {read} rows of epoch {self.epoch}, which has "
+                              f"{len(rows)} for rank {self.rank}: the checkpoint belongs to another source")
+        self.epoch_rows = len(rows)
+        self.pending = deque((self.epoch, row) for row in rows[read:])
 
 
 class ShardStream:
