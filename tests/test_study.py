@@ -159,6 +159,39 @@ def test_report_files_from_eval_json(tmp_path):
     assert len(table) == len(rows) and {r["kind"] for r in table} == {"model", "bicubic"}
 
 
+def test_pick_applies_the_registered_rule_to_the_finished_screen(tmp_path, capsys):
+    """`xswinir study --report-only --pick`: the arm with the larger PSNR gain that loses no SSIM, and the line that
+    goes into study_confirm.yaml; an arm short of two seeds stops the pick with the reason."""
+    from xswinir.cli import main
+
+    arms = {"lambda0": ["loss.texture_weight=0.0"], "up": ["loss.texture_weight=0.1", "loss.texture_form=pull"],
+            "upper": ["loss.texture_weight=0.3", "loss.texture_form=pull"]}
+    path = tmp_path / "screen.yaml"
+    path.write_text(yaml.safe_dump({"name": "screen", "base": "demo", "arms": arms, "seeds": [0, 1],
+                                    "storage": str(tmp_path)}))
+    study = load_study_config(path)
+    rows = _fake_rows(study, {"lambda0": 0.0, "up": 0.05, "upper": 0.2})
+    for row in rows:  # "upper" gains more PSNR but loses SSIM: it does not qualify
+        row["ssim_y"] -= 0.01 * (row["arm"] == "upper" and row["kind"] == "model")
+    for arm in study.arms:
+        folder = tmp_path / "screen" / "train" / run_name(arm, 0)
+        folder.mkdir(parents=True)
+        (folder / EVAL_FILE).write_text(json.dumps([r for r in rows if r["arm"] == arm and r["seed"] == 0]))
+    assert main(["study", "--config", str(path), "--report-only", "--pick"]) == 2  # seed 1 has not finished
+    assert "arm 'up' has no paired difference" in capsys.readouterr().err
+    for arm in study.arms:
+        folder = tmp_path / "screen" / "train" / run_name(arm, 1)
+        folder.mkdir(parents=True)
+        (folder / EVAL_FILE).write_text(json.dumps([r for r in rows if r["arm"] == arm and r["seed"] == 1]))
+    assert main(["study", "--config", str(path), "--report-only", "--pick"]) == 0
+    out = capsys.readouterr().out
+    assert "| upper | 0.3 | +0.2000 | -0.01000 | +0.2000 | no |" in out
+    assert "| up (picked) | 0.1 | +0.0500 | +0.00000 | +0.0500 | yes |" in out
+    assert "study_confirm.yaml's arm, copied verbatim: up: [loss.texture_weight=0.1, loss.texture_form=pull]" in out
+    assert main(["study", "--config", str(path), "--pick"]) == 2
+    assert "use it with --report-only" in capsys.readouterr().err
+
+
 def test_the_command_is_listed_and_documents_itself(capsys):
     from xswinir.cli import build_parser
 

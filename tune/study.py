@@ -336,6 +336,32 @@ def summarise(study: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def pick_report(study: StudyConfig) -> str:
+    """The pre-registered pick rule (:mod:`xswinir.tune.prereg`) applied to the study's finished trials: a table
+    of every texture arm's differences and score, and which arm the confirm stage tests (or that none does).
+
+    Raises:
+        UserError: no trial has finished, or an arm lacks two finished seeds.
+    """
+    from xswinir.tune import prereg
+
+    rows = collect_rows(study)
+    if not rows:
+        raise UserError(f"study '{study.name}' has no finished trial to pick from in "
+                        f"{printable_path(study.experiment_path())}")
+    weights = {arm: study.arm_config(arm, study.seeds[0]).loss.texture_weight for arm in study.arms}
+    try:
+        screened = prereg.screened_arms(summarise(study, rows), weights, study.baseline)
+    except ValueError as err:
+        raise UserError(f"study '{study.name}': {err}") from err
+    picked = prereg.pick(screened)
+    text = prereg.format_pick(screened, picked, display_set)
+    if picked is not None:
+        overrides = ", ".join(study.arms[picked.arm])
+        text += f"\nstudy_confirm.yaml's arm, copied verbatim: {picked.arm}: [{overrides}]"
+    return f"## The pick rule (docs/study_texture/PREREGISTRATION.md)\n\n{text}\n"
+
+
 def display_set(source: str) -> str:
     """A short name for an evaluation set: ``Set5/HR`` for ``/data/Set5/HR``, ``skimage:val`` as it is."""
     if is_remote(source) or source.startswith("skimage:") or "/" not in source:

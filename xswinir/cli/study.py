@@ -6,6 +6,7 @@ import argparse
 
 from xswinir.cli.train import add_set_argument
 from xswinir.config import PACKAGED_CONFIGS
+from xswinir.errors import UserError
 from xswinir.lease import Lease
 from xswinir.storage import check_writable
 
@@ -28,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the interrupted study <storage>/<name>")
     parser.add_argument("--report-only", action="store_true",
                         help="only (re)write study.md/.parquet/.png from the finished trials")
+    parser.add_argument("--pick", action="store_true",
+                        help="with --report-only: apply the pre-registered pick rule (docs/study_texture/"
+                             "PREREGISTRATION.md) to the finished screen and print which arm the confirm stage tests")
     parser.add_argument("--export-models", metavar="DIR",
                         help="then write each finished trial's final EMA weights to DIR/<arm>_s<seed>.safetensors "
                              "with an index, DIR/README.md (a folder or a URI; also with --report-only)")
@@ -40,10 +44,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Here, not at the top: torch stays off the command line's start-up path (`xswinir --help`).
-    from xswinir.tune.study import MODELS_INDEX, export_models, load_study_config, run_study, write_report
+    from xswinir.tune.study import (
+        MODELS_INDEX,
+        export_models,
+        load_study_config,
+        pick_report,
+        run_study,
+        write_report,
+    )
 
     study = load_study_config(args.config, args.overrides, storage=args.storage, name=args.name, seeds=args.seeds,
                               address=args.address)
+    if args.pick and not args.report_only:
+        raise UserError("--pick applies the rule to a finished study: use it with --report-only")
     if args.export_models:
         check_writable(args.export_models)  # before the study runs, not after it
     if args.report_only:
@@ -53,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
             report = run_study(study, resume=args.resume)
     print(report)
     print(f"results: {study.experiment_path()} (study.md, study.parquet, study_psnr.png, train/<arm>_s<seed>/)")
+    if args.pick:
+        print(pick_report(study))
     if args.export_models:
         models = export_models(study, args.export_models)
         print(f"models: {len(models)} in {args.export_models} (<arm>_s<seed>.safetensors, {MODELS_INDEX})")
