@@ -3,10 +3,18 @@ against the cases docs/study_texture/PREREGISTRATION.md spells out."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from xswinir.metrics import PSNR_Y, SSIM_Y
-from xswinir.tune.prereg import pick, screened_arms, seeds_needed
+from xswinir.tune.prereg import (
+    answer,
+    bootstrap_interval,
+    per_image_differences,
+    pick,
+    screened_arms,
+    seeds_needed,
+)
 
 SETS = ("Set5", "skimage:val")
 
@@ -64,3 +72,28 @@ def test_an_arm_without_two_finished_seeds_stops_the_pick():
 @pytest.mark.parametrize("sd, seeds", [(0.05, 8), (0.066, 10), (0.08, 13), (0.10, 18), (0.13, 24), (0.01, 8)])
 def test_seed_counts_match_the_registered_table_and_stop_at_24(sd, seeds):
     assert seeds_needed(sd, have=8) == seeds
+
+
+def test_bootstrap_pairs_arms_by_seed_and_image_and_is_repeatable():
+    rows = []
+    for seed in (0, 1, 2):
+        for j, image in enumerate("abcd"):
+            base = 25.0 + j + seed  # images and seeds differ far more than the arms: pairing must remove it
+            rows.append({"arm": "lambda0", "seed": seed, "kind": "model", "set": "S", "image": image, "psnr_y": base})
+            rows.append({"arm": "t", "seed": seed, "kind": "model", "set": "S", "image": image,
+                         "psnr_y": base + 0.1 + 0.01 * seed})
+            rows.append({"arm": "t", "seed": seed, "kind": "bicubic", "set": "S", "image": image, "psnr_y": 1.0})
+    rows.append({"arm": "t", "seed": 3, "kind": "model", "set": "S", "image": "a", "psnr_y": 99.0})  # no partner
+    seeds, images, diffs = per_image_differences(rows, "t", "lambda0", "S")
+    assert seeds == [0, 1, 2] and images == ["a", "b", "c", "d"]
+    assert np.allclose(diffs, [[0.10] * 4, [0.11] * 4, [0.12] * 4])
+    low, high = bootstrap_interval(diffs, resamples=2000)
+    assert 0.10 - 1e-9 <= low < 0.11 < high <= 0.12 + 1e-9  # within the seeds' spread, floats aside
+    assert bootstrap_interval(diffs, resamples=2000) == (low, high)  # numpy's default_rng(0): the same draws
+
+
+def test_answers_are_the_registered_sentences():
+    assert answer(0.08, 0.03, 0.13, "pull_l0.1", "Sun80").startswith("yes: the texture term (pull_l0.1) raises")
+    assert answer(-0.08, -0.13, -0.03, "pull_l0.1", "Sun80").startswith("no: it (pull_l0.1) lowers")
+    assert answer(0.01, -0.04, 0.06, "pull_l0.1", "Sun80") == (
+        "no detectable effect: Y-PSNR on Sun80 changes by +0.010 [-0.040, +0.060] dB (pull_l0.1)")

@@ -189,7 +189,38 @@ def test_pick_applies_the_registered_rule_to_the_finished_screen(tmp_path, capsy
     assert "| up (picked) | 0.1 | +0.0500 | +0.00000 | +0.0500 | yes |" in out
     assert "study_confirm.yaml's arm, copied verbatim: up: [loss.texture_weight=0.1, loss.texture_form=pull]" in out
     assert main(["study", "--config", str(path), "--pick"]) == 2
-    assert "use it with --report-only" in capsys.readouterr().err
+    assert "--pick analyses a finished study: use it with --report-only" in capsys.readouterr().err
+
+
+def test_confirm_analysis_reports_the_primary_power_and_bootstrap(tmp_path, capsys):
+    """`xswinir study --report-only --confirm` on a two-arm study: the primary interval on the first evaluation
+    set as the summary computes it, the power rule's count for that spread, the answer and the bootstrap."""
+    from xswinir.cli import main
+    from xswinir.tune.prereg import seeds_needed
+
+    arms = {"lambda0": ["loss.texture_weight=0.0"], "up": ["loss.texture_weight=0.1", "loss.texture_form=pull"]}
+    path = tmp_path / "confirm.yaml"
+    path.write_text(yaml.safe_dump({"name": "confirm", "base": "demo", "arms": arms, "seeds": [0, 1, 2],
+                                    "eval_sets": ["S"], "storage": str(tmp_path)}))
+    study = load_study_config(path)
+    gains = {0: 0.02, 1: 0.10, 2: 0.06}  # sd 0.04 dB over three seeds
+    for arm in study.arms:
+        for seed in study.seeds:
+            rows = [{"arm": arm, "seed": seed, "kind": "model", "set": "S", "image": image,
+                     "psnr_y": 30.0 + j + (gains[seed] if arm == "up" else 0.0), "ssim_y": 0.9}
+                    for j, image in enumerate("abc")]
+            folder = tmp_path / "confirm" / "train" / run_name(arm, seed)
+            folder.mkdir(parents=True)
+            (folder / EVAL_FILE).write_text(json.dumps(rows))
+    assert main(["study", "--config", str(path), "--report-only", "--confirm"]) == 0
+    out = capsys.readouterr().out
+    half = 4.302652729911275 * 0.04 / math.sqrt(3)
+    assert f"+0.0600 dB, 95 % t interval [{0.06 - half:+.4f}, {0.06 + half:+.4f}]" in out
+    assert "(half-width 0.0994 dB; goal ≤ 0.05: not met); sd over seeds 0.0400 dB; 3/3 seeds better." in out
+    wanted = seeds_needed(0.04, 3)
+    assert f"Power rule: {wanted} seeds for the goal at this sd; run {wanted - 3} more" in out
+    assert "Answer: no detectable effect: Y-PSNR on S changes by +0.060" in out
+    assert "Default form or λ may change: no" in out and "Per-image bootstrap" in out
 
 
 def test_the_command_is_listed_and_documents_itself(capsys):

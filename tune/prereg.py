@@ -120,3 +120,51 @@ def seeds_needed(sd: float, have: int, goal: float = HALF_WIDTH_GOAL_DB, cap: in
     while n < cap and half_width(sd, n) > goal:
         n += 1
     return n
+
+
+# The per-image bootstrap of the confirm stage (PREREGISTRATION.md, "Secondary").
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+
+
+def per_image_differences(rows: list[dict[str, Any]], arm: str, baseline: str, hr_set: str,
+                          metric: str = PSNR_Y) -> tuple[list[int], list[str], Any]:
+    """``(seeds, images, D)``: D[i, j] = arm minus baseline on image j with seed i, for the seeds both arms finished
+    with every image of ``hr_set`` (model rows only)."""
+    import numpy as np
+
+    values: dict[tuple[str, int, str], float] = {(r["arm"], r["seed"], r["image"]): r[metric] for r in rows
+                                                 if r["kind"] == "model" and r["set"] == hr_set
+                                                 and r.get(metric) is not None}
+    images = sorted({image for (_, _, image) in values})
+    seeds = sorted(s for s in {s for (_, s, _) in values}
+                   if all((a, s, image) in values for a in (arm, baseline) for image in images))
+    diffs = np.array([[values[(arm, s, image)] - values[(baseline, s, image)] for image in images] for s in seeds])
+    return seeds, images, diffs
+
+
+def bootstrap_interval(diffs: Any, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+                       ) -> tuple[float, float]:
+    """95 % percentile interval of the mean of ``diffs`` (seeds x images), resampling seeds with replacement and
+    then images with replacement; one draw serves both arms, since ``diffs`` already pairs them."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n_seeds, n_images = diffs.shape
+    means = np.empty(resamples)
+    for k in range(resamples):
+        seeds = rng.integers(0, n_seeds, n_seeds)
+        images = rng.integers(0, n_images, n_images)
+        means[k] = diffs[np.ix_(seeds, images)].mean()
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def answer(mean: float, low: float, high: float, arm: str, hr_set: str) -> str:
+    """The registered answer sentence for the primary interval."""
+    figure = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] dB"
+    if low > 0:
+        return f"yes: the texture term ({arm}) raises Y-PSNR on {hr_set} by {figure}"
+    if high < 0:
+        return f"no: it ({arm}) lowers Y-PSNR on {hr_set} by {figure}"
+    return f"no detectable effect: Y-PSNR on {hr_set} changes by {figure} ({arm})"

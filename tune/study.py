@@ -362,6 +362,58 @@ def pick_report(study: StudyConfig) -> str:
     return f"## The pick rule (docs/study_texture/PREREGISTRATION.md)\n\n{text}\n"
 
 
+def confirm_report(study: StudyConfig) -> str:
+    """The confirm stage's registered analysis (:mod:`xswinir.tune.prereg`) over its finished trials: the primary
+    (Δ Y-PSNR on the first evaluation set, paired by seed, 95 % t interval), whether its half-width meets the goal
+    and how many seeds the power rule asks for, the answer, whether the default may change, and the per-image
+    bootstrap.
+
+    Raises:
+        UserError: the study is not two arms, or fewer than 2 seeds have finished both.
+    """
+    from xswinir.tune import prereg
+
+    others = [arm for arm in study.arms if arm != study.baseline]
+    if len(others) != 1:
+        raise UserError(f"study '{study.name}': the confirm analysis compares one arm with {study.baseline}, "
+                        f"found {others}")
+    arm, primary = others[0], study.eval_sets[0]
+    rows = collect_rows(study)
+    seeds, images, diffs = prereg.per_image_differences(rows, arm, study.baseline, primary)
+    if len(seeds) < 2:
+        raise UserError(f"study '{study.name}': {len(seeds)} seed(s) finished both arms on "
+                        f"{display_set(primary)}; the interval needs 2")
+    summary = summarise(study, rows)
+    found = {(d["set"], d["metric"]): d for d in summary["differences"] if d["arm"] == arm}
+    d = found[(primary, PSNR_Y)]
+    per_seed = diffs.mean(axis=1)
+    sd = float(per_seed.std(ddof=1))
+    half = (d["high"] - d["low"]) / 2
+    wanted = prereg.seeds_needed(sd, len(seeds))
+    low, high = prereg.bootstrap_interval(diffs)
+    ssim = found[(primary, SSIM_Y)]["mean"]
+    may_change = d["low"] > 0 and ssim >= 0
+    lines = [f"## Confirm: {arm} against {study.baseline} (docs/study_texture/PREREGISTRATION.md)", "",
+             f"Primary, Δ Y-PSNR on {display_set(primary)} ({len(images)} images), paired over seeds "
+             f"{seeds}: {d['mean']:+.4f} dB, 95 % t interval [{d['low']:+.4f}, {d['high']:+.4f}] "
+             f"(half-width {half:.4f} dB; goal ≤ {prereg.HALF_WIDTH_GOAL_DB}: "
+             f"{'met' if half <= prereg.HALF_WIDTH_GOAL_DB else 'not met'}); sd over seeds {sd:.4f} dB; "
+             f"{d['wins']}/{d['n']} seeds better.",
+             f"Power rule: {wanted} seeds for the goal at this sd"
+             + (f" (cap {prereg.MAX_CONFIRM_SEEDS})" if wanted == prereg.MAX_CONFIRM_SEEDS else "")
+             + ("" if wanted <= len(seeds) else f"; run {wanted - len(seeds)} more"),
+             f"Answer: {prereg.answer(d['mean'], d['low'], d['high'], arm, display_set(primary))}.",
+             f"Default form or λ may change: {'yes' if may_change else 'no'} (interval above 0 and Δ Y-SSIM "
+             f"{ssim:+.5f} ≥ 0 both needed).",
+             f"Per-image bootstrap over seeds and images ({prereg.BOOTSTRAP_RESAMPLES} resamples): "
+             f"[{low:+.4f}, {high:+.4f}] dB.", "",
+             "| set | metric | mean | 95 % t interval | seeds better |", "|---|---|---|---|---|"]
+    for (hr_set, metric), diff in found.items():
+        lines.append(f"| {display_set(hr_set)} | {metric} | {diff['mean']:+.5f} | [{diff['low']:+.5f}, "
+                     f"{diff['high']:+.5f}] | {diff['wins']}/{diff['n']} |")
+    return "\n".join(lines) + "\n"
+
+
 def display_set(source: str) -> str:
     """A short name for an evaluation set: ``Set5/HR`` for ``/data/Set5/HR``, ``skimage:val`` as it is."""
     if is_remote(source) or source.startswith("skimage:") or "/" not in source:

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pick", action="store_true",
                         help="with --report-only: apply the pre-registered pick rule (docs/study_texture/"
                              "PREREGISTRATION.md) to the finished screen and print which arm the confirm stage tests")
+    parser.add_argument("--confirm", action="store_true",
+                        help="with --report-only: the confirm stage's registered analysis (primary interval, the "
+                             "power rule's seed count, the answer, the per-image bootstrap)")
     parser.add_argument("--export-models", metavar="DIR",
                         help="then write each finished trial's final EMA weights to DIR/<arm>_s<seed>.safetensors "
                              "with an index, DIR/README.md (a folder or a URI; also with --report-only)")
@@ -46,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     # Here, not at the top: torch stays off the command line's start-up path (`xswinir --help`).
     from xswinir.tune.study import (
         MODELS_INDEX,
+        confirm_report,
         export_models,
         load_study_config,
         pick_report,
@@ -55,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
 
     study = load_study_config(args.config, args.overrides, storage=args.storage, name=args.name, seeds=args.seeds,
                               address=args.address)
-    if args.pick and not args.report_only:
-        raise UserError("--pick applies the rule to a finished study: use it with --report-only")
+    for flag in ("pick", "confirm"):
+        if getattr(args, flag) and not args.report_only:
+            raise UserError(f"--{flag} analyses a finished study: use it with --report-only")
     if args.export_models:
         check_writable(args.export_models)  # before the study runs, not after it
     if args.report_only:
@@ -68,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"results: {study.experiment_path()} (study.md, study.parquet, study_psnr.png, train/<arm>_s<seed>/)")
     if args.pick:
         print(pick_report(study))
+    if args.confirm:
+        print(confirm_report(study))
     if args.export_models:
         models = export_models(study, args.export_models)
         print(f"models: {len(models)} in {args.export_models} (<arm>_s<seed>.safetensors, {MODELS_INDEX})")
