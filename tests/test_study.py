@@ -188,8 +188,9 @@ def test_pick_applies_the_registered_rule_to_the_finished_screen(tmp_path, capsy
     assert "| upper | 0.3 | +0.2000 | -0.01000 | +0.2000 | no |" in out
     assert "| up (picked) | 0.1 | +0.0500 | +0.00000 | +0.0500 | yes |" in out
     assert "study_confirm.yaml's arm, copied verbatim: up: [loss.texture_weight=0.1, loss.texture_form=pull]" in out
-    assert main(["study", "--config", str(path), "--pick"]) == 2
-    assert "--pick analyses a finished study: use it with --report-only" in capsys.readouterr().err
+    for flags in (["--pick"], ["--join", "other"]):
+        assert main(["study", "--config", str(path), *flags]) == 2
+        assert f"{flags[0]} analyses a finished study: use it with --report-only" in capsys.readouterr().err
 
 
 def test_confirm_analysis_reports_the_primary_power_and_bootstrap(tmp_path, capsys):
@@ -209,11 +210,15 @@ def test_confirm_analysis_reports_the_primary_power_and_bootstrap(tmp_path, caps
             rows = [{"arm": arm, "seed": seed, "kind": "model", "set": "S", "image": image,
                      "psnr_y": 30.0 + j + (gains[seed] if arm == "up" else 0.0), "ssim_y": 0.9}
                     for j, image in enumerate("abc")]
-            folder = tmp_path / "confirm" / "train" / run_name(arm, seed)
+            # Seed 2 ran later, under another name (the power rule's extra seeds): it joins the report.
+            folder = tmp_path / ("confirm_more" if seed == 2 else "confirm") / "train" / run_name(arm, seed)
             folder.mkdir(parents=True)
             (folder / EVAL_FILE).write_text(json.dumps(rows))
     assert main(["study", "--config", str(path), "--report-only", "--confirm"]) == 0
+    assert "paired over seeds [0, 1]:" in capsys.readouterr().out
+    assert main(["study", "--config", str(path), "--report-only", "--confirm", "--join", "confirm_more"]) == 0
     out = capsys.readouterr().out
+    assert "paired over seeds [0, 1, 2]:" in out
     half = 4.302652729911275 * 0.04 / math.sqrt(3)
     assert f"+0.0600 dB, 95 % t interval [{0.06 - half:+.4f}, {0.06 + half:+.4f}]" in out
     assert "(half-width 0.0994 dB; goal ≤ 0.05: not met); sd over seeds 0.0400 dB; 3/3 seeds better." in out

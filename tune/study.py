@@ -90,9 +90,14 @@ class StudyConfig:
     max_concurrent: int = 2
     storage: str = "outputs/studies"  # a local folder or a URI (s3://bucket/studies)
     address: str | None = None
+    # Reports only: other studies under the same storage whose finished trials stand in for this one's missing
+    # (arm, seed) runs, e.g. the confirm stage's extra seeds run as `--name study_confirm_more --seeds 108 ...`.
+    joins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")
+        for other in self.joins:
+            check_name(other, "a joined study's name")
         for arm in self.arms:
             check_name(arm, "an arm's name")  # it names the runs' folders, <arm>_s<seed>
         if not self.arms or self.baseline not in self.arms:
@@ -258,10 +263,14 @@ def collect_rows(study: StudyConfig) -> list[dict[str, Any]]:
 
 
 def _eval_rows(study: StudyConfig, arm: str, seed: int) -> list[dict[str, Any]] | None:
-    """One trial's ``eval.json`` rows; None while the trial has not finished."""
-    location = f"{study.run_path(arm, seed)}/{EVAL_FILE}"
-    data = read_file(location)
-    if data is None:
+    """One trial's ``eval.json`` rows, from this study or else the first joined study that ran it; None while
+    no such trial has finished."""
+    for name in (study.name, *study.joins):
+        location = f"{dataclasses.replace(study, name=name, joins=()).run_path(arm, seed)}/{EVAL_FILE}"
+        data = read_file(location)
+        if data is not None:
+            break
+    else:
         return None
     try:
         rows = json.loads(data)

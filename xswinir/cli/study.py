@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--confirm", action="store_true",
                         help="with --report-only: the confirm stage's registered analysis (primary interval, the "
                              "power rule's seed count, the answer, the per-image bootstrap)")
+    parser.add_argument("--join", nargs="+", metavar="NAME", dest="joins",
+                        help="with --report-only: finished trials of these studies (same storage) count as this "
+                             "one's, for seeds run later under another --name; list every seed with --seeds")
     parser.add_argument("--export-models", metavar="DIR",
                         help="then write each finished trial's final EMA weights to DIR/<arm>_s<seed>.safetensors "
                              "with an index, DIR/README.md (a folder or a URI; also with --report-only)")
@@ -58,10 +61,10 @@ def run(args: argparse.Namespace) -> int:
     )
 
     study = load_study_config(args.config, args.overrides, storage=args.storage, name=args.name, seeds=args.seeds,
-                              address=args.address)
-    for flag in ("pick", "confirm"):
+                              address=args.address, joins=args.joins)
+    for flag in ("pick", "confirm", "joins"):
         if getattr(args, flag) and not args.report_only:
-            raise UserError(f"--{flag} analyses a finished study: use it with --report-only")
+            raise UserError(f"--{flag.rstrip('s')} analyses a finished study: use it with --report-only")
     if args.export_models:
         check_writable(args.export_models)  # before the study runs, not after it
     if args.report_only:
