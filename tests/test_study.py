@@ -47,6 +47,17 @@ def test_shipped_profiles_load_and_every_arm_is_a_valid_config():
         assert forms == {"projection", "pull"}  # the new term and the first one, side by side
 
 
+def test_the_confirm_stage_tests_the_screens_pick_on_new_seeds_and_sun80():
+    """study_confirm.yaml as registered: the screen's base and overrides, lambda0 and the picked arm copied verbatim
+    from study_screen.yaml, seeds disjoint from the screen's, Sun80 first (the primary set), another eval seed."""
+    screen, confirm = load_study_config("study_screen"), load_study_config("study_confirm")
+    assert (confirm.base, confirm.overrides) == (screen.base, screen.overrides)
+    assert set(confirm.arms) == {"lambda0", "pull_l0.1"}
+    assert all(confirm.arms[arm] == screen.arms[arm] for arm in confirm.arms)
+    assert len(confirm.seeds) >= 8 and not set(confirm.seeds) & set(screen.seeds)
+    assert confirm.eval_sets[0].endswith("Sun80") and confirm.eval_seed != screen.eval_seed
+
+
 def test_arms_differ_only_in_their_overrides():
     study = load_study_config("study_cpu")
     base = study.arm_config(study.baseline, 1).to_dict()
