@@ -496,7 +496,8 @@ def plot_differences(study: StudyConfig, summary: dict[str, Any], path: Path) ->
 
     sets = list(dict.fromkeys(r["set"] for r in summary["means"]))
     arms = [a for a in study.arms if a != study.baseline]
-    fig = Figure(figsize=(3.2 * max(1, len(sets)), 3.4))
+    # Wide enough that the arms' names (rotated) do not overlap: a screen has eight of them per panel.
+    fig = Figure(figsize=(max(3.2, 1.0 + 0.55 * len(arms)) * max(1, len(sets)), 3.8))
     axes = fig.subplots(1, max(1, len(sets)), squeeze=False)[0]
     per_seed = {(r["arm"], r["set"], r["seed"]): r.get("psnr_y") for r in summary["per_seed"]}
     for ax, hr_set in zip(axes, sets, strict=False):
@@ -511,7 +512,7 @@ def plot_differences(study: StudyConfig, summary: dict[str, Any], path: Path) ->
                 ax.errorbar([i + 0.15], [d["mean"]], yerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]],
                             fmt="o", color="black", capsize=3)
         ax.axhline(0.0, color="gray", linewidth=0.8)
-        ax.set_xticks(range(len(arms)), arms, rotation=20, fontsize=7)
+        ax.set_xticks(range(len(arms)), arms, rotation=35, ha="right", rotation_mode="anchor", fontsize=7)
         ax.set_title(display_set(hr_set), fontsize=8)
         ax.set_ylabel(f"Y-PSNR minus {study.baseline} (dB)", fontsize=7)
     fig.tight_layout()
