@@ -63,6 +63,7 @@ from xswinir.runs import list_checkpoints
 from xswinir.sources import absolute_source
 from xswinir.storage import StorageError, read_file, write_file
 from xswinir.tune.launch import absolute_path_overrides, check_experiment, check_inputs, fit_trial, run_trials
+from xswinir.tune.prereg import half_width
 
 EVAL_FILE = "eval.json"
 STUDY_TABLE = "study.parquet"
@@ -283,13 +284,6 @@ def _eval_rows(study: StudyConfig, arm: str, seed: int) -> list[dict[str, Any]] 
     return rows
 
 
-def t_quantile_975(dof: int) -> float:
-    """Two-sided 95 % quantile of Student's t with ``dof`` degrees of freedom."""
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, dof))
-
-
 def paired_difference(arm_means: dict[int, float], base_means: dict[int, float]) -> dict[str, float] | None:
     """Mean of (arm - baseline) over the seeds both have, with a 95 % t interval; None with fewer than 2."""
     seeds = sorted(set(arm_means) & set(base_means))
@@ -299,7 +293,7 @@ def paired_difference(arm_means: dict[int, float], base_means: dict[int, float])
         return None
     mean = sum(diffs) / n
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
+    half = half_width(sd, n)
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "wins": sum(d > 0 for d in diffs)}
 
 
@@ -386,7 +380,8 @@ def confirm_report(study: StudyConfig) -> str:
     if len(others) != 1:
         raise UserError(f"study '{study.name}': the confirm analysis compares one arm with {study.baseline}, "
                         f"found {others}")
-    arm, primary = others[0], study.eval_sets[0]
+    # The rows name their set as the trials were given it: a local path made absolute (with_absolute_paths).
+    arm, primary = others[0], absolute_source(study.eval_sets[0])
     rows = collect_rows(study)
     seeds, images, diffs = prereg.per_image_differences(rows, arm, study.baseline, primary)
     if len(seeds) < 2:
