@@ -17,6 +17,10 @@ secondary figure of the texture study; it decides nothing.
 
     python -m bench.study_trust --study outputs/studies/study_confirm [--study outputs/studies/study_confirm_more]
         [--sets Sun80=../shared/data/Sun80] [--seed 1] [--crop 192] [--fit-max-images 60] [--baseline lambda0]
+
+A trial takes minutes (a trust model fitted, every image restored): each finished trial's rows are appended to
+``<json>.trials.jsonl`` at once, keyed by its checkpoint and the settings, and a later run with the same settings
+reuses them, so an interrupted run, or one repeated after more seeds finished, measures only what is new.
 """
 
 from __future__ import annotations
@@ -120,6 +124,24 @@ def arm_differences(rows: list[dict[str, Any]], baseline: str) -> list[dict[str,
     return out
 
 
+def trial_key(checkpoint: str, settings: dict[str, Any]) -> str:
+    """What a trial's rows depend on: its checkpoint and every setting that changes a number."""
+    return json.dumps({"checkpoint": str(checkpoint), **settings}, sort_keys=True)
+
+
+def load_cached_trials(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Rows of the trials measured before, by :func:`trial_key`; a torn last line (an interrupted run) is skipped."""
+    cached: dict[str, list[dict[str, Any]]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            cached[entry["key"]] = entry["rows"]
+    return cached
+
+
 def main() -> int:
     args = parse_args("mean trust map per study arm, against the measured error", "bench/results/study_trust.json",
                       add_arguments)
@@ -130,13 +152,27 @@ def main() -> int:
               for study in args.study for t in finished_trials(Path(study))]
     if not trials:
         raise SystemExit(f"no finished trial under {', '.join(args.study)}")
-    torch.manual_seed(0)
+    settings = {"sets": sets, "crop": args.crop, "seed": args.seed, "degradation": args.degradation,
+                "fit_images": args.fit_images, "fit_max_images": args.fit_max_images, "fit_crop": args.fit_crop,
+                "max_images": args.max_images, "quick": args.quick}
+    cache_path = Path(f"{args.json}.trials.jsonl")
+    cached = load_cached_trials(cache_path)
     started, rows = time.perf_counter(), []
     for index, (arm, seed, checkpoint, classifier) in enumerate(trials):
-        t0 = time.perf_counter()
-        for row in measure_trial(checkpoint, classifier, sets, args):
-            rows.append({"arm": arm, "seed": seed, **row})
-        print(f"[{index + 1}/{len(trials)}] {arm} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+        key = trial_key(checkpoint, {**settings, "classifier": str(classifier)})
+        if key in cached:
+            trial_rows = cached[key]
+            print(f"[{index + 1}/{len(trials)}] {arm} seed {seed}: measured before ({cache_path})", flush=True)
+        else:
+            t0 = time.perf_counter()
+            torch.manual_seed(0)  # per trial: a trial's numbers do not depend on which trials came before it
+            measured = measure_trial(checkpoint, classifier, sets, args)
+            trial_rows = [{"arm": arm, "seed": seed, **row} for row in measured]
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            with cache_path.open("a") as f:
+                f.write(json.dumps({"key": key, "rows": trial_rows}) + "\n")
+            print(f"[{index + 1}/{len(trials)}] {arm} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+        rows.extend(trial_rows)
     crop = 64 if args.quick else args.crop
     print_table(rows, f"per trial: trust map (expected) and measured mean patch error, {crop} px crops, "
                       f"{args.degradation} at seed {args.seed}")
@@ -144,9 +180,7 @@ def main() -> int:
     print_table(differences, f"arm minus {args.baseline}, paired by seed, 95 % t interval")
     print(f"{len(trials)} trials, {time.perf_counter() - started:.0f} s")
     write_json(args.json, "study_trust", rows, differences=differences,
-               settings={"studies": args.study, "sets": sets, "crop": args.crop, "seed": args.seed,
-                         "degradation": args.degradation, "fit_max_images": args.fit_max_images,
-                         "quick": args.quick})
+               settings={"studies": args.study, **settings})
     return 0
 
 

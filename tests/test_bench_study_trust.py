@@ -46,3 +46,39 @@ def test_arm_differences_pair_by_seed():
     assert out["mean_expected"]["mean"] == pytest.approx(-1.0) and out["mean_expected"]["seeds"] == 3
     assert out["mean_expected"]["low"] == pytest.approx(-1.0)  # the same difference on every seed: no spread
     assert out["mean_error"]["mean"] == pytest.approx(-0.5) and out["mean_error"]["high"] == pytest.approx(-0.5)
+
+
+def test_a_repeated_run_measures_only_the_trials_it_has_not_measured(tmp_path, monkeypatch, capsys):
+    """Each trial's rows are kept as soon as it finishes: after an interruption, or once more seeds finished, a
+    second run reuses them (same checkpoint, same settings) and measures only what is new; a torn last line of an
+    interrupted write is ignored."""
+    import sys
+
+    import bench.study_trust as study_trust
+
+    study = tmp_path / "study"
+    for arm in ("lambda0", "pull"):
+        _trial(study, arm, 0)
+    (study / "classifiers" / "k").mkdir(parents=True)
+    (study / "classifiers" / "k" / "classifier.json").write_text("{}")
+    measured = []
+
+    def fake_measure(checkpoint, classifier, sets, args):  # the real one fits a trust model: minutes per trial
+        measured.append(checkpoint)
+        return [{"set": "S", "images": 1, "mean_expected": float(len(measured)), "mean_error": 1.0, "coverage": 0.9}]
+
+    monkeypatch.setattr(study_trust, "measure_trial", fake_measure)
+    out = tmp_path / "trust.json"
+    argv = ["study_trust", "--study", str(study), "--sets", "S=nowhere", "--json", str(out), "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert study_trust.main() == 0 and len(measured) == 2
+    first = json.loads(out.read_text())
+    with open(f"{out}.trials.jsonl", "a") as f:
+        f.write('{"key": "torn')  # an interrupted append
+    _trial(study, "lambda0", 1)
+    assert study_trust.main() == 0
+    assert len(measured) == 3 and measured[-1].startswith(str(study / "train" / "lambda0_s1"))
+    second = json.loads(out.read_text())
+    assert [r for r in second["rows"] if r["seed"] == 0] == first["rows"]  # reused as measured
+    monkeypatch.setattr(sys, "argv", [*argv, "--crop", "96"])  # another setting: every trial measured again
+    assert study_trust.main() == 0 and len(measured) == 6
