@@ -13,6 +13,7 @@ import kornia
 import pytest
 import torch
 
+from tests.test_explain import textured_image, tiny_classifier
 from xswinir.checkpoint import save_weights
 from xswinir.cli import main
 from xswinir.config import TextureConfig
@@ -40,28 +41,6 @@ from xswinir.trust import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def textured(generator: torch.Generator, size: int = 64) -> torch.Tensor:
-    """Stripes on top, noise at the bottom left, flat at the bottom right: (3, size, size) in [0, 1]."""
-    yy, xx = torch.meshgrid(torch.arange(size * 1.0), torch.arange(size * 1.0), indexing="ij")
-    image = torch.stack([0.5 + 0.4 * torch.sin(xx / 2), 0.5 + 0.3 * torch.sin(yy / 3), 0.5 + 0.2 * torch.sin(xx / 5)])
-    half = size // 2
-    image[:, half:, :half] = 0.3 + 0.4 * torch.rand(3, size - half, half, generator=generator)
-    image[:, half:, half:] = 0.6
-    return image
-
-
-def tiny_classifier(image: torch.Tensor, patch_size: int = 16) -> TextureClassifier:
-    """The real classifier with fixed weights, standardised on the image's windows (training takes too long here)."""
-    clf = TextureClassifier(patch_size, scales=(1, 2))
-    with torch.no_grad():
-        feats = clf.features.window_features(image[None], patch_size, 4).flatten(2)[0].T
-        clf.feature_mean.copy_(feats.mean(0))
-        clf.feature_std.copy_(torch.where(feats.std(0) > 1e-6, feats.std(0), torch.ones(())))
-        clf.weight_diff.fill_(-4.0 / feats.shape[1])
-        clf.bias.fill_(3.0)
-    return clf.eval()
 
 
 def synthetic_sample(n: int, weights: torch.Tensor, generator: torch.Generator, patches_per_image: int = 50,
@@ -120,7 +99,7 @@ def test_bound_covers_the_stated_share_on_new_exchangeable_data(generator):
 
 def test_trust_file_round_trip(tmp_path, generator):
     sample = synthetic_sample(600, torch.tensor([0.3, -0.1]), generator)
-    clf = tiny_classifier(textured(generator))
+    clf = tiny_classifier(textured_image(generator))
     search = TextureSearch.from_config(TextureConfig(top_k=3, min_score=0.6), clf)
     trust = fit_trust(sample, *split_images(len(sample.image_names), 0.3, 0), search=search, scale=2)
     path = save_trust(trust, tmp_path / "trust.json")
@@ -141,7 +120,7 @@ def test_trust_file_round_trip(tmp_path, generator):
 
 
 def test_signals_are_named_per_patch_and_the_map_follows_them(generator):
-    gt = textured(generator, 64)
+    gt = textured_image(generator, 64)
     lq = torch.nn.functional.avg_pool2d(gt[None], 2)[0]
     search = TextureSearch.from_config(TextureConfig(region_size=32), tiny_classifier(gt))
     ensemble = torch.stack([gt + 0.01 * i for i in range(8)]).clamp(0, 1)
@@ -171,12 +150,12 @@ def test_signals_are_named_per_patch_and_the_map_follows_them(generator):
 def make_parts(tmp_path: Path, generator: torch.Generator, tiny_config) -> dict[str, Path]:
     images = tmp_path / "train"
     for i in range(5):
-        write_image(images / f"t{i}.png", textured(generator, 64).roll(8 * i, dims=-1))
-    save_texture_classifier(tiny_classifier(textured(generator)), tmp_path / "clf")
+        write_image(images / f"t{i}.png", textured_image(generator, 64).roll(8 * i, dims=-1))
+    save_texture_classifier(tiny_classifier(textured_image(generator)), tmp_path / "clf")
     torch.manual_seed(0)
     cfg = tiny_config().model
     save_weights(build_swinir(cfg), cfg, tmp_path / "model.safetensors")
-    write_image(tmp_path / "photo.png", textured(generator, 40)[:, :40, :36])
+    write_image(tmp_path / "photo.png", textured_image(generator, 40)[:, :40, :36])
     return {"images": images, "classifier": tmp_path / "clf", "model": tmp_path / "model.safetensors",
             "photo": tmp_path / "photo.png"}
 
@@ -219,17 +198,17 @@ def test_cli_trust_errors_are_one_line(tmp_path, generator, tiny_config, capsys)
 
 def test_estimate_needs_the_fitted_scale(generator):
     sample = synthetic_sample(600, torch.tensor([0.3, -0.1]), generator)
-    search = TextureSearch.from_config(TextureConfig(), tiny_classifier(textured(generator)))
+    search = TextureSearch.from_config(TextureConfig(), tiny_classifier(textured_image(generator)))
     trust = fit_trust(sample, *split_images(len(sample.image_names), 0.3, 0), search=search, scale=4)
-    gt = textured(generator, 32)
+    gt = textured_image(generator, 32)
     with pytest.raises(TrustError, match="x4"):
         estimate_trust(trust, search, gt[:, ::2, ::2], gt)
 
 
 def test_heatmap_fills_whole_patches_and_leaves_the_strip_black(generator):
     sample = synthetic_sample(600, torch.tensor([0.3, -0.1]), generator)
-    gt = textured(generator, 48)[:, :40, :36]
-    search = TextureSearch.from_config(TextureConfig(region_size=32), tiny_classifier(textured(generator)))
+    gt = textured_image(generator, 48)[:, :40, :36]
+    search = TextureSearch.from_config(TextureConfig(region_size=32), tiny_classifier(textured_image(generator)))
     signals = measure_signals(search, gt[:, ::2, ::2], gt)
     trust = fit_trust(sample, *split_images(len(sample.image_names), 0.3, 0), search=search, scale=2,
                       signal_names=("log_input_std", "log_output_std"))
