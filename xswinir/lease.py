@@ -46,7 +46,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -243,6 +243,13 @@ class LocalLeaseStore:
         self._made = []
 
 
+# S3's answers that mean "not this version" rather than a failure: a conditional request lost (412, or 409 for a
+# concurrent one), or the lease gone meanwhile; and, for a read, "no lease".
+_LOST_RACE = ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404", "412", "409")
+_NO_LEASE = ("NoSuchKey", "404")
+_NOT_THIS_VERSION = object()
+
+
 class S3LeaseStore:
     """A lease as an S3 object, ``<folder>/.xswinir-lease.json``, changed only by conditional requests.
 
@@ -267,65 +274,47 @@ class S3LeaseStore:
         self._client = boto3.client("s3", endpoint_url=endpoint,
                                     region_name=region or (DEFAULT_S3_REGION if endpoint else None))
 
-    def _lost_race(self, err: Exception) -> bool:
-        """True for the answers that mean "not this version" rather than a failure."""
-        code = getattr(err, "response", {}).get("Error", {}).get("Code")
-        return code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404", "412", "409")
+    def _request(self, doing: str, send: Callable[[], Any], not_this_version: tuple[str, ...]) -> Any:
+        """``send()``'s answer, or ``_NOT_THIS_VERSION`` where the store answers one of the codes
+        ``not_this_version`` ("not this version": a lost race, or no lease), not a failure.
 
-    def _failed(self, doing: str, err: Exception) -> OSError:
-        error = getattr(err, "response", {}).get("Error", {})
-        reason = f"{error.get('Code')} ({error.get('Message')})" if error else str(err)
-        return OSError(f"{doing} s3://{self.bucket}/{self.key}: {reason}")
+        Raises:
+            OSError: any other answer, or no answer, with what was being done and the store's reason.
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return send()
+        except ClientError as err:
+            error = getattr(err, "response", {}).get("Error", {})
+            if error.get("Code") in not_this_version:
+                return _NOT_THIS_VERSION
+            reason = f"{error.get('Code')} ({error.get('Message')})" if error else str(err)
+        except BotoCoreError as err:
+            reason = str(err)
+        raise OSError(f"{doing} s3://{self.bucket}/{self.key}: {reason}")
 
     def create(self, body: bytes) -> str | None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return self._client.put_object(Bucket=self.bucket, Key=self.key, Body=body, IfNoneMatch="*")["ETag"]
-        except ClientError as err:
-            if self._lost_race(err):
-                return None
-            raise self._failed("cannot write the lease", err) from err
-        except BotoCoreError as err:
-            raise self._failed("cannot write the lease", err) from err
+        answer = self._request("cannot write the lease", lambda: self._client.put_object(
+            Bucket=self.bucket, Key=self.key, Body=body, IfNoneMatch="*"), _LOST_RACE)
+        return None if answer is _NOT_THIS_VERSION else answer["ETag"]
 
     def read(self) -> Stored | None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            answer = self._client.get_object(Bucket=self.bucket, Key=self.key)
-            return Stored(answer["Body"].read(), answer["ETag"], answer["LastModified"].timestamp())
-        except ClientError as err:
-            if getattr(err, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
-            raise self._failed("cannot read the lease", err) from err
-        except BotoCoreError as err:
-            raise self._failed("cannot read the lease", err) from err
+        answer = self._request("cannot read the lease", lambda: self._client.get_object(
+            Bucket=self.bucket, Key=self.key), _NO_LEASE)
+        if answer is _NOT_THIS_VERSION:
+            return None
+        return Stored(answer["Body"].read(), answer["ETag"], answer["LastModified"].timestamp())
 
     def replace(self, body: bytes, version: str) -> str | None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return self._client.put_object(Bucket=self.bucket, Key=self.key, Body=body, IfMatch=version)["ETag"]
-        except ClientError as err:
-            if self._lost_race(err):
-                return None
-            raise self._failed("cannot write the lease", err) from err
-        except BotoCoreError as err:
-            raise self._failed("cannot write the lease", err) from err
+        answer = self._request("cannot write the lease", lambda: self._client.put_object(
+            Bucket=self.bucket, Key=self.key, Body=body, IfMatch=version), _LOST_RACE)
+        return None if answer is _NOT_THIS_VERSION else answer["ETag"]
 
     def delete(self, version: str) -> bool:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            self._client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=version)
-            return True
-        except ClientError as err:
-            if self._lost_race(err):
-                return False
-            raise self._failed("cannot remove the lease", err) from err
-        except BotoCoreError as err:
-            raise self._failed("cannot remove the lease", err) from err
+        answer = self._request("cannot remove the lease", lambda: self._client.delete_object(
+            Bucket=self.bucket, Key=self.key, IfMatch=version), _LOST_RACE)
+        return answer is not _NOT_THIS_VERSION
 
 
 def lease_store(folder: str | Path) -> LeaseStore | None:
