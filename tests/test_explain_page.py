@@ -25,6 +25,7 @@ from xswinir.explain_page import (
     build_page_data,
     explain_files,
     explain_folder,
+    page_data,
     page_file_name,
     page_json,
     render_page,
@@ -368,3 +369,22 @@ def test_cli_pages_need_an_output_folder(cli_parts, capsys):
     assert "a folder IMAGE makes one explorable page per image: pass --html-dir DIR" in capsys.readouterr().err
     assert main(["explain", str(cli_parts["images"] / "flat.png"), "--lq", "--html-dir", "d", *common]) == 2
     assert "--html-dir is for a folder IMAGE" in capsys.readouterr().err
+
+
+def test_a_trust_map_made_before_is_used_as_it_is(generator, monkeypatch):
+    """`xswinir demo` and `explain --html` hand the page the trust map the picture already made: the page is the
+    same as when it estimates the map itself, without the second estimate; a map of another output is refused."""
+    import xswinir.explain_page as explain_page
+
+    stripes = stripes_and_noise(generator, 32, 64)[:, :, :32]
+    clf = page_classifier(stripes)
+    search = dataclasses.replace(search_for(clf), region_size=32)
+    trust = contrast_trust(clf)
+    sr = Upsampler()(stripes[None])[0].clamp(0, 1)
+    estimated = page_data(search, stripes, sr, trust=trust)
+    made = estimate_trust(trust, trust.load_search(), stripes, sr)
+    monkeypatch.setattr(explain_page, "estimate_trust", lambda *a, **k: pytest.fail("estimated again"))
+    given = page_data(search, stripes, sr, trust=trust, trust_map=made)
+    assert page_json(given) == page_json(estimated)
+    with pytest.raises(ValueError, match="not of this"):
+        page_data(search, stripes[:, :16], sr[:, :32], trust=trust, trust_map=made)

@@ -42,7 +42,7 @@ from xswinir.inference import restore
 from xswinir.paths import printable_path
 from xswinir.texture.classifier import TextureClassifier
 from xswinir.texture.search import TextureMatch, TextureSearch
-from xswinir.trust import TrustError, TrustModel, estimate_trust, patch_error
+from xswinir.trust import TrustError, TrustMap, TrustModel, estimate_trust, patch_error
 
 # The trust layer and the measured error share one colour scale, cut at this quantile of their values so that a
 # few extreme patches do not wash out the rest.
@@ -654,6 +654,7 @@ def page_data(
     hr: Tensor | None = None,
     trust: TrustModel | None = None,
     trust_search: TextureSearch | None = None,
+    trust_map: TrustMap | None = None,
     model: nn.Module | None = None,
     name: str = "",
     description: str = "",
@@ -672,6 +673,9 @@ def page_data(
         hr: (C, H, W) the HR image; None: no measured error layer.
         trust: a fitted trust model; None: no trust layer.
         trust_search: its texture search (:meth:`TrustModel.load_search`); None: loaded here.
+        trust_map: the trust map of this ``(lq, sr)`` already made with ``trust`` (e.g. :attr:`Explanation.trust
+            <xswinir.explain.Explanation>`): used as it is, not estimated again (the self-ensemble's passes are
+            most of its cost).
         model: the restoration model, needed when the trust model uses the self-ensemble spread.
         name, description: as in :class:`PageData`.
         tile: LR tile size for the self-ensemble's passes.
@@ -688,8 +692,12 @@ def page_data(
     expected = bound = error = None
     labels: dict[str, Any] = {}
     if trust is not None:
-        trust_map = estimate_trust(trust, trust_search or trust.load_search(), lq, sr, model=model, tile=tile,
-                                   device=device)
+        if trust_map is None:
+            trust_map = estimate_trust(trust, trust_search or trust.load_search(), lq, sr, model=model, tile=tile,
+                                       device=device)
+        elif tuple(trust_map.output_size) != tuple(sr.shape[-2:]) or trust_map.patch_size != p:
+            raise ValueError(f"the trust map given is of a {trust_map.output_size} output in {trust_map.patch_size} "
+                             f"px patches, not of this {tuple(sr.shape[-2:])} output in {p} px patches")
         expected, bound = trust_map.expected, trust_map.bound
         labels = {"trust_label": TRUST_LABEL, "bound_share": trust.coverage, "error_scale": trust.display_max}
     if hr is not None:

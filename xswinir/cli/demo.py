@@ -100,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
                               estimate_trust, trust, search, model=model, tile=cfg.data.val_tile))
     picture = explanation.png
     page = write_page(page_data(search, explanation.lq, explanation.sr, hr=explanation.hr, trust=trust,
-                                trust_search=search, model=model, name="demo", description=description,
-                                tile=cfg.data.val_tile), out / "explain.html")
+                                trust_search=search, trust_map=explanation.trust,  # made once, for both
+                                model=model, name="demo", description=description, tile=cfg.data.val_tile),
+                      out / "explain.html")
     print(f"explorable page written to {page} (open it in a browser: click any patch)")
     explained = time.time()
 

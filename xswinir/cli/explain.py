@@ -162,7 +162,7 @@ def _run(args: argparse.Namespace, checkpoint: Path) -> int:
     print(f"mean texture consistency of the restored image: {result.consistency_mean:.3f} "
           f"({th}x{tw} tiles of {classifier.patch_size} px)")
     if args.html:
-        data = page_data(search, result.lq, result.sr, hr=result.hr, trust=trust, model=model,
+        data = page_data(search, result.lq, result.sr, hr=result.hr, trust=trust, trust_map=result.trust, model=model,
                          name=printable_path(Path(args.image).name), description=result.description, tile=args.tile,
                          device=device)
         print(f"wrote {printable_path(write_page(data, Path(args.out).with_suffix('.html')))} (the explorable page)")
