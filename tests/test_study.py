@@ -237,6 +237,9 @@ def test_confirm_analysis_reports_the_primary_power_and_bootstrap(tmp_path, caps
     assert f"Power rule: {wanted} seeds for the goal at this sd; run {wanted - 3} more" in out
     assert "Answer: no detectable effect: Y-PSNR on S changes by +0.060" in out
     assert "Default form or λ may change: no" in out and "Per-image bootstrap" in out
+    written = tmp_path / "confirm"  # beside the study's own report, not the joined one's
+    assert (written / "confirm.md").read_text() in out
+    assert (written / "confirm_per_image.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_command_is_listed_and_documents_itself(capsys):
