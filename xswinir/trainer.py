@@ -24,13 +24,16 @@ node, and :func:`local_paths` names what in a loop config would be read or writt
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import functools
 import logging
 import logging.handlers
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -605,6 +608,24 @@ def warn_local_paths(loop_config: dict[str, Any]) -> None:
                     "URIs (s3://...)", ", ".join(found))
 
 
+@contextlib.contextmanager
+def sigint_restored() -> Iterator[None]:
+    """Puts back the driver's Ctrl-C handler when ``TorchTrainer.fit`` returns.
+
+    Ray Train installs its own (abort the run; exit 0 at the third press) in the main thread and leaves it in place:
+    after training, a Ctrl-C during the demo's evaluation or explanation would reach a finished run's controller and
+    be swallowed. Outside the main thread (in Tune) Ray installs none, and neither is one restored here.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def fit(cfg: Config, resume: bool = False, callbacks: list | None = None, classifier_cache: Path | None = None):
     """Trains on Ray (local single-node when ``cfg.run.address`` is None) and returns the ``ray.train.Result``.
 
@@ -639,12 +660,13 @@ def fit(cfg: Config, resume: bool = False, callbacks: list | None = None, classi
         if cfg.run.address is not None or os.environ.get("RAY_ADDRESS"):  # joins a cluster
             warn_local_paths(loop_config)
         trainer = build_trainer(cfg, loop_config, callbacks)
-        if cfg.run.address is None and cfg.run.progress:  # a local run shows its progress on the console
-            with ProgressFollower(metrics_path, cfg.train.total_steps, every=max(cfg.train.log_every,
-                                                                                 cfg.train.total_steps // 10)):
+        with sigint_restored():
+            if cfg.run.address is None and cfg.run.progress:  # a local run shows its progress on the console
+                with ProgressFollower(metrics_path, cfg.train.total_steps, every=max(cfg.train.log_every,
+                                                                                     cfg.train.total_steps // 10)):
+                    result = trainer.fit()
+            else:
                 result = trainer.fit()
-        else:
-            result = trainer.fit()
     finally:
         stop_metrics_sink(sink)
     curves = plot_training_curves(metrics_path, logs / CURVES_FILE)

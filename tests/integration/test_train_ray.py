@@ -42,7 +42,10 @@ def test_two_workers_train_with_texture_term(ray_local, tmp_path):
 
     cfg = tiny_config(tmp_path, "run.num_workers=2", "train.total_steps=4", "train.val_every=2",
                       "loss.texture_weight=0.1")
+    handler = signal.getsignal(signal.SIGINT)
     result = fit(cfg)
+    # Ray Train's own Ctrl-C handler is gone with the run: the next Ctrl-C (in the demo's evaluation) is ours.
+    assert signal.getsignal(signal.SIGINT) is handler
     assert result.metrics["step"] == 4
     assert result.metrics[VAL_PSNR_Y] > 10 and result.metrics[VAL_PSNR_BICUBIC_Y] > 10
     with result.checkpoint.as_directory() as directory:
