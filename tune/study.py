@@ -422,14 +422,15 @@ def confirm_report(study: StudyConfig) -> str:
     out = study.experiment_path()
     write_file(f"{out}/{CONFIRM_REPORT}", lambda path: path.write_text(text))
     write_file(f"{out}/{CONFIRM_PLOT}", lambda path: plot_per_image(
-        diffs, images, f"{arm} minus {study.baseline}", display_set(primary), d, (low, high), path))
+        diffs, f"{arm} minus {study.baseline}", display_set(primary), d, (low, high), path))
     return text
 
 
-def plot_per_image(diffs: Any, images: list[str], label: str, set_name: str, primary: dict[str, Any],
-                   bootstrap: tuple[float, float], path: Path) -> Path:
-    """Where the primary's mean comes from: each image's Δ Y-PSNR (mean over seeds, sorted; the grey bar spans the
-    seeds' range), with the mean, its 95 % t interval over seeds and the per-image bootstrap's interval.
+def plot_per_image(diffs: Any, label: str, set_name: str, primary: dict[str, Any], bootstrap: tuple[float, float],
+                   path: Path) -> Path:
+    """Where the primary's mean comes from: each image's Δ Y-PSNR (``diffs``, seeds x images: mean over seeds,
+    sorted; the grey bar spans the seeds' range), with the mean, its 95 % t interval over seeds and the per-image
+    bootstrap's interval.
 
     An effect that a few images carry looks different here from one that every image shares, though both give
     the same mean.
@@ -439,11 +440,12 @@ def plot_per_image(diffs: Any, images: list[str], label: str, set_name: str, pri
 
     per_image = diffs.mean(axis=0)
     order = np.argsort(per_image)
-    x = np.arange(len(images))
-    fig = Figure(figsize=(max(6.0, 0.07 * len(images) + 2.0), 3.6))
+    n_seeds, n_images = diffs.shape
+    x = np.arange(n_images)
+    fig = Figure(figsize=(max(6.0, 0.07 * n_images + 2.0), 3.6))
     ax = fig.subplots()
     ax.vlines(x, diffs.min(axis=0)[order], diffs.max(axis=0)[order], color="0.8", linewidth=2,
-              label=f"range over {diffs.shape[0]} seeds")
+              label=f"range over {n_seeds} seeds")
     ax.scatter(x, per_image[order], s=10, color="tab:blue", zorder=3, label="mean over seeds")
     ax.axhline(0.0, color="gray", linewidth=0.8)
     ax.axhline(primary["mean"], color="black", linewidth=1.0, label=f"mean {primary['mean']:+.3f} dB")
@@ -452,7 +454,7 @@ def plot_per_image(diffs: Any, images: list[str], label: str, set_name: str, pri
     ax.axhspan(*bootstrap, facecolor="none", edgecolor="tab:orange", hatch="//", linewidth=0.0,
                label=f"bootstrap over seeds and images [{bootstrap[0]:+.3f}, {bootstrap[1]:+.3f}]")
     ax.set_xticks([])
-    ax.set_xlabel(f"the {len(images)} images of {set_name}, sorted by their mean difference", fontsize=8)
+    ax.set_xlabel(f"the {n_images} images of {set_name}, sorted by their mean difference", fontsize=8)
     ax.set_ylabel(f"Y-PSNR, {label} (dB)", fontsize=8)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()

@@ -660,13 +660,12 @@ def fit(cfg: Config, resume: bool = False, callbacks: list | None = None, classi
         if cfg.run.address is not None or os.environ.get("RAY_ADDRESS"):  # joins a cluster
             warn_local_paths(loop_config)
         trainer = build_trainer(cfg, loop_config, callbacks)
-        with sigint_restored():
-            if cfg.run.address is None and cfg.run.progress:  # a local run shows its progress on the console
-                with ProgressFollower(metrics_path, cfg.train.total_steps, every=max(cfg.train.log_every,
-                                                                                     cfg.train.total_steps // 10)):
-                    result = trainer.fit()
-            else:
-                result = trainer.fit()
+        progress = (ProgressFollower(metrics_path, cfg.train.total_steps,
+                                     every=max(cfg.train.log_every, cfg.train.total_steps // 10))
+                    if cfg.run.address is None and cfg.run.progress  # a local run shows its progress on the console
+                    else contextlib.nullcontext())
+        with sigint_restored(), progress:
+            result = trainer.fit()
     finally:
         stop_metrics_sink(sink)
     curves = plot_training_curves(metrics_path, logs / CURVES_FILE)
